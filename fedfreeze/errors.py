@@ -1,0 +1,17 @@
+"""Typed errors: every message names the field, file or row and what was expected."""
+
+
+class FedfreezeError(Exception):
+    """Base class for errors a user can act on."""
+
+
+class ConfigError(FedfreezeError, ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+class DataError(FedfreezeError, ValueError):
+    """Input data (manifest row, image file, array file) cannot be used as given."""
+
+
+class CheckpointError(FedfreezeError, ValueError):
+    """A weights file does not match the architecture it is loaded into."""
