@@ -1,0 +1,174 @@
+"""One site's labelled images held in memory, and the loader that picks a reader by path."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedfreeze.data.images import check_channels
+from fedfreeze.data.labels import resolve_class_names
+from fedfreeze.errors import ConfigError, DataError
+
+
+@dataclass
+class ImageSet:
+    """Labelled images of one site, decoded once into memory (uint8), so training epochs never touch the disk."""
+
+    images: torch.Tensor  # uint8 [N, C, H, W], C = 1 (grey) or 3 (RGB), H = W = image_size
+    labels: torch.Tensor  # int64 [N]
+    patient_ids: list[str]  # one per image; for npz/IDX each image is its own patient ("<split>-<index>")
+    sites: list[str] | None  # from the manifest's optional `site` column, else None
+    sources: list[str]  # where each image came from, for error messages: file path, or "x.npz[train][17]"
+    class_names: list[str]  # index -> name
+
+    def __post_init__(self) -> None:
+        if self.images.ndim != 4 or self.images.dtype != torch.uint8:
+            raise DataError(
+                f"ImageSet.images should be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        count = self.images.shape[0]
+        if self.labels.dtype != torch.int64 or tuple(self.labels.shape) != (count,):
+            raise DataError(
+                f"ImageSet.labels should be int64 [{count}], got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+        named_lists = {"patient_ids": self.patient_ids, "sources": self.sources}
+        if self.sites is not None:
+            named_lists["sites"] = self.sites
+        for name, values in named_lists.items():
+            if len(values) != count:
+                raise DataError(f"ImageSet.{name} has {len(values)} entries for {count} images")
+        if len(self.class_names) < 1:
+            raise DataError("ImageSet.class_names is empty")
+        if count and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.class_names)):
+            raise DataError(
+                f"ImageSet.labels span {int(self.labels.min())}..{int(self.labels.max())}, "
+                f"outside 0..{len(self.class_names) - 1} for class_names {self.class_names!r}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_counts(self) -> list[int]:
+        """Images per class, indexed like `class_names` (zeros included)."""
+        return [int(n) for n in torch.bincount(self.labels, minlength=self.num_classes).tolist()]
+
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageSet:
+        """A new ImageSet holding the given rows (integer indices, or a boolean mask of length N)."""
+        index = _as_index_array(indices, len(self))
+        rows = index.tolist()
+        return ImageSet(
+            images=self.images[torch.from_numpy(index)],
+            labels=self.labels[torch.from_numpy(index)],
+            patient_ids=[self.patient_ids[i] for i in rows],
+            sites=None if self.sites is None else [self.sites[i] for i in rows],
+            sources=[self.sources[i] for i in rows],
+            class_names=list(self.class_names),
+        )
+
+    def describe(self) -> str:
+        """Short origin for messages: the site name when there is one, else the first source."""
+        if self.sites and len(set(self.sites)) == 1:
+            return f"site {self.sites[0]!r}"
+        if self.sources:
+            return f"image set of {len(self)} images (first: {self.sources[0]})"
+        return "empty image set"
+
+    def require_nonempty(self, why: str = "there is nothing to train or evaluate on") -> None:
+        """Raise DataError when the set holds no images."""
+        if len(self) == 0:
+            raise DataError(f"{self.describe()} holds no images; {why}")
+
+    def require_classes(self, min_classes: int = 2, *, why: str = "AUROC needs both classes") -> None:
+        """Raise DataError when fewer than `min_classes` classes have at least one image."""
+        self.require_nonempty(why)
+        counts = self.class_counts()
+        present = [(name, n) for name, n in zip(self.class_names, counts) if n > 0]
+        if len(present) >= min_classes:
+            return
+        listed = ", ".join(f"{name!r} (n={n})" for name, n in present)
+        noun = "class" if len(present) == 1 else "classes"
+        raise DataError(
+            f"{self.describe()}: only {noun} {listed} present, need at least {min_classes} of "
+            f"{self.class_names!r}; {why}"
+        )
+
+
+def _as_index_array(indices: Sequence[int] | np.ndarray | torch.Tensor, length: int) -> np.ndarray:
+    """Integer indices (or a boolean mask) as an int64 array, bounds-checked."""
+    array = indices.detach().cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
+    if array.dtype == np.bool_:
+        if array.shape != (length,):
+            raise IndexError(f"boolean subset mask has shape {array.shape}, expected ({length},)")
+        return np.flatnonzero(array).astype(np.int64)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise IndexError(f"subset indices should be a 1-D integer sequence, got {array.dtype} {array.shape}")
+    outside = array[(array < -length) | (array >= length)]
+    if outside.size:
+        raise IndexError(f"subset index {int(outside[0])} is out of range for {length} images")
+    return np.where(array < 0, array + length, array).astype(np.int64)
+
+
+def load_image_set(
+    path: str | Path,
+    *,
+    image_size: int,
+    channels: int = 1,
+    split: str | None = None,
+    class_names: Sequence[str] | None = None,
+    num_classes: int | None = None,
+    progress: bool = True,
+) -> ImageSet:
+    """Load a site's images into memory, choosing the reader by what `path` is.
+
+    `path` is a ``.csv`` manifest (see `fedfreeze.data.manifest`), a
+    MedMNIST-style ``.npz`` or a folder of MNIST IDX files
+    (`fedfreeze.data.arrays`); `split` picks the array split ("train" by
+    default) and is refused for manifests, which hold one split per file.
+    Every image is resized to image_size x image_size, bilinear and
+    antialiased, without keeping the aspect ratio (as the Kermany uploader
+    did), and converted to `channels` (1 grey, 3 RGB with grey replicated).
+    Labels are integers in [0, num_classes) or names from `class_names`;
+    `num_classes` defaults to 2, or to len(class_names). A set with one class
+    or none loads fine: callers that need two call `require_classes`.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"image_size should be a positive integer, got {image_size!r}")
+    check_channels(channels)
+    names = resolve_class_names(class_names, num_classes)
+    path = Path(path)
+    # Imported here: the readers import ImageSet from this module.
+    from fedfreeze.data import arrays, manifest
+
+    if not path.exists():
+        raise DataError(f"data path not found: {path}")
+    if path.is_dir():
+        return arrays.load_idx_folder(
+            path, split=split or "train", image_size=image_size, channels=channels, class_names=names, progress=progress
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return arrays.load_npz(
+            path, split=split or "train", image_size=image_size, channels=channels, class_names=names, progress=progress
+        )
+    if suffix == ".csv":
+        if split is not None:
+            raise ConfigError(
+                f"split={split!r} applies to .npz and MNIST IDX data only; {path} is a CSV manifest "
+                "(write one manifest per split)"
+            )
+        return manifest.load_manifest(
+            path, image_size=image_size, channels=channels, class_names=names, progress=progress
+        )
+    raise DataError(
+        f"cannot tell how to read {path}: expected a .csv manifest, a .npz file or a folder of MNIST IDX files"
+    )

@@ -1,0 +1,156 @@
+"""CSV manifests: one row per image file, `path,label[,patient_id][,site]`.
+
+A header line is required; other columns are ignored. Paths are relative to
+the manifest's folder unless absolute. Without a `patient_id` column every
+row is its own patient (its resolved path is the id), so patient-level splits
+degrade to image-level ones. Every row is checked before any image is
+decoded, and nothing is skipped: a bad row is a DataError naming the
+manifest and its line number (the header is line 1).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fedfreeze.data.dataset import ImageSet
+from fedfreeze.data.images import read_image, resize_square
+from fedfreeze.data.labels import allowed_labels, parse_label
+from fedfreeze.errors import DataError
+
+REQUIRED_COLUMNS = ("path", "label")
+OPTIONAL_COLUMNS = ("patient_id", "site")
+PROGRESS_MIN_IMAGES = 50
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One checked manifest row."""
+
+    line: int  # 1-based line number in the manifest file (header = 1)
+    path: Path  # absolute, normalised
+    label: int
+    patient_id: str
+    site: str | None
+
+
+def read_manifest(manifest: Path, class_names: Sequence[str]) -> list[ManifestRow]:
+    """Parse and check every row: columns, empty cells, labels, duplicate and missing files."""
+    manifest = Path(manifest)
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as handle:
+            return _read_rows(manifest, handle, class_names)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"manifest {manifest} is not UTF-8 text: {exc}") from exc
+    except csv.Error as exc:
+        raise DataError(f"manifest {manifest}: malformed CSV: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise DataError(f"manifest not found: {manifest}") from exc
+
+
+def _read_rows(manifest: Path, handle: TextIO, class_names: Sequence[str]) -> list[ManifestRow]:
+    reader = csv.reader(handle)
+    header = next(reader, None)
+    if header is None or not any(cell.strip() for cell in header):
+        raise DataError(
+            f"manifest {manifest} is empty: expected a header line with columns {', '.join(REQUIRED_COLUMNS)}"
+        )
+    columns = [name.strip() for name in header]
+    missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+    if missing:
+        raise DataError(
+            f"manifest {manifest} line 1: missing required column(s) {', '.join(missing)}; "
+            f"found columns: {', '.join(repr(c) for c in columns)}"
+        )
+    repeated = sorted({name for name in columns if name and columns.count(name) > 1})
+    if repeated:
+        raise DataError(f"manifest {manifest} line 1: column(s) {', '.join(repeated)} appear more than once")
+    position = {name: columns.index(name) for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if name in columns}
+
+    rows: list[ManifestRow] = []
+    first_line_of: dict[Path, int] = {}
+    for cells in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in cells):
+            continue  # a blank line holds no row
+        where = f"manifest {manifest} line {line}"
+        if len(cells) != len(columns):
+            raise DataError(f"{where}: has {len(cells)} cells, the header has {len(columns)}")
+        values = {name: cells[index].strip() for name, index in position.items()}
+        rows.append(_check_row(manifest, where, line, values, class_names, first_line_of))
+    if not rows:
+        raise DataError(f"manifest {manifest} is empty: it has a header but no rows")
+    return rows
+
+
+def _check_row(
+    manifest: Path,
+    where: str,
+    line: int,
+    values: dict[str, str],
+    class_names: Sequence[str],
+    first_line_of: dict[Path, int],
+) -> ManifestRow:
+    if not values["path"]:
+        raise DataError(f"{where}: empty path cell")
+    path = Path(os.path.normpath(manifest.parent.absolute() / values["path"]))
+    if path in first_line_of:
+        raise DataError(f"{where}: duplicate path {values['path']!r}, already listed on line {first_line_of[path]}")
+    first_line_of[path] = line
+    label = parse_label(values["label"], class_names)
+    if label is None:
+        raise DataError(f"{where}: unknown label value {values['label']!r}; allowed: {allowed_labels(class_names)}")
+    for column in OPTIONAL_COLUMNS:
+        if column in values and not values[column]:
+            raise DataError(f"{where}: empty {column} cell")
+    if not path.is_file():
+        raise DataError(f"{where}: image file not found: {path}")
+    return ManifestRow(
+        line=line,
+        path=path,
+        label=label,
+        patient_id=values.get("patient_id") or str(path),
+        site=values.get("site"),
+    )
+
+
+def load_manifest(
+    manifest: str | Path,
+    *,
+    image_size: int,
+    channels: int,
+    class_names: Sequence[str],
+    progress: bool = True,
+) -> ImageSet:
+    """Decode every image listed in `manifest` into an ImageSet (see `load_image_set`)."""
+    manifest = Path(manifest)
+    rows = read_manifest(manifest, class_names)
+    images = torch.empty((len(rows), channels, image_size, image_size), dtype=torch.uint8)
+    show = progress and len(rows) > PROGRESS_MIN_IMAGES
+    bar = tqdm(rows, desc=f"decoding {manifest.name}", unit="img", disable=not show, file=sys.stderr)
+    for index, row in enumerate(bar):
+        try:
+            image = read_image(row.path, channels)
+        except DataError as exc:
+            raise DataError(f"manifest {manifest} line {row.line}: {exc}") from exc
+        pixels = np.array(resize_square(image, image_size), dtype=np.uint8)
+        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        images[index] = torch.from_numpy(np.ascontiguousarray(pixels))
+    has_sites = rows[0].site is not None
+    return ImageSet(
+        images=images,
+        labels=torch.tensor([row.label for row in rows], dtype=torch.int64),
+        patient_ids=[row.patient_id for row in rows],
+        sites=[row.site for row in rows if row.site is not None] if has_sites else None,
+        sources=[str(row.path) for row in rows],
+        class_names=list(class_names),
+    )
