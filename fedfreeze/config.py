@@ -68,12 +68,16 @@ class TrainConfig(Section):
     unfreeze: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_UNFREEZE))
     method: Literal["unfreeze", "adapters", "both"] = "unfreeze"
     adapter_rank: int = Field(8, ge=1)
+    probe_lr: float = Field(1e-3, gt=0, description="the head's peak LR while it trains alone (linear probing)")
     lr: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_GROUP_LR))
     adapter_lr: float = Field(1e-3, gt=0)
     weight_decay: float | dict[str, float] = 1e-4
     batch_size: int = Field(32, ge=1)
     cutmix_prob: float = Field(0.5, ge=0.0, le=1.0)
     cutmix_alpha: float = Field(1.0, gt=0.0)
+    bn_stats: Literal["update", "frozen"] = Field(
+        "frozen", description="BatchNorm running statistics of trainable groups: update them, or keep them frozen"
+    )
     balanced_sampling: bool = True
     augment: bool = True
     probe_augment: bool = Field(False, description="augment during the probe (disables the feature cache)")
@@ -111,7 +115,11 @@ class CVConfig(Section):
     repeats: int = Field(1, ge=1)
     seed: int = 0
     refit: bool = Field(True, description="train the saved model on all the data after cross-validation")
-    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="decision threshold on the positive-class probability")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="decision threshold of the fold metrics")
+    model_threshold: float | Literal["youden-oof"] = Field(
+        "youden-oof",
+        description="threshold stored with the refit model: a number, or Youden's J on the out-of-fold scores",
+    )
 
 
 class SiteConfig(Section):

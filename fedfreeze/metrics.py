@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
 from fedfreeze.errors import DataError
 
@@ -71,6 +71,19 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: fl
     if np.asarray(scores).ndim == 1:
         return binary_metrics(y_true, scores, threshold)
     return multiclass_metrics(y_true, scores)
+
+
+def youden_threshold(y_true: np.ndarray, p_pos: np.ndarray) -> float:
+    """The score threshold maximising sensitivity + specificity - 1 (Youden's J).
+
+    Choose it on predictions the model did not train on (out-of-fold or validation scores).
+    """
+    y_true = np.asarray(y_true).astype(int)
+    _require_both_classes(y_true, "Youden's J")
+    fpr, tpr, thresholds = roc_curve(y_true, p_pos)
+    finite = np.isfinite(thresholds)
+    best = int(np.argmax(np.where(finite, tpr - fpr, -np.inf)))
+    return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6))
 
 
 def summarize(results: Sequence[dict[str, float]], keys: Sequence[str] = METRIC_KEYS) -> dict[str, dict[str, float]]:

@@ -118,6 +118,10 @@ def _as_index_array(indices: Sequence[int] | np.ndarray | torch.Tensor, length: 
     return np.where(array < 0, array + length, array).astype(np.int64)
 
 
+MANIFEST_NAME = "manifest.csv"
+ARRAYS_NAME = "data.npz"
+
+
 def load_image_set(
     path: str | Path,
     *,
@@ -130,7 +134,8 @@ def load_image_set(
 ) -> ImageSet:
     """Load a site's images into memory, choosing the reader by what `path` is.
 
-    `path` is a ``.csv`` manifest (see `fedfreeze.data.manifest`), a
+    `path` is a ``.csv`` manifest (see `fedfreeze.data.manifest`), a folder
+    holding a ``manifest.csv`` or a ``data.npz`` (a site's data folder), a
     MedMNIST-style ``.npz`` or a folder of MNIST IDX files
     (`fedfreeze.data.arrays`); `split` picks the array split ("train" by
     default) and is refused for manifests, which hold one split per file.
@@ -151,6 +156,10 @@ def load_image_set(
 
     if not path.exists():
         raise DataError(f"data path not found: {path}")
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        path = path / MANIFEST_NAME  # a site's data folder holding its manifest
+    elif path.is_dir() and (path / ARRAYS_NAME).is_file():
+        path = path / ARRAYS_NAME  # a site's data folder holding its images as arrays
     if path.is_dir():
         return arrays.load_idx_folder(
             path, split=split or "train", image_size=image_size, channels=channels, class_names=names, progress=progress

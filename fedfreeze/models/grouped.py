@@ -57,6 +57,8 @@ class GroupedNet(nn.Module):
         self.feature_dim = feature_dim
         self.num_classes = num_classes
         self.frozen: frozenset[str] = frozenset()
+        # False: BatchNorm of trainable groups also uses (and keeps) its running statistics
+        self.update_bn_stats = True
 
     # ----------------------------------------------------------------- structure
     @property
@@ -127,12 +129,19 @@ class GroupedNet(nn.Module):
         """Switch modes, but keep every group whose own weights are frozen in eval mode.
 
         A frozen group's BatchNorm layers must not update their running statistics (the seed
-        code let them drift during training even though their weights were frozen).
+        code let them drift during training even though their weights were frozen). With
+        ``update_bn_stats`` off, trainable groups' BatchNorm layers also normalise with their
+        running statistics (their scale and shift still train): small batches then cannot
+        skew the statistics, and training and inference see the same normalisation.
         """
         super().train(mode)
         for name, module in self.groups.items():
             if name in self.frozen:
                 module.eval()
+            elif not self.update_bn_stats:
+                for sub in module.modules():
+                    if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                        sub.eval()
         return self
 
     # ----------------------------------------------------------------- forward

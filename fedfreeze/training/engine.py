@@ -111,12 +111,15 @@ def train_phase(
     features: torch.Tensor | None = None,
     first_epoch: int = 0,
     on_epoch: Callable[[EpochLog], None] | None = None,
+    regularizer: Callable[[], torch.Tensor] | None = None,
 ) -> list[EpochLog]:
     """Train ``parts`` for ``epochs`` epochs with one AdamW + one-cycle schedule.
 
     ``features`` (precomputed backbone features of ``images``) are used when only the head trains;
-    CutMix and augmentation apply only when training on images.
+    CutMix and augmentation apply only when training on images. ``regularizer`` adds a term to
+    every step's loss (FedProx's proximal term, for example).
     """
+    model.update_bn_stats = cfg.bn_stats == "update"
     apply_parts(model, parts)
     model.to(device).train()
     head_only = parts == frozenset({"head"})
@@ -147,6 +150,8 @@ def train_phase(
                     x, targets, _ = apply_cutmix(x, targets, box, perm)
                 logits = model(x)
             loss = loss_fn(logits, targets)
+            if regularizer is not None:
+                loss = loss + regularizer()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -9,11 +9,14 @@ import torch
 
 from fedfreeze.config import TrainConfig
 from fedfreeze.errors import ConfigError
-from fedfreeze.models.grouped import ADAPTER_SUFFIX, GroupedNet
+from fedfreeze.models.grouped import ADAPTER_SUFFIX, HEAD, GroupedNet
 
 
-def part_lr(part: str, cfg: TrainConfig) -> float:
-    """A part's peak learning rate: ``train.lr[group]``, or ``train.adapter-lr`` for adapters."""
+def part_lr(part: str, cfg: TrainConfig, *, probe: bool = False) -> float:
+    """A part's peak learning rate: ``train.lr[group]``, ``train.adapter-lr`` for adapters, and
+    ``train.probe-lr`` for the head while it trains alone."""
+    if probe and part == HEAD:
+        return cfg.probe_lr
     if part.endswith(ADAPTER_SUFFIX):
         return cfg.adapter_lr
     if part not in cfg.lr:
@@ -27,6 +30,7 @@ def param_groups(model: GroupedNet, parts: Iterable[str], cfg: TrainConfig) -> l
     Biases and normalisation weights (1-D tensors) get no weight decay, as is usual for AdamW.
     """
     parts = set(parts)
+    probe = parts == {HEAD}
     groups: list[dict[str, Any]] = []
     for part in model.parts:
         if part not in parts:
@@ -35,7 +39,7 @@ def param_groups(model: GroupedNet, parts: Iterable[str], cfg: TrainConfig) -> l
         for param in model.part_modules(part).parameters():
             if param.requires_grad:
                 (no_decay if param.ndim <= 1 else decay).append(param)
-        lr = part_lr(part, cfg)
+        lr = part_lr(part, cfg, probe=probe)
         wd = cfg.group_weight_decay(part.removesuffix(ADAPTER_SUFFIX))
         if decay:
             groups.append({"params": decay, "lr": lr, "weight_decay": wd, "part": part})

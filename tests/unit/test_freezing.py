@@ -33,7 +33,8 @@ def test_frozen_batchnorm_statistics_do_not_move_during_training(lite0_random, f
     before = {g: bn_stats(model.groups[g]) for g in model.groups}
     images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
     labels = torch.tensor([0, 1] * 8)
-    train_phase(model, images, labels, frozenset({"head", "layer4"}), fast_train, epochs=1, rng=rng,
+    cfg = fast_train.model_copy(update={"bn_stats": "update"})
+    train_phase(model, images, labels, frozenset({"head", "layer4"}), cfg, epochs=1, rng=rng,
                 device=torch.device("cpu"))
     for group in ("stem", "layer1", "layer2", "layer3"):
         after = bn_stats(model.groups[group])
@@ -41,6 +42,21 @@ def test_frozen_batchnorm_statistics_do_not_move_during_training(lite0_random, f
     # the trainable group's statistics did move: the check above can fail
     moved = bn_stats(model.groups["layer4"])
     assert any(not torch.equal(before["layer4"][k], moved[k]) for k in moved)
+
+
+def test_bn_stats_frozen_keeps_trainable_statistics_but_trains_scale_and_shift(lite0_random, fast_train, rng):
+    model = lite0_random
+    layer4 = model.groups["layer4"]
+    stats_before = bn_stats(layer4)
+    scale_before = layer4[0]._bn2.weight.detach().clone()
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
+    labels = torch.tensor([0, 1] * 8)
+    assert fast_train.bn_stats == "frozen"
+    train_phase(model, images, labels, frozenset({"head", "layer4"}), fast_train, epochs=1, rng=rng,
+                device=torch.device("cpu"))
+    after = bn_stats(layer4)
+    assert all(torch.equal(stats_before[k], after[k]) for k in after)
+    assert not torch.equal(scale_before, layer4[0]._bn2.weight)
 
 
 def test_frozen_weights_unchanged_and_trainable_ones_change(lite0_random, fast_train, rng):

@@ -55,3 +55,12 @@ def test_one_cycle_peaks_at_each_groups_lr_and_ends_low(lite0_random):
     assert max(seen["head"]) == pytest.approx(1e-3)
     assert max(seen["layer4"]) == pytest.approx(5e-4)
     assert seen["head"][0] < 1e-4 and seen["head"][-1] < 1e-5
+
+
+def test_probe_uses_probe_lr_and_fine_tuning_the_head_lr(lite0_random):
+    cfg = TrainConfig(probe_lr=3e-3)
+    apply_parts(lite0_random, {"head"})
+    assert [g["lr"] for g in param_groups(lite0_random, {"head"}, cfg)] == [3e-3, 3e-3]
+    apply_parts(lite0_random, {"head", "layer4"})
+    lrs = {g["part"]: g["lr"] for g in param_groups(lite0_random, {"head", "layer4"}, cfg)}
+    assert lrs == {"head": 1e-3, "layer4": 5e-4}
