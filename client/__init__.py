@@ -1,0 +1,1 @@
+"""The hospital site's ClientApp."""

@@ -1,0 +1,139 @@
+"""Federation configuration: the site's ``[model]`` and ``[train]`` plus a ``[federation]`` table.
+
+The coordinator owns this configuration. Flower's run config holds only scalars, so a run names a
+TOML file (``config``) and may override single keys with dotted names (``federation.rounds=4``);
+the coordinator then sends the model and training sections to every site with each message, so
+sites need no copy of the file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fedfreeze.config import DEFAULT_UNFREEZE, ModelConfig, Section, TrainConfig, parse_config, read_toml
+from fedfreeze.errors import ConfigError
+
+
+class FederationConfig(Section):
+    """Rounds, the server-driven freezing schedule, aggregation and reporting."""
+
+    rounds: int = Field(8, ge=1)
+    probe_rounds: int = Field(3, ge=0, description="rounds that train only the head")
+    unfreeze: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_UNFREEZE),
+                                       description="fraction of the fine-tuning rounds before each group joins")
+    method: Literal["unfreeze", "adapters", "both"] = "unfreeze"
+    local_epochs: int = Field(1, ge=1, description="local epochs per fine-tuning round")
+    probe_local_epochs: int = Field(5, ge=1, description="local epochs per probe round (on cached features)")
+    strategy: Literal["fedavg", "fedprox", "trimmed-mean", "median"] = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0.0, description="FedProx: weight of the proximal term")
+    trim_beta: float = Field(0.2, gt=0.0, lt=0.5, description="trimmed mean: fraction cut at each end")
+    bn_policy: Literal["average", "local"] = Field(
+        "average", description="BatchNorm of trainable groups: averaged by the server, or kept at each site (FedBN)"
+    )
+    min_sites: int = Field(2, ge=1, description="fewest replies a round needs; fewer fails the run")
+    fraction_train: float = Field(1.0, gt=0.0, le=1.0)
+    round_timeout: float = Field(900.0, gt=0.0, description="seconds to wait for a round's replies")
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of each site's patients kept for validation")
+    score_bins: int = Field(200, ge=10, le=10_000)
+    threshold: float | Literal["youden", "target-sensitivity"] = "youden"
+    target_sensitivity: float = Field(0.9, gt=0.0, le=1.0)
+    max_examples: int = Field(1_000_000, ge=1, description="a reply claiming more examples is rejected")
+    out_dir: str = "runs/fed"
+    seed: int = 0
+
+    @field_validator("unfreeze")
+    @classmethod
+    def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
+        for group, fraction in value.items():
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"unfreeze.{group} should be a fraction in [0, 1], got {fraction}")
+        return value
+
+    @model_validator(mode="after")
+    def _rounds(self) -> FederationConfig:
+        if self.probe_rounds > self.rounds:
+            raise ValueError(f"probe-rounds ({self.probe_rounds}) cannot exceed rounds ({self.rounds})")
+        if isinstance(self.threshold, float) and not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold should be in (0, 1), got {self.threshold}")
+        return self
+
+    @property
+    def finetune_rounds(self) -> int:
+        return self.rounds - self.probe_rounds
+
+
+class FedConfig(Section):
+    """Everything a federated run needs besides each site's data."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+
+    def site_payload(self) -> str:
+        """The part of the configuration every site needs, as JSON for a message."""
+        return json.dumps({"model": self.model.model_dump(by_alias=True),
+                           "train": self.train.model_dump(by_alias=True)})
+
+
+def site_sections(payload: str) -> tuple[ModelConfig, TrainConfig]:
+    """Parse what ``site_payload`` wrote (a site receives it with each message)."""
+    try:
+        data = json.loads(payload)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"site configuration in the message is not JSON: {err}") from None
+    cfg = parse_config({"model": data.get("model", {}), "train": data.get("train", {})}, FedConfig, "message")
+    return cfg.model, cfg.train
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"federation.rounds": 4}`` -> ``{"federation": {"rounds": 4}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"run config key {key!r} clashes with a value at {part!r}")
+        node[leaf] = value
+    return out
+
+
+def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``override`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+CONFIG_KEY = "config"  # run-config key naming the TOML file
+# run-config keys about this run rather than the federation's settings
+RUN_KEYS = {CONFIG_KEY, "sites-dir", "resume"}
+
+
+def load_fed_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> FedConfig:
+    """A TOML file (or the defaults) with dotted-key overrides applied; every field validated."""
+    data = read_toml(path) if path else {}
+    if overrides:
+        data = merge(data, unflatten(overrides))
+    return parse_config(data, FedConfig, str(path or "run config"))
+
+
+def from_run_config(run_config: Mapping[str, Any], app_dir: Path | None = None) -> FedConfig:
+    """The configuration of a Flower run: ``config`` names the TOML file, other keys override it."""
+    overrides = {k: v for k, v in run_config.items() if k not in RUN_KEYS}
+    path = run_config.get(CONFIG_KEY) or None
+    if path is not None:
+        path = Path(str(path)).expanduser()
+        if not path.is_absolute() and app_dir is not None and (app_dir / path).is_file():
+            path = app_dir / path
+    return load_fed_config(path, overrides)

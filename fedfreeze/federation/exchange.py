@@ -1,0 +1,105 @@
+"""What travels between coordinator and sites in a round, and how a reply is checked.
+
+Only the arrays of the parts that train this round travel, both ways. Everything else (the frozen
+backbone) stays where it is; a site proves it holds the same frozen weights by returning a hash of
+them. Under FedBN the BatchNorm layers of trainable groups never travel: each site keeps its own.
+BatchNorm ``num_batches_tracked`` counters never travel, nor do running statistics that training
+does not change (``bn-stats = "frozen"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedfreeze.models.grouped import GroupedNet
+from fedfreeze.training.features import tensors_hash
+
+BN_STAT_SUFFIXES = ("running_mean", "running_var")
+
+
+@dataclass(frozen=True)
+class ExchangePlan:
+    """The keys of one round: sent and returned, kept at the site, and covered by the frozen hash."""
+
+    parts: frozenset[str]
+    sent: tuple[str, ...]
+    local: tuple[str, ...]
+    frozen: tuple[str, ...]
+
+
+def batchnorm_keys(model: nn.Module) -> set[str]:
+    """``state_dict`` keys that belong to BatchNorm layers."""
+    keys = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            keys |= {f"{name}.{k}" for k in module.state_dict()}
+    return keys
+
+
+def plan_exchange(
+    model: GroupedNet, parts: Iterable[str], *, bn_policy: str = "average", bn_stats: str = "frozen"
+) -> ExchangePlan:
+    """Partition the model's state for a round that trains ``parts``."""
+    parts = frozenset(parts)
+    bn = batchnorm_keys(model)
+    sent, local, frozen = [], [], []
+    for key in model.state_dict():
+        if key.endswith("num_batches_tracked"):
+            continue
+        trains = model.part_of_key(key) in parts
+        if trains and key in bn and bn_policy == "local":
+            local.append(key)
+        elif trains and not (bn_stats == "frozen" and key.endswith(BN_STAT_SUFFIXES)):
+            sent.append(key)
+        else:
+            frozen.append(key)
+    return ExchangePlan(parts, tuple(sent), tuple(local), tuple(frozen))
+
+
+def frozen_hash(state: Mapping[str, torch.Tensor], plan: ExchangePlan) -> str:
+    """Hash of every array the round leaves frozen (the same on every honest site)."""
+    return tensors_hash((k, state[k]) for k in plan.frozen)
+
+
+def subset(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named arrays, in the given order, detached on the CPU and contiguous."""
+    return {k: state[k].detach().cpu().contiguous() for k in keys}
+
+
+def check_arrays(
+    received: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]
+) -> list[str]:
+    """Problems with a set of arrays against the expected keys (in order), shapes and dtypes.
+
+    Returns an empty list when the arrays can be used; otherwise one line per problem (the first
+    few of each kind), so a rejected reply is logged with its reasons.
+    """
+    problems = []
+    missing = [k for k in expected if k not in received]
+    extra = [k for k in received if k not in expected]
+    if missing:
+        problems.append(f"missing keys {_short(missing)}")
+    if extra:
+        problems.append(f"unexpected keys {_short(extra)}")
+    if not missing and not extra and list(received) != list(expected):
+        problems.append("keys in a different order than sent")
+    for key in expected:
+        if key not in received:
+            continue
+        got, want = received[key], expected[key]
+        if got.shape != want.shape:
+            problems.append(f"{key}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+        elif got.dtype != want.dtype:
+            problems.append(f"{key}: dtype {got.dtype}, expected {want.dtype}")
+        elif np.issubdtype(got.dtype, np.floating) and not np.isfinite(got).all():
+            problems.append(f"{key}: holds NaN or Inf")
+    return problems
+
+
+def _short(items: list[str], limit: int = 4) -> str:
+    return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")

@@ -1,0 +1,88 @@
+"""The hospital site on Flower: turn a message into ``SiteRuntime`` calls and back.
+
+A site's node config names its data (``data-path``), its name (``site-name``), where it keeps its
+caches (``state-dir``) and optionally its own copy of the pretrained checkpoint (``weights``). In a
+simulation, nodes only know their ``partition-id``; the run config's ``sites-dir`` then holds one
+folder per partition, as ``fedfreeze simulate`` writes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedfreeze.errors import ConfigError
+from fedfreeze.federation.config import site_sections
+from fedfreeze.federation.flower_server import ARRAYS, CONFIG, METRICS, PROOF
+from fedfreeze.federation.site_runtime import RoundOrders, SiteReply, SiteRuntime
+
+
+def runtime_for(context: Context) -> SiteRuntime:
+    """The site this ClientApp serves, from its node config (or its simulation partition)."""
+    node = context.node_config
+    if "data-path" in node:
+        data = Path(str(node["data-path"]))
+        site = str(node.get("site-name", data.name))
+        state = Path(str(node.get("state-dir", Path.home() / ".cache" / "fedfreeze" / site)))
+    elif "partition-id" in node and "sites-dir" in context.run_config:
+        site = f"site-{int(node['partition-id'])}"
+        root = Path(str(context.run_config["sites-dir"])) / site
+        data, state = root / "data", root / "state"
+    else:
+        raise ConfigError(
+            "this site has no data: start the SuperNode with --node-config 'data-path=\"/path\" site-name=\"name\"' "
+            "(or run a simulation whose run config sets sites-dir)"
+        )
+    weights = node.get("weights")
+    return SiteRuntime(data, site, state, weights=str(weights) if weights else None,
+                       device=str(node.get("device", "auto")))
+
+
+def orders_from(config: ConfigRecord) -> RoundOrders:
+    model, train = site_sections(str(config["site-config"]))
+    return RoundOrders(
+        round=int(config["round"]),
+        parts=frozenset(str(p) for p in config["parts"]),
+        local_epochs=int(config["local-epochs"]),
+        model=model,
+        train=train,
+        adapter_groups=tuple(str(g) for g in config.get("adapter-groups", [])),
+        bn_policy=str(config.get("bn-policy", "average")),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        val_fraction=float(config.get("val-fraction", 0.25)),
+        threshold=float(config.get("threshold", 0.5)),
+        score_bins=int(config.get("score-bins", 200)),
+        seed=int(config.get("seed", 0)),
+    )
+
+
+def to_reply(message: Message, result: SiteReply, site: str, *, with_arrays: bool) -> Message:
+    metrics: dict[str, Any] = {k: v for k, v in result.metrics.items()}
+    if "num-examples" not in metrics:
+        metrics["num-examples"] = int(metrics.get("val-n", 0))
+    content = RecordDict({
+        METRICS: MetricRecord(metrics),
+        PROOF: ConfigRecord({"frozen-hash": result.frozen_hash, "site": site}),
+    })
+    if with_arrays:
+        content[ARRAYS] = ArrayRecord(result.arrays)
+    return Message(content=content, reply_to=message)
+
+
+def received_arrays(message: Message) -> dict[str, torch.Tensor]:
+    return message.content[ARRAYS].to_torch_state_dict()
+
+
+def handle_train(message: Message, context: Context) -> Message:
+    runtime = runtime_for(context)
+    result = runtime.train(orders_from(message.content[CONFIG]), received_arrays(message))
+    return to_reply(message, result, runtime.site, with_arrays=True)
+
+
+def handle_evaluate(message: Message, context: Context) -> Message:
+    runtime = runtime_for(context)
+    result = runtime.evaluate(orders_from(message.content[CONFIG]), received_arrays(message))
+    return to_reply(message, result, runtime.site, with_arrays=False)

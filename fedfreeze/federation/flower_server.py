@@ -1,0 +1,180 @@
+"""The coordinator on Flower: the round loop of the ServerApp.
+
+The loop is ours (Flower's ``Strategy.start`` runs one fixed configuration for every round, cannot
+resume, and reports success when every site failed); sampling and aggregation are Flower's own
+strategies (FedAvg, FedProx, FedTrimmedAvg, FedMedian), called through their ``configure_train`` /
+``aggregate_train`` on the round's arrays only, so Flower's DP wrappers compose with them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+
+from fedfreeze.federation.config import FedConfig, from_run_config
+from fedfreeze.federation.coordinator import Coordinator, FederationFailed, Reply, RoundRecord
+from fedfreeze.federation.exchange import ExchangePlan
+from fedfreeze.federation.report import write_report
+
+log = logging.getLogger("fedfreeze.server")
+
+ARRAYS, METRICS, CONFIG, PROOF = "arrays", "metrics", "config", "proof"
+
+
+def make_strategy(cfg: FedConfig) -> Strategy:
+    """Flower's own strategy for the configured aggregation rule."""
+    fed = cfg.federation
+    common: dict[str, Any] = {
+        "fraction_train": fed.fraction_train,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": fed.min_sites,
+        "min_evaluate_nodes": fed.min_sites,
+        "min_available_nodes": fed.min_sites,
+    }
+    if fed.strategy == "fedprox":
+        return FedProx(proximal_mu=fed.proximal_mu, **common)
+    if fed.strategy == "trimmed-mean":
+        return FedTrimmedAvg(beta=fed.trim_beta, **common)
+    if fed.strategy == "median":
+        return FedMedian(**common)
+    return FedAvg(**common)
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Payload size of a message: its arrays, metrics and config values."""
+    return sum(record.count_bytes() for record in content.values())
+
+
+def unpack(message: Message, bytes_down: int) -> Reply | str:
+    """A reply's contents, or why it cannot be read."""
+    node = message.metadata.src_node_id
+    if message.has_error():
+        return f"node {node} failed: {message.error.reason}"
+    content = message.content
+    try:
+        metrics = dict(content[METRICS])
+        proof = content[PROOF]
+        arrays_record = content.array_records.get(ARRAYS, ArrayRecord())
+        arrays = {k: v.numpy() for k, v in arrays_record.items()}
+        bytes_up = record_bytes(content)
+    except (KeyError, TypeError, ValueError) as err:
+        return f"node {node}: malformed reply ({err})"
+    return Reply(node=node, site=str(proof.get("site", node)), arrays=arrays, metrics=metrics,
+                 frozen_hash=str(proof.get("frozen-hash", "")), bytes_down=bytes_down, bytes_up=bytes_up)
+
+
+def exchange(
+    grid: Grid, messages: Iterable[Message], coord: Coordinator, plan: ExchangePlan, record: RoundRecord,
+    *, with_arrays: bool,
+) -> tuple[list[Message], list[Reply]]:
+    """Send a round's messages, then sort the replies into valid ones and logged rejections."""
+    messages = list(messages)
+    bytes_down = {m.metadata.dst_node_id: record_bytes(m.content) for m in messages}
+    replies = grid.send_and_receive(messages, timeout=coord.fed.round_timeout)
+    proof = coord.expected_hash(plan)
+    valid_msgs, valid = [], []
+    answered = set()
+    for message in replies:
+        node = message.metadata.src_node_id
+        answered.add(node)
+        reply = unpack(message, bytes_down.get(node, 0))
+        if isinstance(reply, str):
+            record.failures.append({"node": node, "reason": reply})
+            log.warning("round %d: %s", record.round, reply)
+            continue
+        problems = coord.check(reply, plan, proof, with_arrays=with_arrays)
+        if problems:
+            record.rejected.append({"node": node, "site": reply.site, "reasons": problems})
+            log.warning("round %d: rejected the reply of site %s: %s", record.round, reply.site, "; ".join(problems))
+            continue
+        valid_msgs.append(message)
+        valid.append(reply)
+    for node in set(bytes_down) - answered:
+        record.failures.append({"node": node, "reason": f"no reply within {coord.fed.round_timeout:.0f} s"})
+    record.bytes_down = sum(bytes_down.values())
+    record.bytes_up = sum(r.bytes_up for r in valid)
+    if len(valid) < coord.fed.min_sites:
+        raise FederationFailed(
+            f"round {record.round}: {len(valid)} valid replies, fewer than min-sites = {coord.fed.min_sites} "
+            f"({len(record.failures)} failed, {len(record.rejected)} rejected)"
+        )
+    return valid_msgs, valid
+
+
+def train_round(grid: Grid, coord: Coordinator, strategy: Strategy, rnd: int) -> RoundRecord:
+    started = time.perf_counter()
+    parts = coord.parts(rnd)
+    plan = coord.plan(parts)
+    record = RoundRecord(round=rnd, parts=sorted(parts), evaluated_model=f"global model after round {rnd - 1}")
+    arrays = ArrayRecord(coord.arrays_for(plan))
+    messages = strategy.configure_train(rnd, arrays, ConfigRecord(coord.orders(rnd, parts)), grid)
+    valid_msgs, valid = exchange(grid, messages, coord, plan, record, with_arrays=True)
+    aggregated, _ = strategy.aggregate_train(rnd, valid_msgs)
+    if aggregated is None:
+        raise FederationFailed(f"round {rnd}: the {type(strategy).__name__} strategy aggregated nothing")
+    coord.apply(plan, {k: v.numpy() for k, v in aggregated.items()})
+    coord.pool(valid, record)
+    record.sites = [coord.site_row(r) for r in valid]
+    record.round_seconds = time.perf_counter() - started
+    return record
+
+
+def final_evaluation(grid: Grid, coord: Coordinator, strategy: Strategy) -> RoundRecord:
+    """Score the final global model at every site; the pooled figures choose the stored threshold."""
+    started = time.perf_counter()
+    rnd = coord.fed.rounds
+    parts = coord.parts(rnd)
+    plan = coord.plan(parts)
+    record = RoundRecord(round=rnd + 1, parts=sorted(parts), evaluated_model=f"global model after round {rnd}")
+    orders = coord.orders(rnd, parts)
+    messages = strategy.configure_evaluate(rnd, ArrayRecord(coord.arrays_for(plan)), ConfigRecord(orders), grid)
+    _, valid = exchange(grid, messages, coord, plan, record, with_arrays=False)
+    coord.pool(valid, record)
+    record.sites = [coord.site_row(r) for r in valid]
+    record.round_seconds = time.perf_counter() - started
+    return record
+
+
+def run_federation(grid: Grid, context: Context) -> None:
+    """The ServerApp's main: every round, then the final evaluation and the exported model."""
+    cfg = from_run_config(context.run_config)
+    coord = Coordinator(cfg, cfg.federation.out_dir)
+    if bool(context.run_config.get("resume", False)):
+        coord.resume()
+    strategy = make_strategy(cfg)
+    log.info("fedfreeze: %d rounds (%d probe), strategy %s, out %s", cfg.federation.rounds,
+             cfg.federation.probe_rounds, cfg.federation.strategy, coord.out)
+    try:
+        for rnd in range(coord.completed + 1, cfg.federation.rounds + 1):
+            record = train_round(grid, coord, strategy, rnd)
+            coord.history.append(record)
+            coord.completed = rnd
+            coord.checkpoint()
+            write_report(coord, status="running")
+            log_round(record)
+        final = final_evaluation(grid, coord, strategy)
+        log_round(final)
+        model_dir = coord.export_model()
+        write_report(coord, status="completed", final=final, model_dir=model_dir)
+    except Exception as err:
+        write_report(coord, status="failed", reason=f"{type(err).__name__}: {err}")
+        raise
+
+
+def log_round(record: RoundRecord) -> None:
+    pooled = (record.pooled or {}).get("at_threshold_used", {})
+    mean = record.weighted_mean or {}
+    log.info(
+        "round %d [%s] %s: pooled AUROC %.4f, balanced acc %.4f, F1 %.4f (weighted mean of sites: AUROC %.4f) "
+        "| %d sites, %d rejected, %d failed, up %d B, %.1f s",
+        record.round, "+".join(record.parts), record.evaluated_model, pooled.get("auroc", float("nan")),
+        pooled.get("balanced_accuracy", float("nan")), pooled.get("f1", float("nan")),
+        mean.get("auroc", float("nan")), len(record.sites), len(record.rejected), len(record.failures),
+        record.bytes_up, record.round_seconds,
+    )

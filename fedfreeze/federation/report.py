@@ -1,0 +1,145 @@
+"""The federation's outputs: ``metrics.json``, ``rounds.csv``, ``sites.csv`` and ``rounds.png``.
+
+``metrics.json`` carries a ``status`` (running, completed, failed with its reason): a run is only a
+success when it says ``completed``, whatever the transport reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedfreeze.federation.coordinator import Coordinator, RoundRecord
+
+METRICS_FILE = "metrics.json"
+ROUNDS_CSV = "rounds.csv"
+SITES_CSV = "sites.csv"
+PLOT_FILE = "rounds.png"
+
+
+def round_row(record: RoundRecord) -> dict[str, Any]:
+    pooled = (record.pooled or {}).get("at_threshold_used", {})
+    mean = record.weighted_mean or {}
+    sites = record.sites
+    train_s = [s.get("train_seconds", 0.0) for s in sites]
+    return {
+        "round": record.round,
+        "evaluated_model": record.evaluated_model,
+        "parts": "+".join(record.parts),
+        "sites": len(sites),
+        "rejected": len(record.rejected),
+        "failed": len(record.failures),
+        "pooled_auroc": pooled.get("auroc"),
+        "pooled_balanced_accuracy": pooled.get("balanced_accuracy"),
+        "pooled_f1": pooled.get("f1"),
+        "pooled_sensitivity": pooled.get("sensitivity"),
+        "pooled_specificity": pooled.get("specificity"),
+        "weighted_mean_auroc": mean.get("auroc"),
+        "threshold_used": record.threshold_used,
+        "bytes_down": record.bytes_down,
+        "bytes_up": record.bytes_up,
+        "max_site_train_seconds": max(train_s) if train_s else 0.0,
+        "round_seconds": record.round_seconds,
+    }
+
+
+def write_report(
+    coord: Coordinator,
+    *,
+    status: str,
+    final: RoundRecord | None = None,
+    model_dir: Path | None = None,
+    reason: str | None = None,
+) -> Path:
+    """Write every output file for the rounds so far; the plot only once the run has ended."""
+    out = coord.out
+    out.mkdir(parents=True, exist_ok=True)
+    records = list(coord.history) + ([final] if final is not None else [])
+    report: dict[str, Any] = {
+        "status": status,
+        "reason": reason,
+        "completed_rounds": coord.completed,
+        "rounds_planned": coord.fed.rounds,
+        "threshold": coord.threshold,
+        "threshold_rule": str(coord.fed.threshold),
+        "model": str(model_dir) if model_dir else None,
+        "totals": {
+            "bytes_down": sum(r.bytes_down for r in records),
+            "bytes_up": sum(r.bytes_up for r in records),
+            "seconds": time.time() - coord.started,
+        },
+        "final": asdict(final) if final is not None else None,
+        "rounds": [asdict(r) for r in coord.history],
+        "config": coord.cfg.model_dump(by_alias=True),
+    }
+    tmp = out / (METRICS_FILE + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=json_default) + "\n", encoding="utf-8")
+    tmp.replace(out / METRICS_FILE)
+    _write_csv(out / ROUNDS_CSV, [round_row(r) for r in records])
+    _write_csv(out / SITES_CSV, [{"round": r.round, **site} for r in records for site in r.sites])
+    if status != "running" and records:
+        plot_rounds(records, out / PLOT_FILE)
+    return out / METRICS_FILE
+
+
+def plot_rounds(records: list[RoundRecord], path: Path) -> None:
+    """Pooled validation metrics and bytes per round (each point: the global model a round received)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [round_row(r) for r in records]
+    x = [r["round"] - 1 for r in rows]  # the round after which the evaluated model was made
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("pooled_auroc", "pooled AUROC"), ("pooled_balanced_accuracy", "pooled balanced accuracy"),
+                       ("pooled_f1", "pooled F1"), ("weighted_mean_auroc", "weighted mean of site AUROCs")):
+        ys = [r[key] for r in rows]
+        if any(y is not None for y in ys):
+            ax1.plot(x, [float("nan") if y is None else y for y in ys], marker="o", label=label,
+                     linestyle="--" if key.startswith("weighted") else "-")
+    ax1.set_xlabel("global model after round")
+    ax1.set_ylabel("validation metric (pooled over sites)")
+    ax1.set_ylim(0.0, 1.02)
+    ax1.legend(loc="lower right", fontsize=8)
+    ax1.grid(alpha=0.3)
+    train_rows = [r for r in rows if r["bytes_up"]]
+    ax2.bar([r["round"] for r in train_rows], [r["bytes_up"] / 1e3 for r in train_rows], color="tab:orange")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("uplink kB (all sites)")
+    for r in train_rows:
+        ax2.annotate(r["parts"].replace("head+", "").replace("head", "head only"), (r["round"], r["bytes_up"] / 1e3),
+                     fontsize=7, ha="center", va="bottom", rotation=90)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -1,0 +1,230 @@
+"""What a hospital site does in a round, without any Flower types.
+
+In a deployment every message starts a fresh process, so nothing survives in memory between
+rounds: what a site reuses lives in its state folder on its own disk (decoded images, backbone
+features keyed by the frozen weights' hash, and under FedBN its own BatchNorm layers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedfreeze.config import ModelConfig, TrainConfig
+from fedfreeze.data.dataset import MANIFEST_NAME, ImageSet, load_image_set
+from fedfreeze.data.splits import split_patients
+from fedfreeze.errors import DataError
+from fedfreeze.federation.exchange import ExchangePlan, frozen_hash, plan_exchange, subset
+from fedfreeze.federation.pooled import SiteStats, multiclass_confusion, score_bin_edges, snap_threshold
+from fedfreeze.metrics import classification_metrics
+from fedfreeze.models.grouped import HEAD, GroupedNet
+from fedfreeze.models.registry import build_model
+from fedfreeze.training.engine import predict_scores, resolve_device, train_phase
+from fedfreeze.training.features import FeatureCache
+
+
+@dataclass(frozen=True)
+class RoundOrders:
+    """What the coordinator asks of a site for one round (sent with every message)."""
+
+    round: int
+    parts: frozenset[str]
+    local_epochs: int
+    model: ModelConfig
+    train: TrainConfig
+    adapter_groups: tuple[str, ...]
+    bn_policy: str = "average"
+    proximal_mu: float = 0.0
+    val_fraction: float = 0.25
+    threshold: float = 0.5
+    score_bins: int = 200
+    seed: int = 0
+
+
+@dataclass
+class SiteReply:
+    """What a site returns: trained arrays, the frozen-weights hash, and aggregate numbers only."""
+
+    arrays: dict[str, torch.Tensor]
+    frozen_hash: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class SiteRuntime:
+    """One site's data, state folder and model building."""
+
+    def __init__(self, data_path: str | Path, site: str, state_dir: str | Path, *, weights: str | None = None,
+                 device: str = "auto") -> None:
+        self.data_path = Path(data_path)
+        self.site = site
+        self.state_dir = Path(state_dir)
+        self.weights = weights  # a site-local checkpoint path overriding the coordinator's model.weights
+        self.device = resolve_device(device)
+
+    # ------------------------------------------------------------------ data
+    def datasets(self, orders: RoundOrders) -> tuple[ImageSet, ImageSet]:
+        """The site's training and validation splits (by patient), decoded once and kept on disk."""
+        data = self._decoded(orders.model)
+        data.require_nonempty(f"site {self.site!r} has no images to train on")
+        data.require_classes(2, why=f"site {self.site!r} needs both classes for training and validation")
+        train_idx, val_idx = split_patients(data.labels.numpy(), data.patient_ids,
+                                            test_fraction=orders.val_fraction, seed=orders.seed)
+        return data.subset(train_idx), data.subset(val_idx)
+
+    def _decoded(self, cfg: ModelConfig) -> ImageSet:
+        key = self._data_key(cfg)
+        path = self.state_dir / "data" / f"{key}.pt"
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            return ImageSet(**saved)
+        data = load_image_set(self.data_path, image_size=cfg.input_size, channels=cfg.in_channels,
+                              class_names=cfg.class_names, num_classes=cfg.num_classes, progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(vars(data), tmp)
+        tmp.replace(path)
+        return data
+
+    def _data_key(self, cfg: ModelConfig) -> str:
+        """Changes when the data source or the decoding settings change."""
+        source = self.data_path / MANIFEST_NAME if (self.data_path / MANIFEST_NAME).is_file() else self.data_path
+        if not source.exists():
+            raise DataError(f"site {self.site!r}: data path {self.data_path} does not exist")
+        digest = hashlib.sha256()
+        if source.is_file():
+            digest.update(source.read_bytes() if source.stat().st_size < 64_000_000 else b"")
+        for item in sorted(source.parent.rglob("*") if source.is_dir() else [source]):
+            stat = item.stat()
+            digest.update(f"{item}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        digest.update(f"{cfg.input_size}|{cfg.in_channels}|{cfg.num_classes}|{cfg.class_names}".encode())
+        return digest.hexdigest()[:24]
+
+    # ------------------------------------------------------------------ model
+    def model(self, orders: RoundOrders, arrays: dict[str, torch.Tensor], plan_parts: frozenset[str]
+              ) -> tuple[GroupedNet, ExchangePlan]:
+        """The pretrained model with the coordinator's arrays (and this site's own BatchNorm) loaded."""
+        cfg = orders.model if self.weights is None else orders.model.model_copy(update={"weights": self.weights})
+        torch.manual_seed(orders.seed)
+        model, _ = build_model(cfg, list(orders.adapter_groups), orders.train.adapter_rank)
+        plan = plan_exchange(model, plan_parts, bn_policy=orders.bn_policy, bn_stats=orders.train.bn_stats)
+        state = model.state_dict()
+        unknown = [k for k in arrays if k not in state]
+        if unknown:
+            raise DataError(f"site {self.site!r}: the coordinator sent arrays this model lacks: {unknown[:4]}")
+        for key, value in arrays.items():
+            if tuple(value.shape) != tuple(state[key].shape):
+                raise DataError(f"site {self.site!r}: array {key} has shape {tuple(value.shape)}, "
+                                f"the model expects {tuple(state[key].shape)}")
+        model.load_state_dict({**state, **arrays, **self._local_bn(plan)})
+        return model, plan
+
+    def _local_bn_path(self) -> Path:
+        return self.state_dir / "local_batchnorm.pt"
+
+    def _local_bn(self, plan: ExchangePlan) -> dict[str, torch.Tensor]:
+        """FedBN: this site's own BatchNorm arrays from earlier rounds (new ones start pretrained)."""
+        path = self._local_bn_path()
+        if not plan.local or not path.is_file():
+            return {}
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return {k: v for k, v in saved.items() if k in plan.local}
+
+    def _save_local_bn(self, model: GroupedNet, plan: ExchangePlan) -> None:
+        if not plan.local:
+            return
+        path = self._local_bn_path()
+        saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
+        saved.update(subset(model.state_dict(), plan.local))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(saved, tmp)
+        tmp.replace(path)
+
+    # ------------------------------------------------------------------ round work
+    def train(self, orders: RoundOrders, arrays: dict[str, torch.Tensor]) -> SiteReply:
+        """Evaluate the received global model, train the round's parts locally, return them."""
+        train_set, val_set = self.datasets(orders)
+        model, plan = self.model(orders, arrays, orders.parts)
+        proof = frozen_hash(model.state_dict(), plan)
+        started = time.perf_counter()
+        metrics = self._evaluate(model, orders, val_set, head_only=orders.parts == {HEAD})
+        eval_seconds = time.perf_counter() - started
+
+        features = None
+        if orders.parts == {HEAD} and not orders.train.probe_augment:
+            features = self._cache().features(model, train_set.images, self.device)
+        regularizer = proximal_term(model, orders.proximal_mu) if orders.proximal_mu > 0 else None
+        rng = np.random.default_rng([orders.seed, orders.round, _stable_int(self.site)])
+        torch.manual_seed(int(rng.integers(2**31)))
+        started = time.perf_counter()
+        logs = train_phase(model, train_set.images, train_set.labels, orders.parts, orders.train,
+                           epochs=orders.local_epochs, rng=rng, device=self.device, features=features,
+                           regularizer=regularizer)
+        train_seconds = time.perf_counter() - started
+        self._save_local_bn(model, plan)
+        metrics.update({
+            "num-examples": len(train_set),
+            "train-loss": float(np.mean([log.loss for log in logs])),
+            "train-seconds": train_seconds,
+            "eval-seconds": eval_seconds,
+        })
+        return SiteReply(subset(model.state_dict(), plan.sent), proof, metrics)
+
+    def evaluate(self, orders: RoundOrders, arrays: dict[str, torch.Tensor]) -> SiteReply:
+        """Score the received global model on the validation split."""
+        _, val_set = self.datasets(orders)
+        model, plan = self.model(orders, arrays, orders.parts)
+        metrics = self._evaluate(model, orders, val_set, head_only=False)
+        return SiteReply({}, frozen_hash(model.state_dict(), plan), metrics)
+
+    def _cache(self) -> FeatureCache:
+        return FeatureCache(self.state_dir / "features")
+
+    def _evaluate(self, model: GroupedNet, orders: RoundOrders, val_set: ImageSet, *, head_only: bool
+                  ) -> dict[str, Any]:
+        """Local figures and the sufficient statistics of the validation split (no per-case data)."""
+        if head_only:
+            feats = self._cache().features(model, val_set.images, self.device)
+            with torch.no_grad():
+                model.eval()
+                logits = model.head(feats)
+            scores = torch.sigmoid(logits[:, 0]).numpy() if logits.shape[1] == 1 else torch.softmax(logits, 1).numpy()
+        else:
+            scores = predict_scores(model, val_set.images, self.device)
+        labels = val_set.labels.numpy()
+        local = classification_metrics(labels, scores, orders.threshold)
+        out: dict[str, Any] = {"val-n": len(labels)}
+        for key in ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity"):
+            out[f"val-{key.replace('_', '-')}"] = float(local[key])
+        if scores.ndim == 1:
+            edges = score_bin_edges(orders.score_bins)
+            threshold = snap_threshold(orders.threshold, edges)
+            out.update(SiteStats.from_scores(labels, scores, edges, threshold).to_metrics("val-"))
+        else:
+            matrix = multiclass_confusion(labels, scores.argmax(1), scores.shape[1])
+            out["val-confusion"] = [int(v) for v in matrix.ravel()]
+        return out
+
+
+def proximal_term(model: GroupedNet, mu: float):
+    """FedProx: ``mu / 2 * ||w - w_global||^2`` over the trainable weights, w_global as received."""
+    anchors = [(p, p.detach().clone()) for p in model.parameters()]
+
+    def term() -> torch.Tensor:
+        total = torch.zeros(())
+        for param, anchor in anchors:
+            if param.requires_grad:
+                total = total + (param - anchor).pow(2).sum()
+        return 0.5 * mu * total
+
+    return term
+
+
+def _stable_int(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
