@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,6 +56,87 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_federation(metrics: dict, out: Path) -> None:
+    final = (metrics.get("final") or {}).get("pooled") or {}
+    at = final.get("at_threshold_next") or final.get("at_threshold_used") or {}
+    mean = (metrics.get("final") or {}).get("weighted_mean") or {}
+    print(f"\nfederation {metrics['status']}: {metrics['completed_rounds']} rounds, "
+          f"uplink {metrics['totals']['bytes_up'] / 1e6:.2f} MB in all, {metrics['totals']['seconds']:.0f} s")
+    if at:
+        print(f"pooled validation metrics of the final global model (threshold {at['threshold']:.3f}, n={at['n']}):")
+        for key in ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity"):
+            print(f"  {key:<18} {at[key]:.4f}")
+    if "auroc" in mean:
+        print(f"  (weighted mean of the sites' own AUROCs, what other frameworks report: {mean['auroc']:.4f})")
+    print(f"report:  {out / 'metrics.json'}, {out / 'rounds.csv'}, {out / 'rounds.png'}")
+    print(f"model:   {metrics['model']}  (score new data with: fedfreeze evaluate --model {metrics['model']} --data ...)")
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fedfreeze.federation.simulate import simulate
+
+    metrics = simulate(args.config, args.out, data=args.data, sites=args.sites, alpha=args.alpha,
+                       resume=args.resume, cpus_per_site=args.cpus_per_site)
+    _print_federation(metrics, Path(args.out))
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    from fedfreeze.federation import launch
+
+    state = Path(args.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    tls = launch.TLSFiles(args.tls_dir / "ca.pem", args.tls_dir / "server.pem", args.tls_dir / "server.key") \
+        if args.tls_dir else None
+    cmd = launch.superlink_command(host=args.host, port=args.port, database=state / "superlink.db", tls=tls,
+                                   supernode_auth=args.auth)
+    launch.show(cmd, sys.stdout)
+    os.execvpe(cmd[0], cmd, launch.flower_env())
+    return 0  # not reached
+
+
+def _site(args: argparse.Namespace) -> int:
+    from fedfreeze.federation import launch
+
+    node = {"data-path": str(Path(args.data).resolve()), "site-name": args.name}
+    if args.state_dir:
+        node["state-dir"] = str(Path(args.state_dir).resolve())
+    if args.weights:
+        node["weights"] = str(Path(args.weights).resolve())
+    cmd = launch.supernode_command(superlink=args.superlink, node_config=node, port=args.port,
+                                   root_certificates=args.root_cert, auth_key=args.auth_key)
+    launch.show(cmd, sys.stdout)
+    os.execvpe(cmd[0], cmd, launch.flower_env())
+    return 0  # not reached
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from fedfreeze.federation import launch
+    from fedfreeze.federation.config import resolve_config_path
+
+    out = Path(args.out).resolve()
+    home = launch.write_flwr_home(Path(args.flwr_home or out / ".flwr-cli"),
+                                  [launch.Connection("fedfreeze", args.superlink, args.root_cert)])
+    env = launch.flower_env(home)
+    run_config = {"out-dir": str(out), "resume": args.resume}
+    config = resolve_config_path(args.config)
+    if config is not None:
+        run_config["config"] = str(config.resolve())
+    code, run_id = launch.submit(launch.run_command(connection="fedfreeze", run_config=run_config), env)
+    launch.require_completed("fedfreeze", run_id, env)
+    metrics_path = out / "metrics.json"
+    if metrics_path.is_file():
+        metrics = _json.loads(metrics_path.read_text())
+        if metrics.get("status") != "completed":
+            raise launch.LaunchError(f"the federation {metrics.get('status')}: {metrics.get('reason')}")
+        _print_federation(metrics, out)
+    else:
+        print(f"run {run_id} completed; its outputs are on the coordinator in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedfreeze", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +157,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("simulate", help="split a dataset into sites and run the federation in Flower's simulation")
+    p.add_argument("--config", default="fed-demo.toml", help="fed.toml (a path, or a config shipped with fedfreeze)")
+    p.add_argument("--out", required=True, type=Path, help="output folder: metrics, report, model, site data")
+    p.add_argument("--data", default=None, help="dataset to split (default: the shipped Kermany subset)")
+    p.add_argument("--sites", type=int, default=None, help="number of sites (default: the manifest's site column)")
+    p.add_argument("--alpha", type=float, default=None, help="Dirichlet label skew (default: IID split)")
+    p.add_argument("--cpus-per-site", type=int, default=1, help="CPUs Ray gives each simulated site")
+    p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("server", help="start the coordinator (a Flower SuperLink with safe defaults)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=9093)
+    p.add_argument("--state-dir", default="coordinator-state", help="keeps the SuperLink database across restarts")
+    p.add_argument("--tls-dir", type=Path, default=None, help="folder with ca.pem, server.pem, server.key")
+    p.add_argument("--auth", action="store_true", help="only registered sites may join (needs TLS)")
+    p.set_defaults(func=_server)
+
+    p = sub.add_parser("site", help="start a hospital site (a Flower SuperNode with its data)")
+    p.add_argument("--data", required=True, help="the site's data: a folder with manifest.csv, a manifest, .npz")
+    p.add_argument("--name", required=True, help="the site's name in reports")
+    p.add_argument("--superlink", default="127.0.0.1:9093", help="the coordinator's address")
+    p.add_argument("--port", type=int, default=9094, help="this SuperNode's local ClientApp port")
+    p.add_argument("--state-dir", default=None, help="the site's caches (default ~/.cache/fedfreeze/NAME)")
+    p.add_argument("--weights", default=None, help="the site's own copy of the pretrained checkpoint")
+    p.add_argument("--root-cert", type=Path, default=None, help="the coordinator's CA certificate (TLS)")
+    p.add_argument("--auth-key", type=Path, default=None, help="this site's private key (SuperNode authentication)")
+    p.set_defaults(func=_site)
+
+    p = sub.add_parser("run", help="submit a federation to a running coordinator; fails unless it completes")
+    p.add_argument("--superlink", default="127.0.0.1:9093")
+    p.add_argument("--config", default="fed-demo.toml")
+    p.add_argument("--out", required=True, help="output folder on the coordinator")
+    p.add_argument("--root-cert", type=Path, default=None)
+    p.add_argument("--flwr-home", default=None, help="where to keep the connection config (default OUT/.flwr-cli)")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=_run)
 
     p = sub.add_parser("models", help="list the backbones with parameters, groups and input size")
     p.add_argument("--json", action="store_true")

@@ -117,7 +117,7 @@ def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
 
 CONFIG_KEY = "config"  # run-config key naming the TOML file
 # run-config keys about this run rather than the federation's settings
-RUN_KEYS = {CONFIG_KEY, "sites-dir", "resume"}
+RUN_KEYS = {CONFIG_KEY, "sites-dir", "resume", "out-dir"}
 
 
 def load_fed_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> FedConfig:
@@ -128,12 +128,23 @@ def load_fed_config(path: str | Path | None, overrides: Mapping[str, Any] | None
     return parse_config(data, FedConfig, str(path or "run config"))
 
 
-def from_run_config(run_config: Mapping[str, Any], app_dir: Path | None = None) -> FedConfig:
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_path(value: object) -> Path | None:
+    """A config path as given, else the name of a config shipped in ``fedfreeze/configs``."""
+    if value is None or str(value) == "":
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_file() and not path.is_absolute() and (SHIPPED_CONFIGS / path.name).is_file():
+        return SHIPPED_CONFIGS / path.name
+    return path
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> FedConfig:
     """The configuration of a Flower run: ``config`` names the TOML file, other keys override it."""
     overrides = {k: v for k, v in run_config.items() if k not in RUN_KEYS}
-    path = run_config.get(CONFIG_KEY) or None
-    if path is not None:
-        path = Path(str(path)).expanduser()
-        if not path.is_absolute() and app_dir is not None and (app_dir / path).is_file():
-            path = app_dir / path
+    path = resolve_config_path(run_config.get(CONFIG_KEY) or None)
+    if run_config.get("out-dir"):
+        overrides["federation.out-dir"] = str(run_config["out-dir"])
     return load_fed_config(path, overrides)

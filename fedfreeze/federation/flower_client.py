@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from fedfreeze.errors import ConfigError
 from fedfreeze.federation.config import site_sections
-from fedfreeze.federation.flower_server import ARRAYS, CONFIG, METRICS, PROOF
+from fedfreeze.federation.protocol import ARRAYS, CONFIG, METRICS, PROOF
 from fedfreeze.federation.site_runtime import RoundOrders, SiteReply, SiteRuntime
 
 

@@ -20,11 +20,11 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, S
 from fedfreeze.federation.config import FedConfig, from_run_config
 from fedfreeze.federation.coordinator import Coordinator, FederationFailed, Reply, RoundRecord
 from fedfreeze.federation.exchange import ExchangePlan
+from fedfreeze.federation.protocol import ARRAYS, METRICS, PROOF
 from fedfreeze.federation.report import write_report
 
 log = logging.getLogger("fedfreeze.server")
 
-ARRAYS, METRICS, CONFIG, PROOF = "arrays", "metrics", "config", "proof"
 
 
 def make_strategy(cfg: FedConfig) -> Strategy:

@@ -83,11 +83,11 @@ def write_report(
     _write_csv(out / ROUNDS_CSV, [round_row(r) for r in records])
     _write_csv(out / SITES_CSV, [{"round": r.round, **site} for r in records for site in r.sites])
     if status != "running" and records:
-        plot_rounds(records, out / PLOT_FILE)
+        plot_rounds(records, out / PLOT_FILE, coord.fed.rounds)
     return out / METRICS_FILE
 
 
-def plot_rounds(records: list[RoundRecord], path: Path) -> None:
+def plot_rounds(records: list[RoundRecord], path: Path, rounds: int) -> None:
     """Pooled validation metrics and bytes per round (each point: the global model a round received)."""
     import matplotlib
 
@@ -108,7 +108,7 @@ def plot_rounds(records: list[RoundRecord], path: Path) -> None:
     ax1.set_ylim(0.0, 1.02)
     ax1.legend(loc="lower right", fontsize=8)
     ax1.grid(alpha=0.3)
-    train_rows = [r for r in rows if r["bytes_up"]]
+    train_rows = [r for r in rows if r["round"] <= rounds]  # the final evaluation sends no arrays
     ax2.bar([r["round"] for r in train_rows], [r["bytes_up"] / 1e3 for r in train_rows], color="tab:orange")
     ax2.set_yscale("log")
     ax2.set_xlabel("round")

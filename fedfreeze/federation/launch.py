@@ -1,0 +1,276 @@
+"""Start and stop Flower's own processes with fedfreeze's safe defaults.
+
+Thin on purpose: every function builds the plain Flower command line (printed before it runs, so
+it can be copied), and the plain Flower commands keep working without fedfreeze. The defaults
+avoid the traps seen with Flower 1.42: a SuperLink keeps its state in a database, never installs
+dependencies at run time, and a run counts as done only when ``flwr ls`` says
+``finished:completed`` (``flwr run`` exits 0 even when the ServerApp crashed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from fedfreeze.errors import FedfreezeError
+
+APP_DIR = Path(__file__).resolve().parents[2]  # the project folder: pyproject.toml, server/, client/
+
+
+class LaunchError(FedfreezeError):
+    """A Flower process could not be started, or a run did not complete."""
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """The coordinator's certificate authority, certificate and key (PEM files)."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How the ``flwr`` command line reaches a SuperLink (one ``[superlink.NAME]`` entry)."""
+
+    name: str
+    address: str
+    root_certificates: Path | None = None
+
+    def toml(self) -> str:
+        lines = [f"[superlink.{self.name}]", f'address = "{self.address}"']
+        if self.root_certificates is None:
+            lines.append("insecure = true")
+        else:
+            lines.append(f'root-certificates = "{self.root_certificates.resolve()}"')
+        return "\n".join(lines) + "\n"
+
+
+def bin_dir() -> Path:
+    """Where this Python's console scripts are (flower-superlink, flwr, ...)."""
+    return Path(sys.executable).parent
+
+
+def flower_env(flwr_home: Path | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower processes: this venv first on PATH, no update check."""
+    env = dict(os.environ)
+    env["PATH"] = f"{bin_dir()}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    env.update(extra or {})
+    return env
+
+
+def write_flwr_home(folder: Path, connections: Sequence[Connection]) -> Path:
+    """A private ``FLWR_HOME`` whose ``config.toml`` holds these connections."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.toml").write_text("".join(c.toml() + "\n" for c in connections), encoding="utf-8")
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def node_config_arg(values: Mapping[str, Any]) -> str:
+    """``{"data-path": "/d", "x": 1}`` -> ``data-path="/d" x=1`` (Flower's --node-config syntax)."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={str(value).lower()}")
+        elif isinstance(value, (int, float)):
+            parts.append(f"{key}={value}")
+        else:
+            parts.append(f"{key}={json.dumps(str(value))}")
+    return " ".join(parts)
+
+
+def superlink_command(
+    *, host: str = "127.0.0.1", port: int = 9093, database: Path | None = None, simulation: bool = False,
+    tls: TLSFiles | None = None, supernode_auth: bool = False,
+) -> list[str]:
+    """``flower-superlink`` with a state database and no run-time dependency installation."""
+    cmd = [str(bin_dir() / "flower-superlink"), "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation"]
+    if database is not None:
+        cmd += ["--database", str(database)]
+    if simulation:
+        cmd += ["--simulation", "--isolation", "subprocess"]
+    if tls is None:
+        if supernode_auth:
+            raise LaunchError("SuperNode authentication needs TLS: give the CA, certificate and key")
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
+        if supernode_auth:
+            cmd.append("--enable-supernode-auth")
+    return cmd
+
+
+def supernode_command(
+    *, superlink: str, node_config: Mapping[str, Any], port: int = 9094, root_certificates: Path | None = None,
+    auth_key: Path | None = None,
+) -> list[str]:
+    """``flower-supernode`` for one site, with its node config (data path, site name, state folder)."""
+    cmd = [str(bin_dir() / "flower-supernode"), "--superlink", superlink, "--port", str(port),
+           "--node-config", node_config_arg(node_config)]
+    cmd += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
+    return cmd
+
+
+def run_command(
+    *, connection: str, run_config: Mapping[str, Any], app_dir: Path = APP_DIR,
+    federation_config: Mapping[str, Any] | None = None, stream: bool = True,
+) -> list[str]:
+    """``flwr run APP CONNECTION`` with run-config overrides."""
+    cmd = [str(bin_dir() / "flwr"), "run", str(app_dir), connection]
+    if stream:
+        cmd.append("--stream")
+    if run_config:
+        cmd += ["--run-config", node_config_arg(run_config)]
+    if federation_config:
+        cmd += ["--federation-config", node_config_arg(federation_config)]
+    return cmd
+
+
+def show(cmd: Sequence[str], out: IO[str] | None = None) -> None:
+    """Print a command the way a user would type it."""
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), file=out or sys.stderr, flush=True)
+
+
+@dataclass
+class Managed:
+    """A background Flower process in its own process group, logged to a file, always stopped."""
+
+    name: str
+    cmd: list[str]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Managed:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.log_path.open("ab")
+        self.process = subprocess.Popen(self.cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.env or None,
+                                        start_new_session=True)
+        handle.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the whole group (the SuperLink's ServerApp and ClientApp children too), then SIGKILL."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=grace)
+        except ProcessLookupError:
+            pass
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __enter__(self) -> Managed:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_healthy(address: str, process: Managed | None = None, *, tls: TLSFiles | None = None,
+                 timeout: float = 60.0) -> None:
+    """Wait until a SuperLink answers ``/health`` (a process that dies meanwhile is an error)."""
+    scheme = "http" if tls is None else "https"
+    url = f"{scheme}://{address}/health"
+    context = None
+    if tls is not None:
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(tls.ca))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and not process.alive():
+            raise LaunchError(f"{process.name} exited during start-up; its log ends:\n{process.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0, context=context) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise LaunchError(f"no answer from {url} within {timeout:.0f} s")
+
+
+def flwr_json(args: Sequence[str], env: Mapping[str, str]) -> dict[str, Any]:
+    """Run ``flwr ... --format json`` and parse its answer."""
+    proc = subprocess.run([str(bin_dir() / "flwr"), *args, "--format", "json"], capture_output=True, text=True,
+                          env=dict(env), timeout=120)
+    try:
+        return json.loads(proc.stdout)
+    except json.JSONDecodeError as err:
+        raise LaunchError(f"`flwr {' '.join(args)}` gave no JSON: {proc.stdout[-500:]} {proc.stderr[-500:]}") from err
+
+
+def run_status(connection: str, run_id: str | None, env: Mapping[str, str]) -> dict[str, Any]:
+    """The ``flwr ls`` entry of a run (the newest run when ``run_id`` is None)."""
+    answer = flwr_json(["ls", connection], env)
+    runs = answer.get("runs", [])
+    if run_id is not None:
+        runs = [r for r in runs if str(r.get("run-id")) == str(run_id)]
+    if not runs:
+        raise LaunchError(f"`flwr ls {connection}` lists no run {run_id or ''}".strip())
+    return max(runs, key=lambda r: r.get("pending-at", ""))
+
+
+def submit(cmd: Sequence[str], env: Mapping[str, str], log: IO[str] | None = None) -> tuple[int, str | None]:
+    """Run ``flwr run`` to the end of its log stream; return its exit code and the run id it printed."""
+    show(cmd)
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(env))
+    run_id = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        (log or sys.stdout).write(line)
+        if "Successfully started run" in line:
+            run_id = line.strip().split()[-1]
+    return proc.wait(), run_id
+
+
+def require_completed(connection: str, run_id: str | None, env: Mapping[str, str]) -> dict[str, Any]:
+    """Raise unless ``flwr ls`` reports the run ``finished:completed``."""
+    if run_id is None:
+        raise LaunchError("`flwr run` did not start a run (see its output above)")
+    deadline = time.monotonic() + 30
+    entry = run_status(connection, run_id, env)
+    while not str(entry.get("status", "")).startswith("finished") and time.monotonic() < deadline:
+        time.sleep(1.0)
+        entry = run_status(connection, run_id, env)
+    if entry.get("status") != "finished:completed":
+        raise LaunchError(f"run {entry.get('run-id')} ended {entry.get('status')}: {entry.get('status-details')}")
+    return entry

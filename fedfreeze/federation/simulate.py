@@ -1,0 +1,103 @@
+"""``fedfreeze simulate``: split a dataset into sites and run the federation in Flower's simulation.
+
+The simulation runtime is Flower's own (a SuperLink in simulation mode, Ray underneath), started
+with a private ``FLWR_HOME`` and database in the output folder and always stopped at the end, so
+nothing is left running (``flwr run .`` alone leaves a detached SuperLink behind).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedfreeze.data.dataset import load_image_set
+from fedfreeze.errors import FedfreezeError
+from fedfreeze.federation.config import load_fed_config, resolve_config_path
+from fedfreeze.federation.launch import (
+    Connection,
+    LaunchError,
+    Managed,
+    flower_env,
+    free_port,
+    require_completed,
+    run_command,
+    submit,
+    superlink_command,
+    wait_healthy,
+    write_flwr_home,
+)
+from fedfreeze.federation.partition import SITES_FILE, assign_sites, write_sites
+from fedfreeze.federation.report import METRICS_FILE
+from fedfreeze.sample_data import kermany_mini
+
+CONNECTION = "fedfreeze-sim"
+
+
+def prepare_sites(
+    data_path: Path, out: Path, *, sites: int | None, alpha: float | None, seed: int, image_size: int,
+    channels: int, num_classes: int, class_names: list[str] | None,
+) -> list[dict[str, Any]]:
+    """Write ``out/sites/site-<i>/data`` for every site; a manifest's ``site`` column wins when ``sites`` is None."""
+    data = load_image_set(data_path, image_size=image_size, channels=channels, num_classes=num_classes,
+                          class_names=class_names, progress=False)
+    data.require_nonempty()
+    as_manifest = data_path.suffix.lower() == ".csv" or (data_path / "manifest.csv").is_file()
+    if sites is None and data.sites is not None:
+        names = sorted(set(data.sites))
+        index = np.array([names.index(s) for s in data.sites])
+        return write_sites(data, index, out / "sites", names, as_manifest=as_manifest)
+    if sites is None:
+        raise FedfreezeError(f"{data_path} has no site column: say how many sites to make with --sites N")
+    index = assign_sites(data.labels.numpy(), data.patient_ids, sites, alpha=alpha, seed=seed)
+    return write_sites(data, index, out / "sites", as_manifest=as_manifest)
+
+
+def simulate(
+    config: str | Path | None,
+    out: str | Path,
+    *,
+    data: str | Path | None = None,
+    sites: int | None = None,
+    alpha: float | None = None,
+    resume: bool = False,
+    cpus_per_site: int = 1,
+) -> dict[str, Any]:
+    """Partition, run every round in Flower's simulation runtime, and return ``metrics.json``."""
+    out = Path(out).resolve()
+    config_path = resolve_config_path(config)
+    cfg = load_fed_config(config_path, {"federation.out-dir": str(out)})
+    data_path = Path(data) if data is not None else kermany_mini("train")
+    if resume and (out / "sites" / SITES_FILE).is_file():
+        summary = json.loads((out / "sites" / SITES_FILE).read_text())
+    else:
+        summary = prepare_sites(data_path, out, sites=sites, alpha=alpha, seed=cfg.federation.seed,
+                                image_size=cfg.model.input_size, channels=cfg.model.in_channels,
+                                num_classes=cfg.model.num_classes, class_names=cfg.model.class_names)
+    for site in summary:
+        print(f"{site['site']} ({site['name']}): {site['images']} images, {site['patients']} patients, "
+              f"class counts {site['class_counts']}", flush=True)
+
+    port = free_port()
+    home = write_flwr_home(out / ".flwr", [Connection(CONNECTION, f"127.0.0.1:{port}")])
+    env = flower_env(home)
+    link = Managed("simulation SuperLink", superlink_command(port=port, database=out / "superlink.db", simulation=True),
+                   out / "logs" / "superlink.log", env)
+    run_config: dict[str, Any] = {"sites-dir": str(out / "sites"), "out-dir": str(out), "resume": resume}
+    if config_path is not None:
+        run_config["config"] = str(config_path.resolve())
+    cmd = run_command(connection=CONNECTION, run_config=run_config,
+                      federation_config={"num-supernodes": len(summary), "client-resources-num-cpus": cpus_per_site})
+    with link:
+        wait_healthy(f"127.0.0.1:{port}", link)
+        code, run_id = submit(cmd, env)
+        entry = require_completed(CONNECTION, run_id, env)
+    metrics_path = out / METRICS_FILE
+    if not metrics_path.is_file():
+        raise LaunchError(f"run {entry.get('run-id')} wrote no {metrics_path} (flwr run exited {code})")
+    metrics = json.loads(metrics_path.read_text())
+    if metrics.get("status") != "completed":
+        raise LaunchError(f"the federation {metrics.get('status')}: {metrics.get('reason')}")
+    return metrics
