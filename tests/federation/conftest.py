@@ -1,0 +1,52 @@
+"""Fixtures for federation tests: the shipped sites as data folders and a small, fast configuration."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from fedfreeze.sample_data import kermany_mini
+
+FAST_FED = """
+[model]
+input-size = 64
+[train]
+batch-size = 16
+[federation]
+rounds = {rounds}
+probe-rounds = 2
+probe-local-epochs = 5
+local-epochs = 1
+unfreeze = {{ layer4 = 0.0 }}
+score-bins = 100
+min-sites = {min_sites}
+{extra}
+"""
+
+
+def fast_config(tmp: Path, *, rounds: int = 3, min_sites: int = 2, extra: str = "", name: str = "fed.toml") -> Path:
+    path = tmp / name
+    path.write_text(FAST_FED.format(rounds=rounds, min_sites=min_sites, extra=extra))
+    return path
+
+
+@pytest.fixture(scope="session")
+def site_folders(tmp_path_factory) -> dict[str, Path]:
+    """site-a, site-b, site-c of the shipped subset, each a folder with its own manifest.csv."""
+    root = tmp_path_factory.mktemp("sites")
+    manifest = kermany_mini("train")
+    rows = list(csv.DictReader(manifest.open()))
+    folders = {}
+    for site in sorted({r["site"] for r in rows}):
+        folder = root / site
+        folder.mkdir()
+        with (folder / "manifest.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label", "patient_id"])
+            for r in rows:
+                if r["site"] == site:
+                    writer.writerow([str((manifest.parent / r["path"]).resolve()), r["label"], r["patient_id"]])
+        folders[site] = folder
+    return folders
