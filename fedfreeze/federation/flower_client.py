@@ -27,10 +27,15 @@ def runtime_for(context: Context) -> SiteRuntime:
         data = Path(str(node["data-path"]))
         site = str(node.get("site-name", data.name))
         state = Path(str(node.get("state-dir", Path.home() / ".cache" / "fedfreeze" / site)))
-    elif "partition-id" in node and "sites-dir" in context.run_config:
+    elif "partition-id" in node and context.run_config.get("sites-dir"):
         site = f"site-{int(node['partition-id'])}"
         root = Path(str(context.run_config["sites-dir"])) / site
         data, state = root / "data", root / "state"
+    elif "partition-id" in node:
+        # `flwr run .` with no sites-dir: each simulated node takes its share of the shipped data
+        site = f"sample-site-{int(node['partition-id'])}"
+        state = Path.home() / ".cache" / "fedfreeze" / "simulation" / site
+        data = sample_partition(int(node["partition-id"]), int(node.get("num-partitions", 1)), state / "data")
     else:
         raise ConfigError(
             "this site has no data: start the SuperNode with --node-config 'data-path=\"/path\" site-name=\"name\"' "
@@ -39,6 +44,39 @@ def runtime_for(context: Context) -> SiteRuntime:
     weights = node.get("weights")
     return SiteRuntime(data, site, state, weights=str(weights) if weights else None,
                        device=str(node.get("device", "auto")))
+
+
+def sample_partition(partition: int, partitions: int, folder: Path) -> Path:
+    """One simulated site's share of the shipped Kermany subset, by patient (its site column when
+    there are as many partitions as sites there, else an IID split)."""
+    import csv
+    import io
+
+    import numpy as np
+
+    from fedfreeze.federation.partition import assign_sites
+    from fedfreeze.sample_data import kermany_mini
+
+    manifest = kermany_mini("train")
+    rows = list(csv.DictReader(manifest.open()))
+    names = sorted({r["site"] for r in rows})
+    if partitions == len(names):
+        index = [names.index(r["site"]) for r in rows]
+    else:
+        index = assign_sites(np.array([int(r["label"]) for r in rows]), [r["patient_id"] for r in rows],
+                             partitions, alpha=None, seed=0).tolist()
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "label", "patient_id"])
+    for row, site in zip(rows, index, strict=True):
+        if site == partition:
+            writer.writerow([str((manifest.parent / row["path"]).resolve()), row["label"], row["patient_id"]])
+    text = buffer.getvalue()
+    target = folder / "manifest.csv"
+    if not target.is_file() or target.read_text() != text:  # unchanged: keep its date, and the site's caches
+        folder.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return folder
 
 
 def orders_from(config: ConfigRecord) -> RoundOrders:

@@ -1,6 +1,5 @@
 import copy
 
-import numpy as np
 import torch
 
 from fedfreeze.training.engine import train_phase

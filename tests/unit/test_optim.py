@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from fedfreeze.config import TrainConfig
 from fedfreeze.errors import ConfigError
