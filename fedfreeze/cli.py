@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,6 +105,8 @@ def _site(args: argparse.Namespace) -> int:
         node["state-dir"] = str(Path(args.state_dir).resolve())
     if args.weights:
         node["weights"] = str(Path(args.weights).resolve())
+    if args.threads:
+        node["threads"] = args.threads
     cmd = launch.supernode_command(superlink=args.superlink, node_config=node, port=args.port,
                                    root_certificates=args.root_cert, auth_key=args.auth_key)
     launch.show(cmd, sys.stdout)
@@ -185,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="the site's own copy of the pretrained checkpoint")
     p.add_argument("--root-cert", type=Path, default=None, help="the coordinator's CA certificate (TLS)")
     p.add_argument("--auth-key", type=Path, default=None, help="this site's private key (SuperNode authentication)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for training (set it when several sites share one machine)")
     p.set_defaults(func=_site)
 
     p = sub.add_parser("run", help="submit a federation to a running coordinator; fails unless it completes")
@@ -202,8 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so every `with` block stops the processes it started
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.func(args))
     except FedfreezeError as err:

@@ -1,7 +1,9 @@
 """Classification metrics with one contract for every model: site-level, federated or pooled.
 
 Binary tasks score the positive-class probability at a decision threshold; multi-class tasks use
-the arg-max and macro averages (AUROC one-vs-rest).
+the arg-max and macro averages (AUROC one-vs-rest). Plain NumPy (the tests check every figure
+against scikit-learn): a federated site imports this in every message's fresh process, where
+scikit-learn's import alone would cost more than half a second.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, roc_auc_score, roc_curve
 
 from fedfreeze.errors import DataError
 
@@ -22,14 +23,19 @@ def binary_metrics(y_true: np.ndarray, p_pos: np.ndarray, threshold: float = 0.5
     y_true = np.asarray(y_true).astype(int)
     p_pos = np.asarray(p_pos, dtype=float)
     _require_both_classes(y_true, "AUROC")
-    y_pred = (p_pos >= threshold).astype(int)
-    tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
+    positive = y_true == 1
+    predicted = p_pos >= threshold
+    tp = int(np.sum(predicted & positive))
+    fn = int(np.sum(~predicted & positive))
+    fp = int(np.sum(predicted & ~positive))
+    tn = int(np.sum(~predicted & ~positive))
+    sensitivity, specificity = tp / (tp + fn), tn / (tn + fp)
     return {
-        "auroc": float(roc_auc_score(y_true, p_pos)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "f1": float(f1_score(y_true, y_pred, zero_division=0.0)),
-        "sensitivity": float(tp / (tp + fn)),
-        "specificity": float(tn / (tn + fp)),
+        "auroc": auroc(y_true, p_pos),
+        "balanced_accuracy": float((sensitivity + specificity) / 2),
+        "f1": float(2 * tp / (2 * tp + fp + fn)) if tp else 0.0,
+        "sensitivity": float(sensitivity),
+        "specificity": float(specificity),
         "threshold": float(threshold),
         "n": int(len(y_true)),
         "tp": int(tp),
@@ -45,21 +51,22 @@ def multiclass_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float
     classes = probs.shape[1]
     _require_both_classes(y_true, "AUROC")
     y_pred = probs.argmax(axis=1)
-    cm = confusion_matrix(y_true, y_pred, labels=list(range(classes)))
+    cm = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
     tp = np.diag(cm)
     fn = cm.sum(axis=1) - tp
     fp = cm.sum(axis=0) - tp
     tn = cm.sum() - tp - fn - fp
     present = cm.sum(axis=1) > 0
-    if present.all():
-        auroc = roc_auc_score(y_true, probs, multi_class="ovr", average="macro")
-    else:  # a class absent from y_true: average AUROC over the classes present
-        auroc = np.mean([roc_auc_score(y_true == k, probs[:, k]) for k in np.flatnonzero(present)])
+    recall = tp[present] / (tp + fn)[present]
+    f1 = np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)[present]
+    # one-vs-rest AUROC, macro over the classes present in y_true
+    macro_auroc = np.mean([auroc((y_true == k).astype(int), probs[:, k]) for k in np.flatnonzero(present)])
     return {
-        "auroc": float(auroc),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "f1": float(f1_score(y_true, y_pred, average="macro", labels=np.flatnonzero(present), zero_division=0.0)),
-        "sensitivity": float(np.mean(tp[present] / (tp + fn)[present])),
+        "auroc": float(macro_auroc),
+        "balanced_accuracy": float(np.mean(recall)),
+        "f1": float(np.mean(f1)),
+        "sensitivity": float(np.mean(recall)),
         "specificity": float(np.mean(tn / np.maximum(tn + fp, 1))),
         "accuracy": float((y_pred == y_true).mean()),
         "n": int(len(y_true)),
@@ -79,11 +86,30 @@ def youden_threshold(y_true: np.ndarray, p_pos: np.ndarray) -> float:
     Choose it on predictions the model did not train on (out-of-fold or validation scores).
     """
     y_true = np.asarray(y_true).astype(int)
+    p_pos = np.asarray(p_pos, dtype=float)
     _require_both_classes(y_true, "Youden's J")
-    fpr, tpr, thresholds = roc_curve(y_true, p_pos)
-    finite = np.isfinite(thresholds)
-    best = int(np.argmax(np.where(finite, tpr - fpr, -np.inf)))
+    thresholds = np.unique(p_pos)[::-1]  # every distinct score, highest first
+    order = np.sort(p_pos[y_true == 1])
+    negatives = np.sort(p_pos[y_true == 0])
+    # cases at or above each threshold
+    tpr = (len(order) - np.searchsorted(order, thresholds, side="left")) / len(order)
+    fpr = (len(negatives) - np.searchsorted(negatives, thresholds, side="left")) / len(negatives)
+    best = int(np.argmax(tpr - fpr))
     return float(np.clip(thresholds[best], 1e-6, 1 - 1e-6))
+
+
+def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve: the Mann-Whitney statistic with ties counted one half."""
+    y_true = np.asarray(y_true).astype(int)
+    scores = np.asarray(scores, dtype=float)
+    _require_both_classes(y_true, "AUROC")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    mean_rank = ends - (counts - 1) / 2.0  # average 1-based rank of each distinct value
+    ranks = mean_rank[inverse]
+    n_pos = int(np.sum(y_true == 1))
+    n_neg = len(y_true) - n_pos
+    return float((ranks[y_true == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def summarize(results: Sequence[dict[str, float]], keys: Sequence[str] = METRIC_KEYS) -> dict[str, dict[str, float]]:

@@ -12,10 +12,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from PIL import Image
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from fedfreeze.errors import ConfigError, DataError
 
@@ -37,7 +34,6 @@ _DECODE_ERRORS: tuple[type[BaseException], ...] = (
     struct.error,
     zlib.error,
     Image.DecompressionBombError,
-    InvalidDicomError,
 )
 
 _PIL_8BIT_MODES = {"1", "L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
@@ -112,7 +108,14 @@ def _read_pil(path: Path) -> Image.Image:
 
 def _read_dicom(path: Path) -> Image.Image:
     """DICOM: modality LUT, then VOI LUT/window, MONOCHROME1 inverted, range to 0..255."""
-    dataset = pydicom.dcmread(path)
+    import pydicom  # here: most sites read PNG/JPEG, and pydicom costs 0.15 s to import
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        dataset = pydicom.dcmread(path)
+    except InvalidDicomError as exc:
+        raise DataError(f"cannot decode image {path}: {exc}") from exc
     if "PixelData" not in dataset:
         raise DataError(f"cannot decode image {path}: DICOM file has no pixel data")
     frames = int(dataset.get("NumberOfFrames", 1) or 1)

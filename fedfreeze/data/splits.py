@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from fedfreeze.errors import DataError
 
@@ -48,6 +47,8 @@ def patient_folds(labels: LabelsLike, patient_ids: Sequence[str], *, folds: int,
         )
     result: list[Fold] = []
     for repeat in range(repeats):
+        from sklearn.model_selection import StratifiedGroupKFold  # here: a site's round never needs it
+
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + repeat)
         for fold, (train, test) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
             missing = sorted(set(per_class) - set(y[test].tolist()))
@@ -58,6 +59,27 @@ def patient_folds(labels: LabelsLike, patient_ids: Sequence[str], *, folds: int,
                 )
             result.append(Fold(repeat=repeat, fold=fold, train=np.sort(train), test=np.sort(test)))
     return result
+
+
+def _stratified_pick(items: np.ndarray, strata: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """``count`` items drawn without replacement, each stratum in proportion to its size.
+
+    Largest-remainder rounding; every stratum with at least two items gives at least one.
+    """
+    rng = np.random.default_rng(seed)
+    values, sizes = np.unique(strata, return_counts=True)
+    exact = sizes * count / len(items)
+    take = np.floor(exact).astype(int)
+    take = np.maximum(take, np.where(sizes >= 2, 1, 0))
+    for i in np.argsort(-(exact - np.floor(exact))):
+        if take.sum() >= count:
+            break
+        if take[i] < sizes[i] - (1 if sizes[i] >= 2 else 0):
+            take[i] += 1
+    while take.sum() > count:
+        take[int(np.argmax(take))] -= 1
+    picked = [rng.permutation(items[strata == value])[:k] for value, k in zip(values, take, strict=True)]
+    return np.concatenate(picked) if picked else items[:0]
 
 
 def split_patients(
@@ -92,11 +114,7 @@ def split_patients(
             raise DataError(
                 f"{where}; every class needs at least 2 patients (by majority label: {_format_counts(by_majority)})"
             )
-    stratify = patient_label if len(classes) > 1 else None
-    train_patients, val_patients = train_test_split(
-        np.array(patients, dtype=object), test_size=n_val, stratify=stratify, random_state=seed
-    )
-    in_val = set(val_patients.tolist())
+    in_val = set(_stratified_pick(np.array(patients, dtype=object), patient_label, n_val, seed).tolist())
     is_val = np.array([patient in in_val for patient in groups.tolist()])
     train, val = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     for side, index in (("train", train), ("validation", val)):

@@ -97,6 +97,7 @@ class Coordinator:
         self.threshold = snap_threshold(0.5, self.edges) if self.binary else 0.5
         self.completed = 0
         self.history: list[RoundRecord] = []
+        self.failed_round: RoundRecord | None = None  # the round that stopped the run, with its reasons
         self.started = time.time()
 
     # ------------------------------------------------------------------ schedule
@@ -205,7 +206,7 @@ class Coordinator:
     def site_row(self, reply: Reply) -> dict[str, Any]:
         """One site's line in the round record: its size, time, bytes and local validation figures."""
         row = {"site": reply.site, "node": reply.node, "bytes_down": reply.bytes_down, "bytes_up": reply.bytes_up}
-        for key in ("num-examples", "train-loss", "train-seconds", "eval-seconds", "val-n", "val-auroc",
+        for key in ("num-examples", "train-loss", "train-seconds", "eval-seconds", "process-seconds", "val-n", "val-auroc",
                     "val-balanced-accuracy", "val-f1", "val-sensitivity", "val-specificity"):
             if key in reply.metrics:
                 row[key.replace("-", "_")] = reply.metrics[key]

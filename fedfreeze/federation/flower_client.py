@@ -28,9 +28,10 @@ def runtime_for(context: Context) -> SiteRuntime:
         site = str(node.get("site-name", data.name))
         state = Path(str(node.get("state-dir", Path.home() / ".cache" / "fedfreeze" / site)))
     elif "partition-id" in node and context.run_config.get("sites-dir"):
-        site = f"site-{int(node['partition-id'])}"
-        root = Path(str(context.run_config["sites-dir"])) / site
-        data, state = root / "data", root / "state"
+        sites_dir = Path(str(context.run_config["sites-dir"]))
+        folder = f"site-{int(node['partition-id'])}"
+        data, state = sites_dir / folder / "data", sites_dir / folder / "state"
+        site = site_names(sites_dir).get(folder, folder)
     elif "partition-id" in node:
         # `flwr run .` with no sites-dir: each simulated node takes its share of the shipped data
         site = f"sample-site-{int(node['partition-id'])}"
@@ -42,8 +43,22 @@ def runtime_for(context: Context) -> SiteRuntime:
             "(or run a simulation whose run config sets sites-dir)"
         )
     weights = node.get("weights")
+    if "threads" in node:
+        torch.set_num_threads(int(node["threads"]))
     return SiteRuntime(data, site, state, weights=str(weights) if weights else None,
                        device=str(node.get("device", "auto")))
+
+
+def site_names(sites_dir: Path) -> dict[str, str]:
+    """Folder -> site name, from the ``sites.json`` that ``fedfreeze simulate`` writes."""
+    import json
+
+    from fedfreeze.federation.partition import SITES_FILE
+
+    path = sites_dir / SITES_FILE
+    if not path.is_file():
+        return {}
+    return {str(s["site"]): str(s["name"]) for s in json.loads(path.read_text())}
 
 
 def sample_partition(partition: int, partitions: int, folder: Path) -> Path:
@@ -117,10 +132,28 @@ def received_arrays(message: Message) -> dict[str, torch.Tensor]:
 def handle_train(message: Message, context: Context) -> Message:
     runtime = runtime_for(context)
     result = runtime.train(orders_from(message.content[CONFIG]), received_arrays(message))
+    result.metrics["process-seconds"] = process_seconds()
     return to_reply(message, result, runtime.site, with_arrays=True)
 
 
 def handle_evaluate(message: Message, context: Context) -> Message:
     runtime = runtime_for(context)
     result = runtime.evaluate(orders_from(message.content[CONFIG]), received_arrays(message))
+    result.metrics["process-seconds"] = process_seconds()
     return to_reply(message, result, runtime.site, with_arrays=False)
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (in a deployment: since Flower started it for this
+    message), so the coordinator can tell its own overhead from the site's start-up. -1 off Linux."""
+    import os
+    import time
+
+    try:
+        with open("/proc/self/stat") as handle:
+            started_ticks = int(handle.read().rsplit(") ", 1)[1].split()[19])
+        with open("/proc/stat") as handle:
+            boot = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
+        return time.time() - (boot + started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, StopIteration):
+        return -1.0

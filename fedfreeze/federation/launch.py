@@ -64,9 +64,20 @@ def bin_dir() -> Path:
     return Path(sys.executable).parent
 
 
-def flower_env(flwr_home: Path | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for Flower processes: this venv first on PATH, no update check."""
+TAG_VARIABLE = "FEDFREEZE_LAUNCH_TAG"
+
+
+def flower_env(flwr_home: Path | None = None, extra: Mapping[str, str] | None = None,
+               tag: str | None = None) -> dict[str, str]:
+    """The environment for Flower processes: this venv first on PATH, no update check.
+
+    ``tag`` marks every process started with this environment, and their children (Flower starts
+    the SuperLink's ServerApp executor and Ray's workers in sessions of their own, out of reach of
+    a process-group kill), so ``stop_tagged`` can find them all.
+    """
     env = dict(os.environ)
+    if tag is not None:
+        env[TAG_VARIABLE] = tag
     env["PATH"] = f"{bin_dir()}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
@@ -179,7 +190,8 @@ class Managed:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the whole group (the SuperLink's ServerApp and ClientApp children too), then SIGKILL."""
+        """SIGTERM the process group, then SIGKILL. Flower's own children in other sessions exit
+        when they see their parent gone; ``stop_tagged`` makes sure of it."""
         if self.process is None or self.process.poll() is not None:
             return
         try:
@@ -202,6 +214,46 @@ class Managed:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Processes whose environment carries ``tag`` (Linux ``/proc``)."""
+    marker = f"{TAG_VARIABLE}={tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return pids
+
+
+def stop_tagged(tag: str, grace: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL, every process carrying ``tag``; returns how many were still running."""
+    pids = tagged_pids(tag)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (pids := [p for p in pids if _running(p)]):
+            time.sleep(0.2)
+        if not pids:
+            break
+    return len(tagged_pids(tag))
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ")[-1][:1] not in ("Z", "X")  # zombies have exited
+    except OSError:
+        return False
 
 
 def wait_healthy(address: str, process: Managed | None = None, *, tls: TLSFiles | None = None,

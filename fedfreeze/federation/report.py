@@ -74,6 +74,7 @@ def write_report(
             "seconds": time.time() - coord.started,
         },
         "final": asdict(final) if final is not None else None,
+        "failed_round": asdict(coord.failed_round) if coord.failed_round is not None else None,
         "rounds": [asdict(r) for r in coord.history],
         "config": coord.cfg.model_dump(by_alias=True),
     }

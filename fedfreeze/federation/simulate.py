@@ -8,6 +8,7 @@ nothing is left running (``flwr run .`` alone leaves a detached SuperLink behind
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from fedfreeze.federation.launch import (
     free_port,
     require_completed,
     run_command,
+    stop_tagged,
     submit,
     superlink_command,
     wait_healthy,
@@ -82,7 +84,8 @@ def simulate(
 
     port = free_port()
     home = write_flwr_home(out / ".flwr", [Connection(CONNECTION, f"127.0.0.1:{port}")])
-    env = flower_env(home)
+    tag = uuid.uuid4().hex
+    env = flower_env(home, tag=tag)
     link = Managed("simulation SuperLink", superlink_command(port=port, database=out / "superlink.db", simulation=True),
                    out / "logs" / "superlink.log", env)
     run_config: dict[str, Any] = {"sites-dir": str(out / "sites"), "out-dir": str(out), "resume": resume}
@@ -90,10 +93,13 @@ def simulate(
         run_config["config"] = str(config_path.resolve())
     cmd = run_command(connection=CONNECTION, run_config=run_config,
                       federation_config={"num-supernodes": len(summary), "client-resources-num-cpus": cpus_per_site})
-    with link:
-        wait_healthy(f"127.0.0.1:{port}", link)
-        code, run_id = submit(cmd, env)
-        entry = require_completed(CONNECTION, run_id, env)
+    try:
+        with link:
+            wait_healthy(f"127.0.0.1:{port}", link)
+            code, run_id = submit(cmd, env)
+            entry = require_completed(CONNECTION, run_id, env)
+    finally:
+        stop_tagged(tag)  # the ServerApp executor, the simulation and Ray's workers too
     metrics_path = out / METRICS_FILE
     if not metrics_path.is_file():
         raise LaunchError(f"run {entry.get('run-id')} wrote no {metrics_path} (flwr run exited {code})")

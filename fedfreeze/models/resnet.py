@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from torch import nn
-from torchvision.models import resnet18, resnet50
 
 
 def resnet_groups(depth: int, in_channels: int) -> tuple[OrderedDict[str, nn.Module], int]:
     """The groups of a torchvision ResNet-18/50 and its feature width."""
     if depth not in (18, 50):
         raise ValueError(f"resnet depth should be 18 or 50, got {depth}")
+    from torchvision.models import resnet18, resnet50  # here: only ResNet users pay torchvision's import
     net = (resnet18 if depth == 18 else resnet50)(weights=None)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)

@@ -2,6 +2,7 @@
 
 Rotation within +/-5 degrees, scale 0.95-1.05 and a horizontal flip are one affine warp per image
 (a single ``grid_sample`` call for the batch); a mild Gaussian blur is applied to a random subset.
+Plain torch, no torchvision: a federated site pays every import again in each message's process.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import functional as TF
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,17 @@ def augment_batch(
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
     blur = np.flatnonzero(rng.random(images.shape[0]) < settings.blur_prob)
     for i in blur:
-        sigma = float(rng.uniform(*settings.blur_sigma))
-        size = 2 * math.ceil(2 * sigma) + 1
-        out[i] = TF.gaussian_blur(out[i], kernel_size=[size, size], sigma=[sigma, sigma])
+        out[i] = gaussian_blur(out[i], float(rng.uniform(*settings.blur_sigma)))
     return out.clamp_(0.0, 1.0)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of one ``[C, H, W]`` image, edges reflected (as torchvision does)."""
+    radius = math.ceil(2 * sigma)
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = image.shape[0]
+    padded = F.pad(image.unsqueeze(0), [radius, radius, radius, radius], mode="reflect")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)[0]

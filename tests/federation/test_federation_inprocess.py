@@ -126,7 +126,8 @@ def test_only_the_rounds_trainable_arrays_travel(honest):
 def test_no_image_label_or_per_case_score_leaves_a_site(honest):
     """Every reply a site sent, train and evaluate, holds only the allowed records and aggregate numbers."""
     _, metrics, audit = honest
-    allowed_metrics = {"num-examples", "train-loss", "train-seconds", "eval-seconds", "val-n", "val-auroc",
+    allowed_metrics = {"num-examples", "train-loss", "train-seconds", "eval-seconds", "process-seconds", "val-n",
+                       "val-auroc",
                        "val-balanced-accuracy", "val-f1", "val-sensitivity", "val-specificity", "val-tp",
                        "val-fp", "val-tn", "val-fn", "val-threshold", "val-hist-neg", "val-hist-pos"}
     model, _ = load_model(metrics["model"])

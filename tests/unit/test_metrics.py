@@ -3,7 +3,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from fedfreeze.errors import DataError
-from fedfreeze.metrics import binary_metrics, multiclass_metrics, summarize
+from fedfreeze.metrics import binary_metrics, multiclass_metrics, summarize, youden_threshold
 
 
 def test_binary_metrics_on_a_worked_example():
@@ -47,3 +47,36 @@ def test_summarize_mean_and_sample_std():
     s = summarize([{"auroc": 0.8}, {"auroc": 0.9}, {"auroc": 1.0}], keys=["auroc"])
     assert s["auroc"]["mean"] == pytest.approx(0.9)
     assert s["auroc"]["std"] == pytest.approx(0.1)
+
+
+def test_numpy_metrics_equal_sklearn_on_random_scores_with_ties():
+    from sklearn.metrics import balanced_accuracy_score, f1_score, roc_curve
+
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        n = int(rng.integers(5, 300))
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        p = np.round(rng.random(n), int(rng.integers(1, 4)))  # rounding makes ties
+        t = float(rng.choice(p))
+        m = binary_metrics(y, p, t)
+        assert m["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+        assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p >= t), abs=1e-12)
+        assert m["f1"] == pytest.approx(f1_score(y, p >= t, zero_division=0.0), abs=1e-12)
+        fpr, tpr, thr = roc_curve(y, p)
+        best_j = np.max(tpr - fpr)
+        chosen = youden_threshold(y, p)
+        assert (np.mean(p[y == 1] >= chosen) - np.mean(p[y == 0] >= chosen)) == pytest.approx(best_j, abs=1e-12)
+
+
+def test_numpy_multiclass_equals_sklearn():
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 4, 200)
+    probs = rng.dirichlet(np.ones(4), 200)
+    m = multiclass_metrics(y, probs)
+    pred = probs.argmax(1)
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr"), abs=1e-12)
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-12)
+    assert m["f1"] == pytest.approx(f1_score(y, pred, average="macro"), abs=1e-12)
