@@ -43,6 +43,12 @@ class FederationConfig(Section):
     threshold: float | Literal["youden", "target-sensitivity"] = "youden"
     target_sensitivity: float = Field(0.9, gt=0.0, le=1.0)
     max_examples: int = Field(1_000_000, ge=1, description="a reply claiming more examples is rejected")
+    site_wait: float = Field(300.0, gt=0.0, description="seconds to wait for min-sites sites to be connected")
+    dp: Literal["off", "client", "server"] = Field(
+        "off", description="central differential privacy: updates clipped at each site or at the server, noise added by the server")
+    dp_noise_multiplier: float = Field(1.0, gt=0.0)
+    dp_clipping_norm: float = Field(1.0, gt=0.0, description="L2 bound of each site's update (all arrays of a round)")
+    dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
     out_dir: str = "runs/fed"
     seed: int = 0
 

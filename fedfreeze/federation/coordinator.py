@@ -78,6 +78,7 @@ class RoundRecord:
     bytes_down: int = 0
     bytes_up: int = 0
     evaluated_model: str = ""
+    privacy: dict[str, Any] | None = None
 
 
 class Coordinator:
@@ -126,6 +127,8 @@ class Coordinator:
             "score-bins": self.fed.score_bins,
             "seed": self.fed.seed,
         }
+        if self.fed.dp != "off":
+            orders["dp-weight"] = True
         if self.adapter_groups:  # (Flower's ConfigRecord cannot size an empty list)
             orders["adapter-groups"] = list(self.adapter_groups)
         return orders

@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedfreeze.errors import ConfigError
 from fedfreeze.federation.config import site_sections
@@ -129,10 +132,25 @@ def received_arrays(message: Message) -> dict[str, torch.Tensor]:
     return message.content[ARRAYS].to_torch_state_dict()
 
 
+def dp_clipping_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``fixedclipping_mod`` when the coordinator runs client-side DP, else a pass-through.
+
+    The DP wrapper on the coordinator puts the clipping norm in the round's config; the mod clips
+    this site's update (reply minus received arrays) to that L2 norm before it leaves the site.
+    """
+    config = message.content.config_records.get(CONFIG)
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(message, context)
+    return fixedclipping_mod(message, context, call_next)
+
+
 def handle_train(message: Message, context: Context) -> Message:
     runtime = runtime_for(context)
-    result = runtime.train(orders_from(message.content[CONFIG]), received_arrays(message))
+    config = message.content[CONFIG]
+    result = runtime.train(orders_from(config), received_arrays(message))
     result.metrics["process-seconds"] = process_seconds()
+    if config.get("dp-weight", False):  # DP accounting needs equal weights: every site counts once
+        result.metrics["dp-weight"] = 1
     return to_reply(message, result, runtime.site, with_arrays=True)
 
 

@@ -15,7 +15,17 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Strategy,
+)
+from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedfreeze.federation.config import FedConfig, from_run_config
 from fedfreeze.federation.coordinator import Coordinator, FederationFailed, Reply, RoundRecord
@@ -27,8 +37,12 @@ log = logging.getLogger("fedfreeze.server")
 
 
 
-def make_strategy(cfg: FedConfig) -> Strategy:
-    """Flower's own strategy for the configured aggregation rule."""
+def make_strategy(cfg: FedConfig, sites: int | None = None) -> Strategy:
+    """Flower's own strategy for the configured aggregation rule, wrapped by Flower's DP wrapper
+    (with Flower's RDP accountant) when ``federation.dp`` is on.
+
+    ``sites``: how many sites each round samples (DP's noise scale and accounting need it).
+    """
     fed = cfg.federation
     common: dict[str, Any] = {
         "fraction_train": fed.fraction_train,
@@ -37,13 +51,52 @@ def make_strategy(cfg: FedConfig) -> Strategy:
         "min_evaluate_nodes": fed.min_sites,
         "min_available_nodes": fed.min_sites,
     }
+    if fed.dp != "off":
+        common["weighted_by_key"] = "dp-weight"  # accounted DP needs every site weighted equally
+    strategy: Strategy
     if fed.strategy == "fedprox":
-        return FedProx(proximal_mu=fed.proximal_mu, **common)
-    if fed.strategy == "trimmed-mean":
-        return FedTrimmedAvg(beta=fed.trim_beta, **common)
-    if fed.strategy == "median":
-        return FedMedian(**common)
-    return FedAvg(**common)
+        strategy = FedProx(proximal_mu=fed.proximal_mu, **common)
+    elif fed.strategy == "trimmed-mean":
+        strategy = FedTrimmedAvg(beta=fed.trim_beta, **common)
+    elif fed.strategy == "median":
+        strategy = FedMedian(**common)
+    else:
+        strategy = FedAvg(**common)
+    if fed.dp == "off":
+        return strategy
+    sampled = sites or fed.min_sites
+    accountant = RdpAccountant(PrivacyConfig(
+        target_delta=fed.dp_delta, population_size=sampled,
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION,
+    ))
+    wrapper = (DifferentialPrivacyClientSideFixedClipping if fed.dp == "client"
+               else DifferentialPrivacyServerSideFixedClipping)
+    return wrapper(strategy, fed.dp_noise_multiplier, fed.dp_clipping_norm, sampled, accountant=accountant)
+
+
+def privacy_spent(strategy: Strategy) -> dict[str, Any] | None:
+    """Cumulative (epsilon, delta) from Flower's accountant, when the strategy is a DP wrapper."""
+    spent_fn = getattr(strategy, "privacy_spent", None)
+    spent = spent_fn() if spent_fn is not None else None
+    if spent is None:
+        return None
+    return {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases,
+            "method": spent.accounting_method}
+
+
+def wait_for_sites(grid: Grid, coord: Coordinator) -> int:
+    """Wait until ``min-sites`` sites are connected; a federation that cannot start fails, it does not hang.
+
+    (Flower's strategies wait for nodes forever.)
+    """
+    deadline = time.monotonic() + coord.fed.site_wait
+    while (connected := len(list(grid.get_node_ids()))) < coord.fed.min_sites:
+        if time.monotonic() > deadline:
+            raise FederationFailed(f"{connected} site(s) connected after {coord.fed.site_wait:.0f} s; "
+                                   f"min-sites is {coord.fed.min_sites}")
+        time.sleep(POLL_SECONDS)
+    return connected
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -132,6 +185,7 @@ def exchange(
 
 def train_round(grid: Grid, coord: Coordinator, strategy: Strategy, rnd: int) -> RoundRecord:
     started = time.perf_counter()
+    wait_for_sites(grid, coord)
     parts = coord.parts(rnd)
     plan = coord.plan(parts)
     record = RoundRecord(round=rnd, parts=sorted(parts), evaluated_model=f"global model after round {rnd - 1}")
@@ -142,6 +196,7 @@ def train_round(grid: Grid, coord: Coordinator, strategy: Strategy, rnd: int) ->
     if aggregated is None:
         raise FederationFailed(f"round {rnd}: the {type(strategy).__name__} strategy aggregated nothing")
     coord.apply(plan, {k: v.numpy() for k, v in aggregated.items()})
+    record.privacy = privacy_spent(strategy)
     coord.pool(valid, record)
     record.sites = [coord.site_row(r) for r in valid]
     record.round_seconds = time.perf_counter() - started
@@ -151,6 +206,7 @@ def train_round(grid: Grid, coord: Coordinator, strategy: Strategy, rnd: int) ->
 def final_evaluation(grid: Grid, coord: Coordinator, strategy: Strategy) -> RoundRecord:
     """Score the final global model at every site; the pooled figures choose the stored threshold."""
     started = time.perf_counter()
+    wait_for_sites(grid, coord)
     rnd = coord.fed.rounds
     parts = coord.parts(rnd)
     plan = coord.plan(parts)
@@ -170,7 +226,7 @@ def run_federation(grid: Grid, context: Context) -> None:
     coord = Coordinator(cfg, cfg.federation.out_dir)
     if bool(context.run_config.get("resume", False)):
         coord.resume()
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, sites=_sampled_sites(grid, coord) if cfg.federation.dp != "off" else None)
     log.info("fedfreeze: %d rounds (%d probe), strategy %s, out %s", cfg.federation.rounds,
              cfg.federation.probe_rounds, cfg.federation.strategy, coord.out)
     try:
@@ -188,6 +244,11 @@ def run_federation(grid: Grid, context: Context) -> None:
     except Exception as err:
         write_report(coord, status="failed", reason=f"{type(err).__name__}: {err}")
         raise
+
+
+def _sampled_sites(grid: Grid, coord: Coordinator) -> int:
+    """Sites a round samples (all connected, times fraction-train), for the DP wrapper's noise."""
+    return max(int(wait_for_sites(grid, coord) * coord.fed.fraction_train), coord.fed.min_sites)
 
 
 def log_round(record: RoundRecord) -> None:

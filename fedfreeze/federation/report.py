@@ -68,6 +68,7 @@ def write_report(
         "threshold": coord.threshold,
         "threshold_rule": str(coord.fed.threshold),
         "model": str(model_dir) if model_dir else None,
+        "privacy": next((r.privacy for r in reversed(coord.history) if r.privacy), None),
         "totals": {
             "bytes_down": sum(r.bytes_down for r in records),
             "bytes_up": sum(r.bytes_up for r in records),
