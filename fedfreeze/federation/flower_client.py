@@ -8,6 +8,9 @@ folder per partition, as ``fedfreeze simulate`` writes it.
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ from fedfreeze.errors import ConfigError
 from fedfreeze.federation.config import site_sections
 from fedfreeze.federation.protocol import ARRAYS, CONFIG, METRICS, PROOF
 from fedfreeze.federation.site_runtime import RoundOrders, SiteReply, SiteRuntime
+
+log = logging.getLogger("flwr")  # Flower's handler prints it in the SuperNode's log
 
 
 def runtime_for(context: Context) -> SiteRuntime:
@@ -144,6 +149,23 @@ def dp_clipping_mod(message: Message, context: Context, call_next: ClientAppCall
     return fixedclipping_mod(message, context, call_next)
 
 
+def logged_failures(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Write a site's failure to its own log in one clear line, then let Flower turn it into an
+    error reply (the coordinator records the reason; the site's process does not linger)."""
+
+    @functools.wraps(handler)
+    def run(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except Exception as err:
+            site = context.node_config.get("site-name", f"node {context.node_id}")
+            log.error("site %s cannot take part in this round: %s: %s", site, type(err).__name__, err)
+            raise
+
+    return run
+
+
+@logged_failures
 def handle_train(message: Message, context: Context) -> Message:
     runtime = runtime_for(context)
     config = message.content[CONFIG]
@@ -154,6 +176,7 @@ def handle_train(message: Message, context: Context) -> Message:
     return to_reply(message, result, runtime.site, with_arrays=True)
 
 
+@logged_failures
 def handle_evaluate(message: Message, context: Context) -> Message:
     runtime = runtime_for(context)
     result = runtime.evaluate(orders_from(message.content[CONFIG]), received_arrays(message))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -185,7 +186,18 @@ BAD_DATA = {"unreadable": "cannot decode image", "wrong-label": "unknown label v
             "one-class": "needs both classes", "empty": "no rows"}
 
 
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def test_bad_local_data_is_a_failed_reply_with_a_clear_reason(tmp_path, site_folders):
+    site_log = Lines()
+    logging.getLogger("flwr").addHandler(site_log)
     nodes = node_configs(site_folders, tmp_path / "s")
     for i, kind in enumerate(BAD_DATA, start=len(nodes) + 1):
         nodes[i] = {"data-path": str(bad_folder(tmp_path / "bad", site_folders["site-a"], kind)),
@@ -197,6 +209,10 @@ def test_bad_local_data_is_a_failed_reply_with_a_clear_reason(tmp_path, site_fol
         assert len(record["failures"]) == len(BAD_DATA)
         for expected in BAD_DATA.values():
             assert expected in reasons, (expected, reasons)
+    logging.getLogger("flwr").removeHandler(site_log)
+    # each site said why in its own log, in one line naming itself
+    for kind, expected in BAD_DATA.items():
+        assert any(f"site bad-{kind} cannot take part" in line and expected in line for line in site_log.lines), kind
 
 
 @pytest.mark.parametrize("mode", ["client", "server"])
