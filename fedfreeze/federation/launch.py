@@ -148,6 +148,34 @@ def supernode_command(
     return cmd
 
 
+def register_command(*, public_key: Path, connection: str, name: str | None = None) -> list[str]:
+    """``flwr supernode register KEY CONNECTION``: the site holding the matching private key may join
+    a SuperLink started with ``--enable-supernode-auth``."""
+    cmd = [str(bin_dir() / "flwr"), "supernode", "register", str(public_key), connection]
+    if name:
+        cmd += ["--name", name]
+    return cmd + ["--format", "json"]
+
+
+ALREADY_REGISTERED = "Public key already in use"  # flwr 1.42's answer to a second registration of a key
+
+
+def register(cmd: Sequence[str], env: Mapping[str, str]) -> str | None:
+    """Run a ``register_command``: the new SuperNode's node id, or None when the key was registered
+    before (so registering is idempotent). ``--format json`` exits 0 even on failure: read the answer."""
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, env=dict(env), timeout=120)
+    try:
+        answer = json.loads(proc.stdout)
+    except json.JSONDecodeError as err:
+        raise LaunchError(f"`flwr supernode register` gave no JSON: {proc.stdout[-500:]} {proc.stderr[-500:]}") from err
+    if answer.get("success"):
+        return str(answer["node-id"])
+    message = str(answer.get("error-message", "")).strip()
+    if ALREADY_REGISTERED in message:
+        return None
+    raise LaunchError(f"`flwr supernode register` failed: {message.splitlines()[-1] if message else answer}")
+
+
 def run_command(
     *, connection: str, run_config: Mapping[str, Any], app_dir: Path = APP_DIR,
     federation_config: Mapping[str, Any] | None = None, stream: bool = True,

@@ -7,23 +7,16 @@
 
 Every process these tests start carries a private tag in its environment (children inherit it:
 ``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``, Ray's daemons and workers), so the
-tests can prove that none is left running, and the teardown kills any that is, by process id.
+tests can prove that none is left running, and the teardown kills any that is, by process id
+(the helpers are in ``processes.py``, shared with ``test_tls_auth.py``).
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,6 +24,7 @@ import pytest
 from fedfreeze.cli import main
 from fedfreeze.federation import launch
 from fedfreeze.sample_data import kermany_mini
+from tests.federation.processes import TAG_VAR, Tracker, check_completed, run_cli, site_folder, tracked, wait_online
 
 SMALL_CONFIG = """
 [model]
@@ -47,130 +41,13 @@ score-bins = 100
 min-sites = 2
 """
 
-TAG_VAR = "FEDFREEZE_TEST_TAG"
 CONNECTION = "fedfreeze-test"
-RUN_TIMEOUT = 240  # seconds; a run takes ~25 s (simulation) to ~50 s (deployment) on 2 cores
-
-
-# ---------------------------------------------------------------------------------------- processes
-def _process(pid: int) -> tuple[str, str, bytes, str] | None:
-    """(state, program name, environment, command line) of a process, or None once it is gone.
-
-    A process that is exiting (or a zombie) has no readable environment or command line any more,
-    but it still has a state.
-    """
-    proc = Path("/proc") / str(pid)
-    try:
-        comm, rest = (proc / "stat").read_text().split(" (", 1)[1].rsplit(")", 1)
-    except (OSError, IndexError, ValueError):
-        return None
-    try:
-        environ = (proc / "environ").read_bytes()
-        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        environ, cmdline = b"", ""
-    return rest.split()[0], comm, environ, cmdline
-
-
-@dataclass
-class Tracker:
-    """Every process of one test carries ``TAG_VAR=tag``; the tracker remembers each one it has seen."""
-
-    tag: str
-    marks: tuple[str, ...]  # a command line naming one of these (the test's folder) is the test's too
-    env: dict[str, str]
-    seen: dict[int, str] = field(default_factory=dict)  # pid -> command line
-    comms: dict[int, str] = field(default_factory=dict)  # pid -> program name (a reused pid has another)
-
-    def env_with(self, **extra: str) -> dict[str, str]:
-        return {**self.env, **extra}
-
-    def running(self) -> dict[int, str]:
-        """The test's processes now running (zombies excluded)."""
-        needle = f"{TAG_VAR}={self.tag}".encode()
-        found = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            info = _process(int(entry.name))
-            if info is None or info[0] == "Z":
-                continue
-            _, comm, environ, cmdline = info
-            if needle in environ.split(b"\0") or any(mark in cmdline for mark in self.marks):
-                found[int(entry.name)] = cmdline
-                self.comms[int(entry.name)] = comm
-        self.seen.update(found)
-        return found
-
-    def leftovers(self, timeout: float = 20.0) -> dict[int, str]:
-        """Wait for the test's processes to end and be reaped; what is left after ``timeout`` seconds.
-
-        Flower's detached children (the SuperLink's ``flower-superexec``, its ``flwr-serverapp`` or
-        ``flwr-simulation``) notice their parent's end by polling, so they exit a moment later.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            left = self.running()
-            for pid in set(self.seen) - set(left):
-                info = _process(pid)
-                if info is not None and info[1] == self.comms[pid]:  # exiting, or ended but not reaped yet
-                    left[pid] = f"[{info[1]}] state {info[0]}"
-            if not left or time.monotonic() > deadline:
-                return left
-            time.sleep(0.5)
-
-    def names(self) -> set[str]:
-        return names(self.seen)
 
 
 @pytest.fixture
 def tracker(tmp_path: Path) -> Iterator[Tracker]:
-    """A tagged environment (private FLWR_HOME); at teardown every process of the test that still runs
-    is killed by its id, and the test fails."""
-    tag = uuid.uuid4().hex
-    # Ray's unix sockets live under its temp dir and must stay under 107 bytes: a short folder of its own
-    ray_tmp = Path(tempfile.mkdtemp(prefix="ffray-"))
-    env = launch.flower_env(tmp_path / "flwr-home", {TAG_VAR: tag, "RAY_TMPDIR": str(ray_tmp)})
-    track = Tracker(tag, (str(tmp_path),), env)
-    try:
+    with tracked(tmp_path) as track:
         yield track
-    finally:
-        left = track.leftovers()
-        for pid in track.running():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-        assert not left, f"processes left running (now killed): {left}"
-
-
-def run_cli(args: Sequence[str], track: Tracker, log: Path, timeout: float = RUN_TIMEOUT) -> tuple[int, str]:
-    """``python -m fedfreeze ARGS`` in its own process group (killed on timeout), watching what it starts."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as handle:
-        proc = subprocess.Popen([sys.executable, "-m", "fedfreeze", *args], stdout=handle,
-                                stderr=subprocess.STDOUT, env=track.env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                pytest.fail(f"`fedfreeze {' '.join(args)}` ran past {timeout} s; its log ends:\n"
-                            + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
-            track.running()
-            time.sleep(0.5)
-    return proc.returncode, log.read_text(errors="replace")
-
-
-def names(processes: Mapping[int, str]) -> set[str]:
-    """Program names: ``flower-superlink``, ``flwr-simulation``, ``raylet``, ``ray::ClientAppActor.run``..."""
-    out = set()
-    for cmdline in processes.values():
-        words = cmdline.split()
-        program = words[1] if len(words) > 1 and Path(words[0]).name.startswith("python") else words[0]
-        out.add(Path(program).name if "/" in program else program)
-    return out
 
 
 def evaluate_json(model: Path, capsys: pytest.CaptureFixture[str]) -> dict:
@@ -183,32 +60,6 @@ def evaluate_json(model: Path, capsys: pytest.CaptureFixture[str]) -> dict:
 def write_config(path: Path) -> Path:
     path.write_text(SMALL_CONFIG)
     return path
-
-
-def site_folder(folder: Path, site: str, *, only_label: str | None = None) -> Path:
-    """``folder/manifest.csv`` with one site's rows of the shipped train.csv (absolute image paths)."""
-    source = kermany_mini("train")
-    rows = [r for r in csv.DictReader(source.open()) if r["site"] == site
-            and (only_label is None or r["label"] == only_label)]
-    assert rows, f"no rows for {site}"
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "patient_id"])
-        for row in rows:
-            writer.writerow([str((source.parent / row["path"]).resolve()), row["label"], row["patient_id"]])
-    return folder
-
-
-def check_completed(metrics: dict, rounds: int) -> None:
-    assert metrics["status"] == "completed", metrics.get("reason")
-    assert metrics["completed_rounds"] == rounds
-    assert [r["round"] for r in metrics["rounds"]] == list(range(1, rounds + 1))
-    pooled = metrics["final"]["pooled"]["at_threshold_next"]
-    for key in ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity"):
-        assert 0.0 <= pooled[key] <= 1.0
-    assert pooled["n"] > 0
-    assert Path(metrics["model"], "model.json").is_file()
 
 
 def check_uplink(metrics: dict) -> None:
@@ -256,26 +107,6 @@ class Deployment:
         for site in self.sites:
             site.stop()
         self.link.stop()
-
-
-def wait_online(connection: str, env: Mapping[str, str], count: int, processes: Sequence[launch.Managed],
-                timeout: float = 60.0) -> None:
-    """Poll ``flwr supernode ls`` until ``count`` SuperNodes are online."""
-    deadline = time.monotonic() + timeout
-    online: list = []
-    while time.monotonic() < deadline:
-        for proc in processes:
-            if not proc.alive():
-                raise AssertionError(f"{proc.name} exited; its log ends:\n{proc.tail(30)}")
-        try:
-            answer = launch.flwr_json(["supernode", "ls", connection], env)
-        except launch.LaunchError:  # the Control API may answer a moment after /health
-            answer = {}
-        online = [n for n in answer.get("nodes", []) if n.get("status") == "online"]
-        if len(online) >= count:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{len(online)} of {count} SuperNodes online after {timeout:.0f} s")
 
 
 @pytest.fixture
