@@ -1,0 +1,1 @@
+"""Evaluation a clinical paper can stand on: experiment folds, DeLong, bootstrap, analysis, report."""
