@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedfreeze.errors import ConfigError
 
@@ -60,6 +60,29 @@ class ModelConfig(Section):
         return self
 
 
+class DynamicFreezeConfig(Section):
+    """SlimFit-style dynamic freezing (``train.freezing = "dynamic"``); see ``training/dynamic_freeze.py``."""
+
+    rate: float = Field(0.9, ge=0.0, lt=1.0, description="fraction of the candidate layers frozen at each step")
+    optimizer_state: Literal["keep", "drop"] = Field(
+        "keep", description="AdamW moments of a frozen layer: keep them, or drop them (they restart when it trains again)"
+    )
+    seed: int | None = Field(None, description="tie-breaking seed; default: train.seed")
+
+
+class DualConfig(Section):
+    """``train.recipe = "dual"``: the dual-input-output stage (``training/dual.py``) before the merged
+    model's probe and progressive unfreezing; the ranges describe sub-model B's augmented input."""
+
+    epochs: int = Field(10, ge=1, description="epochs of the dual stage at a site (a federation counts dual-rounds)")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate of the dual stage (AdamW, one-cycle)")
+    weight_decay: float = Field(1e-4, ge=0)
+    rotation: float = Field(10.0, ge=0, le=180, description="rotation, uniform in +/- this many degrees")
+    zoom: float = Field(0.1, ge=0, le=0.99, description="image scale, uniform in [1 - zoom, 1 + zoom]")
+    translation: float = Field(0.1, ge=0, le=0.5, description="shift per axis, uniform in +/- this fraction of the side")
+    brightness: float = Field(0.1, ge=0, le=1, description="added to pixels in [0, 1], uniform in +/- this")
+
+
 class TrainConfig(Section):
     """Linear probing, then progressive top-down unfreezing with discriminative learning rates."""
 
@@ -75,13 +98,41 @@ class TrainConfig(Section):
     batch_size: int = Field(32, ge=1)
     cutmix_prob: float = Field(0.5, ge=0.0, le=1.0)
     cutmix_alpha: float = Field(1.0, gt=0.0)
-    bn_stats: Literal["update", "frozen"] = Field(
-        "frozen", description="BatchNorm running statistics of trainable groups: update them, or keep them frozen"
+    bn_stats: Literal["auto", "update", "frozen"] = Field(
+        "auto",
+        description="BatchNorm running statistics of trainable groups: update them, keep them frozen, "
+        "or auto (frozen with pretrained weights, updated when training from random initialisation)",
     )
     balanced_sampling: bool = True
     augment: bool = True
     probe_augment: bool = Field(False, description="augment during the probe (disables the feature cache)")
     seed: int = 0
+    # memory-efficient fine-tuning (training/dynamic_freeze.py, saved_activations.py, memory_budget.py)
+    freezing: Literal["schedule", "dynamic"] = Field(
+        "schedule", description="schedule: whole groups; dynamic: per step, only the layers changing most train"
+    )
+    dynamic_freeze: DynamicFreezeConfig = Field(default_factory=DynamicFreezeConfig)
+    activation_storage: Literal["auto", "torch", "fp32", "int8-tensor", "int8-channel"] = Field(
+        "auto", description="what trainable layers keep for backward (auto: torch under the schedule, fp32 under dynamic)"
+    )
+    max_train_memory_mb: float | None = Field(
+        None, gt=0, description="memory budget of training in MB; batch size, freezing rate and storage are fitted to it"
+    )
+    # the dual-input-output recipe of lightweight CNNs (models/dual.py, training/dual.py)
+    recipe: Literal["standard", "dual"] = Field(
+        "standard", description="standard: probe, then progressive unfreezing; dual: first the dual-input-output "
+        "stage ([train.dual]), then the merged model's probe and progressive unfreezing"
+    )
+    dual: DualConfig = Field(default_factory=DualConfig)
+
+    @field_validator("recipe")
+    @classmethod
+    def _recipe(cls, value: str, info: ValidationInfo) -> str:
+        method = info.data.get("method", "unfreeze")
+        if value == "dual" and method != "unfreeze":
+            raise ValueError(f"'dual' needs method = 'unfreeze' (the merged model unfreezes whole groups), "
+                             f"got method = {method!r}")
+        return value
 
     @field_validator("unfreeze")
     @classmethod
@@ -106,6 +157,14 @@ class TrainConfig(Section):
         if isinstance(self.weight_decay, float):
             return self.weight_decay
         return self.weight_decay.get(part, self.weight_decay.get("default", 1e-4))
+
+
+def resolve_bn_stats(train: TrainConfig, model: ModelConfig) -> Literal["update", "frozen"]:
+    """``bn-stats = "auto"``: pretrained statistics stay frozen; a randomly initialised network must
+    learn its statistics (frozen at their initial 0 and 1, it cannot train at all)."""
+    if train.bn_stats != "auto":
+        return train.bn_stats
+    return "update" if model.weights == "none" else "frozen"
 
 
 class CVConfig(Section):

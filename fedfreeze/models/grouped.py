@@ -59,6 +59,7 @@ class GroupedNet(nn.Module):
         self.frozen: frozenset[str] = frozenset()
         # False: BatchNorm of trainable groups also uses (and keeps) its running statistics
         self.update_bn_stats = True
+        self.pretrained = False  # set by the registry when a checkpoint was loaded
 
     # ----------------------------------------------------------------- structure
     @property

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,9 @@ from fedfreeze.config import TrainConfig
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.training.augment import augment_batch
 from fedfreeze.training.cutmix import apply_cutmix, sample_box, sample_lambda
+from fedfreeze.training.dynamic_freeze import DynamicFreezer, unit_input_sizes
 from fedfreeze.training.freezing import apply_parts
+from fedfreeze.training.memory_budget import TRACE_IMAGES, activation_context, plan_phase
 from fedfreeze.training.optim import make_optimizer
 from fedfreeze.training.sampling import epoch_order
 from fedfreeze.training.schedule import Phase, adapter_groups, phases
@@ -40,6 +43,17 @@ class EpochLog:
     loss: float
     seconds: float
     cached_features: bool
+    batch_size: int = 0
+    # state_dict keys of the parameters that got at least one optimizer update in this epoch
+    trained: tuple[str, ...] = ()
+    freezing: dict[str, Any] | None = None  # dynamic freezing: rate, candidates, layers trained per step
+    memory_plan: dict[str, Any] | None = None  # first epoch of a phase: batch size, rate, storage, estimate
+
+    def record(self) -> dict[str, Any]:
+        """This epoch for a metrics file (the trained parameters as a count)."""
+        out = asdict(self)
+        out["trained_tensors"] = len(out.pop("trained"))
+        return out
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -112,22 +126,36 @@ def train_phase(
     first_epoch: int = 0,
     on_epoch: Callable[[EpochLog], None] | None = None,
     regularizer: Callable[[], torch.Tensor] | None = None,
+    freeze_scores: dict[str, float] | None = None,
 ) -> list[EpochLog]:
     """Train ``parts`` for ``epochs`` epochs with one AdamW + one-cycle schedule.
 
     ``features`` (precomputed backbone features of ``images``) are used when only the head trains;
     CutMix and augmentation apply only when training on images. ``regularizer`` adds a term to
-    every step's loss (FedProx's proximal term, for example).
+    every step's loss (FedProx's proximal term, for example). Under ``freezing = "dynamic"`` the
+    candidate layers of ``parts`` are frozen and unfrozen step by step (``freeze_scores``, updated
+    in place, carries their scores from one phase to the next); with ``max-train-memory-mb`` the
+    batch size, freezing rate and activation storage are fitted to the budget. Every ``EpochLog``
+    names the parameters that were updated.
     """
-    model.update_bn_stats = cfg.bn_stats == "update"
+    model.update_bn_stats = cfg.bn_stats == "update" or (cfg.bn_stats == "auto" and not model.pretrained)
     apply_parts(model, parts)
     model.to(device).train()
     head_only = parts == frozenset({"head"})
     use_features = head_only and features is not None
     n = len(labels)
-    batch = min(cfg.batch_size, n)
+    example = to_unit(images[:TRACE_IMAGES], device) if cfg.max_train_memory_mb and not use_features else None
+    plan = plan_phase(model, parts, cfg, n=n, example=example)
+    batch = min(plan.choice.batch_size, n)
     steps_per_epoch = max(n // batch, 1)
     optimizer, scheduler = make_optimizer(model, parts, cfg, steps_per_epoch * epochs)
+    freezer = None
+    if plan.choice.rate is not None and not head_only:
+        dyn = cfg.dynamic_freeze
+        freezer = DynamicFreezer(model, parts, plan.choice.rate, seed=[cfg.seed if dyn.seed is None else dyn.seed,
+                                 first_epoch], scores=freeze_scores, drop_optimizer_state=dyn.optimizer_state == "drop",
+                                 input_sizes=unit_input_sizes(model, parts, to_unit(images[:TRACE_IMAGES], device)))
+    lean = activation_context(plan.choice.storage)
     labels_np = labels.numpy()
     all_targets = targets_for(labels, model.num_classes)
     logs = []
@@ -135,7 +163,10 @@ def train_phase(
         start = time.perf_counter()
         order = epoch_order(labels_np, cfg.balanced_sampling, rng)
         losses = []
+        trained: set[str] = set()
         for step in range(steps_per_epoch):
+            if freezer is not None:
+                freezer.choose(optimizer)
             idx = torch.from_numpy(order[step * batch : (step + 1) * batch])
             targets = all_targets[idx].to(device)
             if use_features:
@@ -148,20 +179,28 @@ def train_phase(
                     box = sample_box(x.shape[-2], x.shape[-1], sample_lambda(cfg.cutmix_alpha, rng), rng)
                     perm = torch.from_numpy(rng.permutation(len(idx))).to(device)
                     x, targets, _ = apply_cutmix(x, targets, box, perm)
-                logits = model(x)
+                with lean():
+                    logits = model(x)
             loss = loss_fn(logits, targets)
             if regularizer is not None:
                 loss = loss + regularizer()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            trained.update(key for key, param in model.named_parameters() if param.grad is not None)
+            if freezer is not None:
+                freezer.step(optimizer)  # optimizer.step(), then the trained layers' scores
+            else:
+                optimizer.step()
             scheduler.step()
             losses.append(loss.item())
         log = EpochLog(first_epoch + epoch, sorted(parts), float(np.mean(losses)),
-                       time.perf_counter() - start, use_features)
+                       time.perf_counter() - start, use_features, batch, tuple(sorted(trained)),
+                       None if freezer is None else freezer.summary(), plan.record() if epoch == 0 else None)
         logs.append(log)
         if on_epoch is not None:
             on_epoch(log)
+    if freezer is not None:
+        freezer.release()
     return logs
 
 
@@ -182,11 +221,12 @@ def fit(
     backbone; when given and the probe does not augment, the probe trains on them.
     """
     logs: list[EpochLog] = []
+    scores: dict[str, float] = {}  # dynamic freezing: scores carry over from phase to phase
     for phase in schedule_of(cfg):
         feats = probe_features if phase.probe and not cfg.probe_augment else None
         logs += train_phase(
             model, images, labels, phase.parts, cfg, epochs=phase.steps, rng=rng, device=device,
-            features=feats, first_epoch=phase.start, on_epoch=on_epoch,
+            features=feats, first_epoch=phase.start, on_epoch=on_epoch, freeze_scores=scores,
         )
     return logs
 

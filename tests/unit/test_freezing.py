@@ -50,8 +50,8 @@ def test_bn_stats_frozen_keeps_trainable_statistics_but_trains_scale_and_shift(l
     scale_before = layer4[0]._bn2.weight.detach().clone()
     images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
     labels = torch.tensor([0, 1] * 8)
-    assert fast_train.bn_stats == "frozen"
-    train_phase(model, images, labels, frozenset({"head", "layer4"}), fast_train, epochs=1, rng=rng,
+    frozen = fast_train.model_copy(update={"bn_stats": "frozen"})
+    train_phase(model, images, labels, frozenset({"head", "layer4"}), frozen, epochs=1, rng=rng,
                 device=torch.device("cpu"))
     after = bn_stats(layer4)
     assert all(torch.equal(stats_before[k], after[k]) for k in after)
@@ -101,3 +101,22 @@ def test_gradients_flow_only_into_trainable_parts(lite0_random):
             continue
         assert param.grad is None, f"{part}.{name}"
     assert model.groups["layer3"][0]._project_conv.weight.grad is not None
+
+
+def test_bn_stats_auto_freezes_pretrained_statistics_and_learns_random_ones(fast_train, rng):
+    from fedfreeze.config import ModelConfig
+    from fedfreeze.models.registry import build_model
+
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
+    labels = torch.tensor([0, 1] * 8)
+    cfg = fast_train.model_copy(update={"bn_stats": "auto"})
+    for weights, should_move in (("package", False), ("none", True)):
+        model, _ = build_model(ModelConfig(weights=weights, input_size=64))
+        before = bn_stats(model.groups["layer4"])
+        train_phase(model, images, labels, frozenset({"head", "layer4"}), cfg, epochs=1, rng=rng,
+                    device=torch.device("cpu"))
+        after = bn_stats(model.groups["layer4"])
+        moved = any(not torch.equal(before[k], after[k]) for k in after)
+        assert moved == should_move, weights
+        # from scratch the statistics follow the weights at PyTorch's momentum, not TensorFlow's 0.01
+        assert model.groups["layer4"][0]._bn0.momentum == (0.01 if weights == "package" else 0.1)
