@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,9 @@ def train_on(
     progress: bool,
 ) -> tuple[GroupedNet, list[EpochLog]]:
     """Train a fresh model on ``data[indices]`` through the whole schedule."""
+    if cfg.train.recipe == "dual":
+        return train_dual_on(cfg, data, indices, seed=seed, device=device, cache=cache, bar_label=bar_label,
+                             progress=progress)
     model = new_model(cfg, seed)
     needs_features = cfg.train.probe_epochs > 0 and not cfg.train.probe_augment
     feats = cache.features(model, data.images, device)[indices] if needs_features else None
@@ -78,6 +80,38 @@ def train_on(
             on_epoch=on_epoch,
         )
     return model, logs
+
+
+def train_dual_on(
+    cfg: SiteConfig,
+    data: ImageSet,
+    indices: np.ndarray,
+    *,
+    seed: int,
+    device: torch.device,
+    cache: FeatureCache,
+    bar_label: str,
+    progress: bool,
+) -> tuple[GroupedNet, list[EpochLog]]:
+    """``train.recipe = "dual"``: the dual-input-output stage from scratch, the merge, then the merged
+    model's probe and progressive unfreezing (``training/dual.py``); returns the merged model."""
+    from fedfreeze.models.dual import build_dual
+    from fedfreeze.training.dual import fit_dual
+
+    torch.manual_seed(seed)
+    model = build_dual(cfg.model)
+    check_groups(cfg.train.unfreeze, list(model.groups))
+    images, labels = data.images[indices], data.labels[indices]
+    total = cfg.train.dual.epochs + cfg.train.probe_epochs + cfg.train.epochs
+    with tqdm(total=total, desc=bar_label, unit="epoch", leave=False, disable=not progress) as bar:
+
+        def on_epoch(log: EpochLog) -> None:
+            bar.set_postfix(loss=f"{log.loss:.3f}", parts="+".join(log.parts))
+            bar.update(1)
+
+        merged, logs = fit_dual(model, images, labels, cfg.train, rng=np.random.default_rng(seed), device=device,
+                                features=lambda m: cache.features(m, images, device), on_epoch=on_epoch)
+    return merged, list(logs)
 
 
 def site_train(
@@ -111,6 +145,7 @@ def site_train(
     cache = FeatureCache()
     fold_results: list[dict[str, Any]] = []
     oof_rows: list[tuple[int, int, str, int, Any]] = []
+    memory: dict[str, Any] = {}
     for number, fold in enumerate(tqdm(folds, desc="folds", unit="fold", disable=not progress)):
         label = f"repeat {fold.repeat + 1} fold {fold.fold + 1}/{cfg.cv.folds}"
         model, logs = train_on(
@@ -123,8 +158,10 @@ def site_train(
             "repeat": fold.repeat, "fold": fold.fold, "n_train": int(len(fold.train)),
             "n_test": int(len(fold.test)), **metrics,
             "train_seconds": float(sum(log.seconds for log in logs)),
-            "epochs": [asdict(log) for log in logs],
+            "epochs": [log.record() for log in logs],
         })
+        if number == 0:
+            memory = memory_plans(cfg, logs, progress=progress)
         for i, score in zip(fold.test, scores, strict=True):
             oof_rows.append((fold.repeat, fold.fold, data.sources[i], int(data.labels[i]), score))
         if progress:
@@ -140,6 +177,7 @@ def site_train(
         "config": cfg.model_dump(by_alias=True),
         "folds": fold_results,
         "summary": summary,
+        "memory": memory,
     }
     threshold = choose_model_threshold(cfg, data, oof_rows)
     report["model_threshold"] = threshold
@@ -161,6 +199,20 @@ def site_train(
     (out / METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     _write_predictions(out / PREDICTIONS_FILE, oof_rows, data.class_names)
     return report
+
+
+def memory_plans(cfg: SiteConfig, logs: list[EpochLog], *, progress: bool = False) -> dict[str, Any]:
+    """What the engine trained each phase with (batch size, freezing rate, activation storage and,
+    under ``max-train-memory-mb``, its estimate), for metrics.json; printed when a budget is set."""
+    phases = [{"first_epoch": log.epoch, "parts": log.parts, **log.memory_plan} for log in logs if log.memory_plan]
+    budget = cfg.train.max_train_memory_mb
+    if progress and budget is not None:
+        for p in phases:
+            rate = "schedule" if p["rate"] is None else f"dynamic freezing rate {p['rate']:g}"
+            estimate = "" if p["estimate_mb"] is None else f", estimate {p['estimate_mb']['total']:.0f} MB"
+            tqdm.write(f"memory budget {budget:g} MB, phase {'+'.join(p['parts'])}: batch {p['batch_size']}, "
+                       f"{rate}, activation storage {p['storage']}{estimate}")
+    return {"freezing": cfg.train.freezing, "max_train_memory_mb": budget, "phases": phases}
 
 
 def choose_model_threshold(

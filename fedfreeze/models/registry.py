@@ -36,6 +36,9 @@ class BackboneSpec:
     std: tuple[float, ...]
     description: str
     format_norms: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = field(default_factory=dict)
+    # the input and task the backbone is meant for (what `fedfreeze models` builds and measures)
+    in_channels: int = 3
+    num_classes: int = 2
 
 
 def _lite0(in_channels: int) -> tuple[OrderedDict[str, nn.Module], int]:
@@ -133,6 +136,13 @@ def build_model(
     fmt = None
     if cfg.weights != "none":
         fmt = _load_pretrained(model, spec, cfg)
+        model.pretrained = True
+    else:
+        # TensorFlow-ported BatchNorm momentum (Lite0: 0.01) suits fine-tuning pretrained statistics;
+        # from scratch the statistics must follow the weights quickly: PyTorch's 0.1
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = 0.1
     mean, std = resolve_normalisation(cfg, fmt)
     model.normalize = Normalize(mean, std)
     for group in adapter_groups or []:
@@ -143,6 +153,11 @@ def build_model(
 def _load_pretrained(model: GroupedNet, spec: BackboneSpec, cfg: ModelConfig) -> str:
     from pathlib import Path
 
+    if not spec.key_maps:
+        raise ConfigError(
+            f"model.weights: {spec.name} has no pretrained weights (it trains from scratch); "
+            f"set weights = \"none\", got {cfg.weights!r}"
+        )
     if cfg.weights == checkpoints.PACKAGE_WEIGHTS:
         if "efficientnet-lite0" not in spec.key_maps:
             raise ConfigError(
@@ -166,3 +181,14 @@ def _load_pretrained(model: GroupedNet, spec: BackboneSpec, cfg: ModelConfig) ->
         raise CheckpointError(f"{path}: {err}") from None
     model.load_state_dict(ready, strict=False)
     return fmt
+
+
+def _register_lightweight() -> None:
+    """The lightweight CNN family (``fedfreeze/models/lightweight.py``) joins the registry."""
+    from fedfreeze.models.lightweight import lightweight_specs
+
+    for spec in lightweight_specs():
+        register_backbone(spec)
+
+
+_register_lightweight()
