@@ -49,6 +49,11 @@ class FederationConfig(Section):
     dp_noise_multiplier: float = Field(1.0, gt=0.0)
     dp_clipping_norm: float = Field(1.0, gt=0.0, description="L2 bound of each site's update (all arrays of a round)")
     dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    # train.recipe = "dual" (federation/dual_stage.py): the dual-input-output stage's rounds come first
+    dual_rounds: int = Field(0, ge=0, description="rounds of the dual stage before the merge (train.recipe = 'dual')")
+    dual_local_epochs: int = Field(1, ge=1, description="local epochs per dual-stage round")
+    dual_lr_decay: Literal["cosine", "none"] = Field(
+        "cosine", description="train.dual.lr across the dual rounds: cosine decay to 5 %, or the same every round")
     out_dir: str = "runs/fed"
     seed: int = 0
 
@@ -64,13 +69,19 @@ class FederationConfig(Section):
     def _rounds(self) -> FederationConfig:
         if self.probe_rounds > self.rounds:
             raise ValueError(f"probe-rounds ({self.probe_rounds}) cannot exceed rounds ({self.rounds})")
+        if self.dual_rounds and self.dual_rounds >= self.rounds:
+            raise ValueError(f"dual-rounds ({self.dual_rounds}) should be fewer than rounds ({self.rounds}): "
+                             "the merged model needs at least one round")
+        if self.dual_rounds + self.probe_rounds > self.rounds:
+            raise ValueError(f"dual-rounds ({self.dual_rounds}) + probe-rounds ({self.probe_rounds}) cannot exceed "
+                             f"rounds ({self.rounds})")
         if isinstance(self.threshold, float) and not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold should be in (0, 1), got {self.threshold}")
         return self
 
     @property
     def finetune_rounds(self) -> int:
-        return self.rounds - self.probe_rounds
+        return self.rounds - self.dual_rounds - self.probe_rounds
 
 
 class FedConfig(Section):
@@ -131,7 +142,32 @@ def load_fed_config(path: str | Path | None, overrides: Mapping[str, Any] | None
     data = read_toml(path) if path else {}
     if overrides:
         data = merge(data, unflatten(overrides))
-    return parse_config(data, FedConfig, str(path or "run config"))
+    cfg = parse_config(data, FedConfig, str(path or "run config"))
+    check_recipe(cfg, str(path or "run config"))
+    if cfg.train.freezing == "dynamic" and cfg.federation.dp != "off":
+        raise ConfigError(f"{path or 'run config'}: federation.dp: differential privacy is not supported with "
+                          "train.freezing = 'dynamic' (sites return different subsets of arrays, aggregated per "
+                          "group of keys: Flower's DP wrappers would clip and noise each group as a release)")
+    return cfg
+
+
+def check_recipe(cfg: FedConfig, source: str) -> None:
+    """``train.recipe = "dual"`` and ``federation.dual-rounds`` go together (checked here rather than
+    in ``FedConfig``, which also parses the sites' copy of ``[model]`` and ``[train]`` alone)."""
+    dual_rounds = cfg.federation.dual_rounds
+    if cfg.train.recipe == "dual" and dual_rounds == 0:
+        raise ConfigError(f"{source}: federation.dual-rounds: train.recipe = 'dual' needs at least one dual-stage "
+                          "round, got 0")
+    if cfg.train.recipe != "dual" and dual_rounds > 0:
+        raise ConfigError(f"{source}: federation.dual-rounds: {dual_rounds} dual-stage rounds need "
+                          f"train.recipe = 'dual', got {cfg.train.recipe!r}")
+    if cfg.train.recipe == "dual" and cfg.federation.bn_policy == "local":
+        raise ConfigError(f"{source}: federation.bn-policy: 'local' (FedBN) is not supported with train.recipe = "
+                          "'dual': the merged model's frozen BatchNorm must be the federation's")
+    if cfg.train.recipe == "dual" and cfg.federation.dp == "client":
+        raise ConfigError(f"{source}: federation.dp: 'client' is not supported with train.recipe = 'dual' (Flower's "
+                          "client-side clipping mod takes one array record per message; merged rounds also send "
+                          "the frozen base): use dp = 'server'")
 
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"

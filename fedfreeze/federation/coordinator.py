@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedfreeze.config import resolve_bn_stats
 from fedfreeze.errors import FedfreezeError
 from fedfreeze.federation.config import FedConfig
+from fedfreeze.federation.dual_stage import DUAL, DualStage, base_arrays
 from fedfreeze.federation.exchange import ExchangePlan, check_arrays, frozen_hash, plan_exchange, subset
 from fedfreeze.federation.pooled import (
     SiteStats,
@@ -93,6 +95,14 @@ class Coordinator:
         self.model, _ = build_model(cfg.model, self.adapter_groups, cfg.train.adapter_rank)
         check_groups(self.fed.unfreeze, list(self.model.groups))
         self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # train.recipe = "dual": the first rounds train the dual model, whose state is the global
+        # state until the merge (dual_stage.py explains the design)
+        self.dual = (DualStage(cfg.model, self.fed.dual_rounds, self.fed.seed, self.fed.dual_lr_decay)
+                     if cfg.train.recipe == "dual" else None)
+        if self.dual is not None:
+            self.state = self.dual.initial_state()
+        # train.freezing = "dynamic": a site returns only the arrays it updated (exchange.changed_keys)
+        self.partial_replies = cfg.train.freezing == "dynamic"
         self.binary = cfg.model.num_classes == 2
         self.edges = score_bin_edges(self.fed.score_bins)
         self.threshold = snap_threshold(0.5, self.edges) if self.binary else 0.5
@@ -103,15 +113,33 @@ class Coordinator:
 
     # ------------------------------------------------------------------ schedule
     def parts(self, rnd: int) -> frozenset[str]:
-        """Trainable parts of round ``rnd`` (1-based): probe rounds, then top-down unfreezing."""
+        """Trainable parts of round ``rnd`` (1-based): probe rounds, then top-down unfreezing (after the
+        dual stage's rounds, which train everything, under ``train.recipe = "dual"``)."""
+        if self.dual is not None:
+            if self.dual.stage(rnd) == DUAL:
+                return self.dual.parts
+            rnd -= self.fed.dual_rounds
         return trainable_parts(rnd - 1, probe_steps=self.fed.probe_rounds, finetune_steps=self.fed.finetune_rounds,
                                unfreeze=self.fed.unfreeze, method=self.fed.method)
 
     def local_epochs(self, rnd: int) -> int:
+        if self.dual is not None:
+            if self.dual.stage(rnd) == DUAL:
+                return self.fed.dual_local_epochs
+            rnd -= self.fed.dual_rounds
         return self.fed.probe_local_epochs if rnd <= self.fed.probe_rounds else self.fed.local_epochs
 
+    def begin_round(self, rnd: int) -> None:
+        """Under ``train.recipe = "dual"``: the first round after the dual stage merges the global dual model."""
+        if self.dual is not None and self.dual.stage(rnd) != DUAL and self.dual.is_dual_state(self.state):
+            self.state = self.dual.merge(self.state)
+            log.info("round %d: the dual model of %d rounds merged into one single-input model", rnd, self.dual.rounds)
+
     def plan(self, parts: frozenset[str]) -> ExchangePlan:
-        return plan_exchange(self.model, parts, bn_policy=self.fed.bn_policy, bn_stats=self.cfg.train.bn_stats)
+        if self.dual is not None and self.dual.is_dual_state(self.state):
+            return self.dual.plan(parts, self.fed.bn_policy)
+        return plan_exchange(self.model, parts, bn_policy=self.fed.bn_policy,
+                             bn_stats=resolve_bn_stats(self.cfg.train, self.cfg.model))
 
     def orders(self, rnd: int, parts: frozenset[str]) -> dict[str, Any]:
         """The round's instructions for every site (scalars and lists: they travel in a config record)."""
@@ -131,10 +159,21 @@ class Coordinator:
             orders["dp-weight"] = True
         if self.adapter_groups:  # (Flower's ConfigRecord cannot size an empty list)
             orders["adapter-groups"] = list(self.adapter_groups)
+        if self.dual is not None:
+            orders["stage"] = self.dual.stage(rnd)
+            if self.dual.stage(rnd) == DUAL:
+                orders["lr-scale"] = self.dual.lr_scale(rnd)
         return orders
 
     def arrays_for(self, plan: ExchangePlan) -> dict[str, torch.Tensor]:
         return subset(self.state, plan.sent)
+
+    def base_for(self, plan: ExchangePlan) -> dict[str, torch.Tensor]:
+        """Frozen arrays sent down with a round's trainable ones: under ``train.recipe = "dual"``, after
+        the merge, the frozen groups hold federated weights a site cannot rebuild (empty otherwise)."""
+        if self.dual is None or self.dual.is_dual_state(self.state):
+            return {}
+        return base_arrays(self.state, plan)
 
     def expected_hash(self, plan: ExchangePlan) -> str:
         return frozen_hash(self.state, plan)
@@ -145,7 +184,7 @@ class Coordinator:
         problems = []
         if with_arrays:
             expected = {k: v.numpy() for k, v in self.arrays_for(plan).items()}
-            problems += check_arrays(reply.arrays, expected)
+            problems += check_arrays(reply.arrays, expected, partial=self.partial_replies)
             sent_bytes = sum(v.nbytes for v in expected.values())
             if reply.bytes_up > sent_bytes + PAYLOAD_SLACK_BYTES:
                 problems.append(f"payload of {reply.bytes_up} bytes, far larger than the {sent_bytes} bytes sent")
@@ -170,12 +209,15 @@ class Coordinator:
         return flat.reshape(k, k)
 
     def apply(self, plan: ExchangePlan, aggregated: dict[str, np.ndarray]) -> None:
-        """Write aggregated arrays into the global state (only the round's keys, same dtypes)."""
-        problems = check_arrays(aggregated, {k: self.state[k].numpy() for k in plan.sent})
+        """Write aggregated arrays into the global state (only the round's keys, same dtypes; under
+        dynamic freezing only the keys some site trained, the others keep their global value)."""
+        problems = check_arrays(aggregated, {k: self.state[k].numpy() for k in plan.sent},
+                                partial=self.partial_replies)
         if problems:
             raise FederationFailed("aggregation produced unusable arrays: " + "; ".join(problems))
         for key in plan.sent:
-            self.state[key] = torch.from_numpy(np.array(aggregated[key], copy=True))
+            if key in aggregated:
+                self.state[key] = torch.from_numpy(np.array(aggregated[key], copy=True))
 
     # ------------------------------------------------------------------ metrics
     def pool(self, replies: list[Reply], record: RoundRecord) -> None:
@@ -208,7 +250,8 @@ class Coordinator:
 
     def site_row(self, reply: Reply) -> dict[str, Any]:
         """One site's line in the round record: its size, time, bytes and local validation figures."""
-        row = {"site": reply.site, "node": reply.node, "bytes_down": reply.bytes_down, "bytes_up": reply.bytes_up}
+        row = {"site": reply.site, "node": reply.node, "bytes_down": reply.bytes_down, "bytes_up": reply.bytes_up,
+               "arrays_up": len(reply.arrays)}
         for key in ("num-examples", "train-loss", "train-seconds", "eval-seconds", "process-seconds", "val-n", "val-auroc",
                     "val-balanced-accuracy", "val-f1", "val-sensitivity", "val-specificity"):
             if key in reply.metrics:
@@ -239,7 +282,10 @@ class Coordinator:
             raise FederationFailed(f"{folder} holds a checkpoint of a run with another configuration; "
                                    "use a new out-dir or the same configuration")
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        if set(state) != set(self.state):
+        expected = set(self.state)
+        if self.dual is not None and not self.dual.is_dual_state(state):  # checkpointed after the merge
+            expected = set(self.model.state_dict())
+        if set(state) != expected:
             raise FederationFailed(f"{folder}/state.pt does not match the model")
         self.state = state
         self.completed = int(progress["completed_rounds"])

@@ -4,12 +4,13 @@ Only the arrays of the parts that train this round travel, both ways. Everything
 backbone) stays where it is; a site proves it holds the same frozen weights by returning a hash of
 them. Under FedBN the BatchNorm layers of trainable groups never travel: each site keeps its own.
 BatchNorm ``num_batches_tracked`` counters never travel, nor do running statistics that training
-does not change (``bn-stats = "frozen"``).
+does not change (``bn-stats = "frozen"``). Under dynamic freezing (``train.freezing = "dynamic"``)
+a site returns only the arrays it updated, and each key is averaged over the sites that returned it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,15 +72,45 @@ def subset(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> dict[str, 
     return {k: state[k].detach().cpu().contiguous() for k in keys}
 
 
+def changed_keys(sent: Iterable[str], parameters: Iterable[str], trained: Iterable[str]) -> list[str]:
+    """The keys of ``sent`` a site returns after dynamic freezing: every parameter that got at least
+    one update this round, and every buffer (BatchNorm statistics move without an update). A tensor
+    frozen for the whole round equals what the coordinator sent, so it does not travel back."""
+    parameters, trained = set(parameters), set(trained)
+    return [k for k in sent if k not in parameters or k in trained]
+
+
+def key_groups(replies: Sequence[Iterable[str]], order: Sequence[str]) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """Group the keys of ``order`` by which replies hold them: ``(keys, reply indices)`` per group.
+
+    Aggregating each group over its own replies averages every key over exactly the sites that
+    trained it (a key no reply holds is in no group: the global value stays). One group when all
+    replies are complete, so the usual path is one aggregation call.
+    """
+    holders: dict[tuple[int, ...], list[str]] = {}
+    held = [set(keys) for keys in replies]
+    for key in order:
+        who = tuple(i for i, keys in enumerate(held) if key in keys)
+        if who:
+            holders.setdefault(who, []).append(key)
+    return [(tuple(keys), who) for who, keys in holders.items()]
+
+
 def check_arrays(
-    received: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]
+    received: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], *, partial: bool = False
 ) -> list[str]:
     """Problems with a set of arrays against the expected keys (in order), shapes and dtypes.
 
+    ``partial``: keys may be missing (a site under dynamic freezing returns only what it trained),
+    but not all of them, and those present must keep the expected order.
     Returns an empty list when the arrays can be used; otherwise one line per problem (the first
     few of each kind), so a rejected reply is logged with its reasons.
     """
     problems = []
+    if partial:
+        expected = {k: v for k, v in expected.items() if k in received}
+        if not received:
+            problems.append("no arrays: a training reply returns at least the arrays it trained")
     missing = [k for k in expected if k not in received]
     extra = [k for k in received if k not in expected]
     if missing:

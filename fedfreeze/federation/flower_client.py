@@ -22,7 +22,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedfreeze.errors import ConfigError
 from fedfreeze.federation.config import site_sections
-from fedfreeze.federation.protocol import ARRAYS, CONFIG, METRICS, PROOF
+from fedfreeze.federation.dual_stage import SINGLE
+from fedfreeze.federation.protocol import ARRAYS, BASE, CONFIG, METRICS, PROOF
 from fedfreeze.federation.site_runtime import RoundOrders, SiteReply, SiteRuntime
 
 log = logging.getLogger("flwr")  # Flower's handler prints it in the SuperNode's log
@@ -53,8 +54,12 @@ def runtime_for(context: Context) -> SiteRuntime:
     weights = node.get("weights")
     if "threads" in node:
         torch.set_num_threads(int(node["threads"]))
+    memory = node.get("max-train-memory-mb")
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):
+        raise ConfigError(f"node config max-train-memory-mb: expected a positive number of MB, got {memory!r}")
     return SiteRuntime(data, site, state, weights=str(weights) if weights else None,
-                       device=str(node.get("device", "auto")))
+                       device=str(node.get("device", "auto")),
+                       max_train_memory_mb=float(memory) if memory is not None else None)
 
 
 def site_names(sites_dir: Path) -> dict[str, str]:
@@ -117,6 +122,8 @@ def orders_from(config: ConfigRecord) -> RoundOrders:
         threshold=float(config.get("threshold", 0.5)),
         score_bins=int(config.get("score-bins", 200)),
         seed=int(config.get("seed", 0)),
+        stage=str(config.get("stage", SINGLE)),
+        lr_scale=float(config.get("lr-scale", 1.0)),
     )
 
 
@@ -134,7 +141,12 @@ def to_reply(message: Message, result: SiteReply, site: str, *, with_arrays: boo
 
 
 def received_arrays(message: Message) -> dict[str, torch.Tensor]:
-    return message.content[ARRAYS].to_torch_state_dict()
+    """The round's arrays, with the frozen ``base`` arrays first when the coordinator sent them
+    (merged rounds of ``train.recipe = "dual"``: they load into the model, the reply never holds them)."""
+    arrays = message.content[ARRAYS].to_torch_state_dict()
+    if BASE in message.content.array_records:
+        return {**message.content[BASE].to_torch_state_dict(), **arrays}
+    return arrays
 
 
 def dp_clipping_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:

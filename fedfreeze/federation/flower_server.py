@@ -29,8 +29,8 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedfreeze.federation.config import FedConfig, from_run_config
 from fedfreeze.federation.coordinator import Coordinator, FederationFailed, Reply, RoundRecord
-from fedfreeze.federation.exchange import ExchangePlan
-from fedfreeze.federation.protocol import ARRAYS, METRICS, PROOF
+from fedfreeze.federation.exchange import ExchangePlan, key_groups
+from fedfreeze.federation.protocol import ARRAYS, BASE, METRICS, PROOF
 from fedfreeze.federation.report import write_report
 
 log = logging.getLogger("fedfreeze.server")
@@ -183,19 +183,59 @@ def exchange(
     return valid_msgs, valid
 
 
+def with_base(messages: Iterable[Message], base: dict[str, Any]) -> list[Message]:
+    """Add the round's frozen-but-federated arrays (``Coordinator.base_for``) to every message, as a
+    record of their own: the strategy and its DP wrappers see only the trainable ``arrays``."""
+    messages = list(messages)
+    if base:
+        record = ArrayRecord(base)
+        for message in messages:
+            message.content[BASE] = record
+    return messages
+
+
+def aggregate_per_key(
+    strategy: Strategy, rnd: int, messages: list[Message], replies: list[Reply], plan: ExchangePlan
+) -> dict[str, Any]:
+    """The strategy's aggregate of every key over the replies that hold it.
+
+    Complete replies (the usual case) make one call. Under dynamic freezing, sites return different
+    subsets; Flower's strategies need the same keys in every reply, so each group of keys held by
+    the same sites (``exchange.key_groups``) is aggregated by its own call over those sites' replies.
+    """
+    aggregated: dict[str, Any] = {}
+    for keys, who in key_groups([r.arrays for r in replies], plan.sent):
+        if all(len(r.arrays) == len(keys) for r in replies) and len(who) == len(replies):
+            group = messages  # every reply holds exactly these keys
+        else:
+            group = [restricted(messages[i], keys) for i in who]
+        arrays, _ = strategy.aggregate_train(rnd, group)
+        if arrays is None:
+            raise FederationFailed(f"round {rnd}: the {type(strategy).__name__} strategy aggregated nothing")
+        aggregated.update({k: v.numpy() for k, v in arrays.items()})
+    return {k: aggregated[k] for k in plan.sent if k in aggregated}
+
+
+def restricted(message: Message, keys: Iterable[str]) -> Message:
+    """A copy of a reply whose ``arrays`` record holds only ``keys`` (metrics and proof unchanged)."""
+    arrays = message.content[ARRAYS]
+    content = RecordDict({name: record for name, record in message.content.items() if name != ARRAYS})
+    content[ARRAYS] = ArrayRecord({k: arrays[k] for k in keys})
+    return Message(content=content, metadata=message.metadata)
+
+
 def train_round(grid: Grid, coord: Coordinator, strategy: Strategy, rnd: int) -> RoundRecord:
     started = time.perf_counter()
     wait_for_sites(grid, coord)
+    coord.begin_round(rnd)
     parts = coord.parts(rnd)
     plan = coord.plan(parts)
     record = RoundRecord(round=rnd, parts=sorted(parts), evaluated_model=f"global model after round {rnd - 1}")
     arrays = ArrayRecord(coord.arrays_for(plan))
     messages = strategy.configure_train(rnd, arrays, ConfigRecord(coord.orders(rnd, parts)), grid)
+    messages = with_base(messages, coord.base_for(plan))
     valid_msgs, valid = exchange(grid, messages, coord, plan, record, with_arrays=True)
-    aggregated, _ = strategy.aggregate_train(rnd, valid_msgs)
-    if aggregated is None:
-        raise FederationFailed(f"round {rnd}: the {type(strategy).__name__} strategy aggregated nothing")
-    coord.apply(plan, {k: v.numpy() for k, v in aggregated.items()})
+    coord.apply(plan, aggregate_per_key(strategy, rnd, valid_msgs, valid, plan))
     record.privacy = privacy_spent(strategy)
     coord.pool(valid, record)
     record.sites = [coord.site_row(r) for r in valid]
@@ -213,6 +253,7 @@ def final_evaluation(grid: Grid, coord: Coordinator, strategy: Strategy) -> Roun
     record = RoundRecord(round=rnd + 1, parts=sorted(parts), evaluated_model=f"global model after round {rnd}")
     orders = coord.orders(rnd, parts)
     messages = strategy.configure_evaluate(rnd, ArrayRecord(coord.arrays_for(plan)), ConfigRecord(orders), grid)
+    messages = with_base(messages, coord.base_for(plan))
     _, valid = exchange(grid, messages, coord, plan, record, with_arrays=False)
     coord.pool(valid, record)
     record.sites = [coord.site_row(r) for r in valid]
@@ -222,6 +263,7 @@ def final_evaluation(grid: Grid, coord: Coordinator, strategy: Strategy) -> Roun
 
 def run_federation(grid: Grid, context: Context) -> None:
     """The ServerApp's main: every round, then the final evaluation and the exported model."""
+    show_logs_with_flower()
     cfg = from_run_config(context.run_config)
     coord = Coordinator(cfg, cfg.federation.out_dir)
     if bool(context.run_config.get("resume", False)):
@@ -244,6 +286,16 @@ def run_federation(grid: Grid, context: Context) -> None:
     except Exception as err:
         write_report(coord, status="failed", reason=f"{type(err).__name__}: {err}")
         raise
+
+
+def show_logs_with_flower() -> None:
+    """Send fedfreeze's log lines through Flower's handlers, so ``flwr run --stream`` shows them."""
+    ours = logging.getLogger("fedfreeze")
+    if not ours.handlers:
+        for handler in logging.getLogger("flwr").handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
 
 
 def _sampled_sites(grid: Grid, coord: Coordinator) -> int:

@@ -16,15 +16,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfreeze.config import ModelConfig, TrainConfig
+from fedfreeze.config import ModelConfig, TrainConfig, resolve_bn_stats
 from fedfreeze.data.dataset import MANIFEST_NAME, ImageSet, load_image_set
 from fedfreeze.data.splits import split_patients
 from fedfreeze.errors import DataError
-from fedfreeze.federation.exchange import ExchangePlan, frozen_hash, plan_exchange, subset
+from fedfreeze.federation.dual_stage import DUAL, SINGLE
+from fedfreeze.federation.exchange import ExchangePlan, changed_keys, frozen_hash, plan_exchange, subset
 from fedfreeze.federation.pooled import SiteStats, multiclass_confusion, score_bin_edges, snap_threshold
 from fedfreeze.metrics import classification_metrics
+from fedfreeze.models.dual import DualNet, build_dual, merge_dual
 from fedfreeze.models.grouped import HEAD, GroupedNet
 from fedfreeze.models.registry import build_model
+from fedfreeze.training.dual import train_dual
+from fedfreeze.training.dynamic_freeze import updated_keys
 from fedfreeze.training.engine import predict_scores, resolve_device, train_phase
 from fedfreeze.training.features import FeatureCache
 
@@ -45,6 +49,8 @@ class RoundOrders:
     threshold: float = 0.5
     score_bins: int = 200
     seed: int = 0
+    stage: str = SINGLE  # train.recipe = "dual": "dual" in the dual-input-output rounds (dual_stage.py)
+    lr_scale: float = 1.0  # dual rounds: the factor on train.dual.lr (the coordinator's decay across rounds)
 
 
 @dataclass
@@ -60,12 +66,14 @@ class SiteRuntime:
     """One site's data, state folder and model building."""
 
     def __init__(self, data_path: str | Path, site: str, state_dir: str | Path, *, weights: str | None = None,
-                 device: str = "auto") -> None:
+                 device: str = "auto", max_train_memory_mb: float | None = None) -> None:
         self.data_path = Path(data_path)
         self.site = site
         self.state_dir = Path(state_dir)
         self.weights = weights  # a site-local checkpoint path overriding the coordinator's model.weights
         self.device = resolve_device(device)
+        # this site's memory for training, overriding the coordinator's train.max-train-memory-mb
+        self.max_train_memory_mb = max_train_memory_mb
 
     # ------------------------------------------------------------------ data
     def datasets(self, orders: RoundOrders) -> tuple[ImageSet, ImageSet]:
@@ -111,8 +119,13 @@ class SiteRuntime:
         """The pretrained model with the coordinator's arrays (and this site's own BatchNorm) loaded."""
         cfg = orders.model if self.weights is None else orders.model.model_copy(update={"weights": self.weights})
         torch.manual_seed(orders.seed)
-        model, _ = build_model(cfg, list(orders.adapter_groups), orders.train.adapter_rank)
-        plan = plan_exchange(model, plan_parts, bn_policy=orders.bn_policy, bn_stats=orders.train.bn_stats)
+        if orders.stage == DUAL:  # the dual model; its BatchNorm statistics train and travel
+            model: GroupedNet = build_dual(cfg)
+            plan = plan_exchange(model, plan_parts, bn_policy=orders.bn_policy, bn_stats="update")
+        else:
+            model, _ = build_model(cfg, list(orders.adapter_groups), orders.train.adapter_rank)
+            plan = plan_exchange(model, plan_parts, bn_policy=orders.bn_policy,
+                                 bn_stats=resolve_bn_stats(orders.train, orders.model))
         state = model.state_dict()
         unknown = [k for k in arrays if k not in state]
         if unknown:
@@ -152,8 +165,11 @@ class SiteRuntime:
         train_set, val_set = self.datasets(orders)
         model, plan = self.model(orders, arrays, orders.parts)
         proof = frozen_hash(model.state_dict(), plan)
+        dual = isinstance(model, DualNet)
         started = time.perf_counter()
-        metrics = self._evaluate(model, orders, val_set, head_only=orders.parts == {HEAD})
+        # a dual round scores the received dual model's joined output (its merge, exactly)
+        metrics = self._evaluate(merge_dual(model) if dual else model, orders, val_set,
+                                 head_only=orders.parts == {HEAD})
         eval_seconds = time.perf_counter() - started
 
         features = None
@@ -163,9 +179,18 @@ class SiteRuntime:
         rng = np.random.default_rng([orders.seed, orders.round, _stable_int(self.site)])
         torch.manual_seed(int(rng.integers(2**31)))
         started = time.perf_counter()
-        logs = train_phase(model, train_set.images, train_set.labels, orders.parts, orders.train,
-                           epochs=orders.local_epochs, rng=rng, device=self.device, features=features,
-                           regularizer=regularizer)
+        if dual:
+            dual_cfg = orders.train.dual.model_copy(update={"lr": orders.train.dual.lr * orders.lr_scale})
+            logs = train_dual(model, train_set.images, train_set.labels,
+                              orders.train.model_copy(update={"dual": dual_cfg}), epochs=orders.local_epochs,
+                              rng=rng, device=self.device, regularizer=regularizer)
+        else:
+            train_cfg = orders.train
+            if self.max_train_memory_mb is not None:
+                train_cfg = train_cfg.model_copy(update={"max_train_memory_mb": self.max_train_memory_mb})
+            logs = train_phase(model, train_set.images, train_set.labels, orders.parts, train_cfg,
+                               epochs=orders.local_epochs, rng=rng, device=self.device, features=features,
+                               regularizer=regularizer)
         train_seconds = time.perf_counter() - started
         self._save_local_bn(model, plan)
         metrics.update({
@@ -174,13 +199,17 @@ class SiteRuntime:
             "train-seconds": train_seconds,
             "eval-seconds": eval_seconds,
         })
-        return SiteReply(subset(model.state_dict(), plan.sent), proof, metrics)
+        keys = plan.sent
+        if orders.train.freezing == "dynamic" and not dual:  # only what changed travels back
+            keys = changed_keys(plan.sent, (k for k, _ in model.named_parameters()), updated_keys(logs))
+        return SiteReply(subset(model.state_dict(), keys), proof, metrics)
 
     def evaluate(self, orders: RoundOrders, arrays: dict[str, torch.Tensor]) -> SiteReply:
         """Score the received global model on the validation split."""
         _, val_set = self.datasets(orders)
         model, plan = self.model(orders, arrays, orders.parts)
-        metrics = self._evaluate(model, orders, val_set, head_only=False)
+        scored = merge_dual(model) if isinstance(model, DualNet) else model
+        metrics = self._evaluate(scored, orders, val_set, head_only=False)
         return SiteReply({}, frozen_hash(model.state_dict(), plan), metrics)
 
     def _cache(self) -> FeatureCache:
