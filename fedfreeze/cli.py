@@ -51,10 +51,11 @@ def _models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'backbone':<20} {'parameters':>12} {'size MB':>8} {'input':>6}  groups")
+    print(f"{'backbone':<20} {'parameters':>12} {'size bytes':>12} {'input':>10} {'classes':>7}  groups")
     for row in rows:
-        print(f"{row['name']:<20} {row['parameters']:>12,} {row['size_mb']:>8.2f} {row['input_size']:>6}  "
-              f"{' > '.join(row['groups'])}")
+        shape = f"{row['in_channels']}x{row['input_size']}x{row['input_size']}"
+        print(f"{row['name']:<20} {row['parameters']:>12,} {row['size_bytes']:>12,} {shape:>10} "
+              f"{row['num_classes']:>7}  {' > '.join(row['groups'])}")
     return 0
 
 
@@ -64,7 +65,11 @@ def _print_federation(metrics: dict, out: Path) -> None:
     mean = (metrics.get("final") or {}).get("weighted_mean") or {}
     print(f"\nfederation {metrics['status']}: {metrics['completed_rounds']} rounds, "
           f"uplink {metrics['totals']['bytes_up'] / 1e6:.2f} MB in all, {metrics['totals']['seconds']:.0f} s")
-    if at:
+    if at and "threshold" not in at:  # multi-class: pooled confusion matrices, arg-max decisions
+        print(f"pooled validation metrics of the final global model (arg-max, n={at['n']}):")
+        for key in ("accuracy", "balanced_accuracy", "f1"):
+            print(f"  {key:<18} {at[key]:.4f}")
+    elif at:
         print(f"pooled validation metrics of the final global model (threshold {at['threshold']:.3f}, n={at['n']}):")
         for key in ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity"):
             print(f"  {key:<18} {at[key]:.4f}")
@@ -128,7 +133,8 @@ def _run(args: argparse.Namespace) -> int:
     config = resolve_config_path(args.config)
     if config is not None:
         run_config["config"] = str(config.resolve())
-    code, run_id = launch.submit(launch.run_command(connection="fedfreeze", run_config=run_config), env)
+    code, run_id = launch.submit(launch.run_command(connection="fedfreeze", run_config=run_config,
+                                                    app_dir=args.app or launch.APP_DIR), env)
     launch.require_completed("fedfreeze", run_id, env)
     metrics_path = out / "metrics.json"
     if metrics_path.is_file():
@@ -138,6 +144,26 @@ def _run(args: argparse.Namespace) -> int:
         _print_federation(metrics, out)
     else:
         print(f"run {run_id} completed; its outputs are on the coordinator in {out}")
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from fedfreeze.federation import launch
+
+    if not args.public_key.is_file():
+        raise launch.LaunchError(f"no public key at {args.public_key}")
+    name = args.name or args.public_key.name.removesuffix(".pub")
+    with tempfile.TemporaryDirectory(prefix="fedfreeze-flwr-") as tmp:
+        home = launch.write_flwr_home(Path(args.flwr_home or tmp),
+                                      [launch.Connection("fedfreeze", args.superlink, args.root_cert)])
+        cmd = launch.register_command(public_key=args.public_key, connection="fedfreeze", name=name)
+        launch.show(cmd, sys.stdout)
+        node_id = launch.register(cmd, launch.flower_env(home))
+    print(f"{name}: registered, node id {node_id}" if node_id else
+          f"{name}: this public key is registered already (a key once registered, even if unregistered since, "
+          "cannot be registered again: make a new key pair)")
     return 0
 
 
@@ -200,12 +226,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root-cert", type=Path, default=None)
     p.add_argument("--flwr-home", default=None, help="where to keep the connection config (default OUT/.flwr-cli)")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--app", type=Path, default=None,
+                   help="the Flower app folder (pyproject.toml, server/, client/; default: this project's)")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("register", help="let a site join: register its public key with the coordinator")
+    p.add_argument("public_key", type=Path, help="the site's public key (NAME.pub, from docker/make-site-key.sh)")
+    p.add_argument("--superlink", default="127.0.0.1:9093")
+    p.add_argument("--root-cert", type=Path, required=True, help="the coordinator's CA certificate (TLS)")
+    p.add_argument("--name", default=None, help="the site's name (default: the key file's name)")
+    p.add_argument("--flwr-home", default=None, help="where to keep the connection config (default: a temporary one)")
+    p.set_defaults(func=_register)
 
     p = sub.add_parser("models", help="list the backbones with parameters, groups and input size")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_models)
+
+    p = sub.add_parser("experiment", help="compare named arms on the same repeated patient-level CV folds; "
+                                          "paired tests and a report")
+    p.add_argument("--config", required=True, type=Path, help="exp.toml: [experiment], shared tables, [arms.NAME]")
+    p.add_argument("--out", required=True, type=Path, help="run folder (run again to continue a stopped experiment)")
+    p.add_argument("--data", default=None, help="overrides experiment.data")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the finished folds only")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for training (1 is fastest on a busy machine)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_experiment)
     return parser
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from fedfreeze.evaluation.cli import run_experiment_command
+
+    return run_experiment_command(args)
 
 
 def _interrupt(signum: int, frame: object) -> None:
