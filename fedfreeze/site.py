@@ -55,63 +55,35 @@ def train_on(
     bar_label: str,
     progress: bool,
 ) -> tuple[GroupedNet, list[EpochLog]]:
-    """Train a fresh model on ``data[indices]`` through the whole schedule."""
-    if cfg.train.recipe == "dual":
-        return train_dual_on(cfg, data, indices, seed=seed, device=device, cache=cache, bar_label=bar_label,
-                             progress=progress)
-    model = new_model(cfg, seed)
-    needs_features = cfg.train.probe_epochs > 0 and not cfg.train.probe_augment
-    feats = cache.features(model, data.images, device)[indices] if needs_features else None
-    total = cfg.train.probe_epochs + cfg.train.epochs
-    with tqdm(total=total, desc=bar_label, unit="epoch", leave=False, disable=not progress) as bar:
-
-        def on_epoch(log: EpochLog) -> None:
-            bar.set_postfix(loss=f"{log.loss:.3f}", parts="+".join(log.parts))
-            bar.update(1)
-
-        logs = fit(
-            model,
-            data.images[indices],
-            data.labels[indices],
-            cfg.train,
-            rng=np.random.default_rng(seed),
-            device=device,
-            probe_features=feats,
-            on_epoch=on_epoch,
-        )
-    return model, logs
-
-
-def train_dual_on(
-    cfg: SiteConfig,
-    data: ImageSet,
-    indices: np.ndarray,
-    *,
-    seed: int,
-    device: torch.device,
-    cache: FeatureCache,
-    bar_label: str,
-    progress: bool,
-) -> tuple[GroupedNet, list[EpochLog]]:
-    """``train.recipe = "dual"``: the dual-input-output stage from scratch, the merge, then the merged
-    model's probe and progressive unfreezing (``training/dual.py``); returns the merged model."""
-    from fedfreeze.models.dual import build_dual
-    from fedfreeze.training.dual import fit_dual
-
-    torch.manual_seed(seed)
-    model = build_dual(cfg.model)
-    check_groups(cfg.train.unfreeze, list(model.groups))
+    """Train a fresh model on ``data[indices]`` through the whole schedule (under ``train.recipe =
+    "dual"``: the dual-input-output stage from scratch, the merge, then the merged model's probe and
+    progressive unfreezing, ``training/dual.py``; the merged model is returned)."""
+    dual = cfg.train.recipe == "dual"
     images, labels = data.images[indices], data.labels[indices]
-    total = cfg.train.dual.epochs + cfg.train.probe_epochs + cfg.train.epochs
+    total = cfg.train.probe_epochs + cfg.train.epochs + (cfg.train.dual.epochs if dual else 0)
     with tqdm(total=total, desc=bar_label, unit="epoch", leave=False, disable=not progress) as bar:
 
         def on_epoch(log: EpochLog) -> None:
             bar.set_postfix(loss=f"{log.loss:.3f}", parts="+".join(log.parts))
             bar.update(1)
 
-        merged, logs = fit_dual(model, images, labels, cfg.train, rng=np.random.default_rng(seed), device=device,
-                                features=lambda m: cache.features(m, images, device), on_epoch=on_epoch)
-    return merged, list(logs)
+        if dual:
+            from fedfreeze.models.dual import build_dual
+            from fedfreeze.training.dual import fit_dual
+
+            torch.manual_seed(seed)
+            dual_model = build_dual(cfg.model)
+            check_groups(cfg.train.unfreeze, list(dual_model.groups))
+            merged, dual_logs = fit_dual(dual_model, images, labels, cfg.train, rng=np.random.default_rng(seed),
+                                         device=device, features=lambda m: cache.features(m, images, device),
+                                         on_epoch=on_epoch)
+            return merged, list(dual_logs)
+        model = new_model(cfg, seed)
+        needs_features = cfg.train.probe_epochs > 0 and not cfg.train.probe_augment
+        feats = cache.features(model, data.images, device)[indices] if needs_features else None
+        logs = fit(model, images, labels, cfg.train, rng=np.random.default_rng(seed), device=device,
+                   probe_features=feats, on_epoch=on_epoch)
+    return model, logs
 
 
 def site_train(

@@ -99,14 +99,7 @@ class DualNet(GroupedNet):
 
         As ``GroupedNet.features``, except that each sub-model's input is normalised on its own.
         """
-        x = torch.cat([self.normalize(part) for part in x.chunk(self.branches, dim=1)], dim=1)
-        prefix = self.frozen_prefix()
-        rest = [name for name in self.groups if name not in prefix]
-        if prefix:
-            with torch.no_grad():
-                x = self.forward_groups(x, prefix)
-        x = self.forward_groups(x, rest)
-        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+        return self.pooled_features(torch.cat([self.normalize(p) for p in x.chunk(self.branches, dim=1)], dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Both sub-models' logits, ``[B, branches, outputs]``."""

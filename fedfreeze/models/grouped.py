@@ -157,7 +157,10 @@ class GroupedNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features of inputs in [0, 1]; the frozen prefix runs without autograd."""
-        x = self.normalize(x)
+        return self.pooled_features(self.normalize(x))
+
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of an already normalised input."""
         prefix = self.frozen_prefix()
         rest = [name for name in self.groups if name not in prefix]
         if prefix:

@@ -12,6 +12,17 @@ from fedfreeze.data.dataset import ImageSet, load_image_set
 
 MNIST_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "mnist_subset" / "mnist_subset.npz"
 
+# the [model] table of the TOML configs (lwcnn_config below in Python)
+LWCNN_MODEL_TOML = """
+[model]
+backbone = "lwcnn"
+weights = "none"
+in-channels = 1
+input-size = 28
+num-classes = 10
+dropout = 0.0
+"""
+
 
 def lwcnn_config(**updates: object) -> ModelConfig:
     """The lightweight backbone on 28 x 28 grey digits, 10 classes, no dropout (outputs compare exactly)."""

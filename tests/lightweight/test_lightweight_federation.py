@@ -19,17 +19,9 @@ from fedfreeze.federation.local_grid import LocalGrid
 from fedfreeze.federation.partition import assign_sites, write_sites
 from fedfreeze.models.dual import merge_state
 from fedfreeze.models.registry import build_model
-from tests.lightweight.conftest import MNIST_FIXTURE, lwcnn_config
+from tests.lightweight.conftest import LWCNN_MODEL_TOML, MNIST_FIXTURE, lwcnn_config
 
-DUAL_FED = """
-[model]
-backbone = "lwcnn"
-weights = "none"
-in-channels = 1
-input-size = 28
-num-classes = 10
-dropout = 0.0
-[train]
+DUAL_FED = LWCNN_MODEL_TOML + """[train]
 recipe = "dual"
 batch-size = 25
 cutmix-prob = 0.0

@@ -10,17 +10,9 @@ import pytest
 from fedfreeze.cli import main
 from fedfreeze.evaluate import evaluate_model
 from fedfreeze.model_io import load_model
-from tests.lightweight.conftest import MNIST_FIXTURE
+from tests.lightweight.conftest import LWCNN_MODEL_TOML, MNIST_FIXTURE
 
-DUAL_SITE = """
-[model]
-backbone = "lwcnn"
-weights = "none"
-in-channels = 1
-input-size = 28
-num-classes = 10
-dropout = 0.0
-[train]
+DUAL_SITE = LWCNN_MODEL_TOML + """[train]
 recipe = "dual"
 probe-epochs = 1
 epochs = 2
