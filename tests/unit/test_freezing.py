@@ -120,3 +120,24 @@ def test_bn_stats_auto_freezes_pretrained_statistics_and_learns_random_ones(fast
         assert moved == should_move, weights
         # from scratch the statistics follow the weights at PyTorch's momentum, not TensorFlow's 0.01
         assert model.groups["layer4"][0]._bn0.momentum == (0.01 if weights == "package" else 0.1)
+
+
+def test_learnt_batchnorm_statistics_are_reestimated_on_the_data_after_training(lite0_random, fast_train, rng):
+    """From random weights the running statistics end as the data's, not an average still near (0, 1)."""
+    model = lite0_random
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, generator=gen)
+    labels = torch.tensor([0, 1] * 8)
+    train_phase(model, images, labels, frozenset({"head", "layer4"}), fast_train, epochs=1, rng=rng,
+                device=torch.device("cpu"))  # bn-stats "auto" from random weights: statistics learnt
+    bn = model.groups["layer4"][0]._bn0  # the first BatchNorm of the trainable group
+    seen = []
+    handle = bn.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    model.eval()
+    with torch.no_grad():
+        model(images.float() / 255.0)
+    handle.remove()
+    (x,) = seen
+    # 16 images in 2 equal batches of 8: the average of batch means is the mean over all images
+    torch.testing.assert_close(bn.running_mean, x.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert bn.momentum is not None  # the layer's own momentum is back for later training
