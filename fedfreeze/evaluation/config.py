@@ -37,6 +37,7 @@ from pydantic import Field, field_validator, model_validator
 
 from fedfreeze.config import Section, parse_config, read_toml
 from fedfreeze.errors import ConfigError
+from fedfreeze.federation.config import merge
 
 Mode = Literal["site", "federated", "pooled"]
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -149,16 +150,6 @@ class Experiment:
         return {"data": str(self.data_path), **{k: getattr(self.settings, k) for k in keys}}
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def parse_experiment(data: dict[str, Any], source: str, base_dir: Path | None = None,
                      data_override: str | Path | None = None) -> Experiment:
     """Validate an experiment dict; every arm becomes a full, validated federation config."""
@@ -168,9 +159,9 @@ def parse_experiment(data: dict[str, Any], source: str, base_dir: Path | None = 
     arms = {}
     for name, spec in raw.arms.items():
         merged = {
-            "model": _merge(raw.model, spec.model),
-            "train": _merge(raw.train, spec.train),
-            "federation": _merge(raw.federation, spec.federation),
+            "model": merge(raw.model, spec.model),
+            "train": merge(raw.train, spec.train),
+            "federation": merge(raw.federation, spec.federation),
         }
         cfg = parse_config(merged, FedConfig, f"{source}: arms.{name}")
         arms[name] = Arm(name=name, mode=spec.mode, description=spec.description, cfg=cfg)

@@ -306,10 +306,12 @@ def _sampled_sites(grid: Grid, coord: Coordinator) -> int:
 def log_round(record: RoundRecord) -> None:
     pooled = (record.pooled or {}).get("at_threshold_used", {})
     mean = record.weighted_mean or {}
+    # binary: AUROC from the pooled histograms; multi-class: accuracy from the pooled confusion matrices
+    first, key = ("AUROC", "auroc") if "auroc" in pooled else ("accuracy", "accuracy")
     log.info(
-        "round %d [%s] %s: pooled AUROC %.4f, balanced acc %.4f, F1 %.4f (weighted mean of sites: AUROC %.4f) "
+        "round %d [%s] %s: pooled %s %.4f, balanced acc %.4f, F1 %.4f (weighted mean of sites: AUROC %.4f) "
         "| %d sites, %d rejected, %d failed, up %d B, %.1f s",
-        record.round, "+".join(record.parts), record.evaluated_model, pooled.get("auroc", float("nan")),
+        record.round, "+".join(record.parts), record.evaluated_model, first, pooled.get(key, float("nan")),
         pooled.get("balanced_accuracy", float("nan")), pooled.get("f1", float("nan")),
         mean.get("auroc", float("nan")), len(record.sites), len(record.rejected), len(record.failures),
         record.bytes_up, record.round_seconds,
