@@ -53,7 +53,8 @@ class FederationConfig(Section):
     dual_rounds: int = Field(0, ge=0, description="rounds of the dual stage before the merge (train.recipe = 'dual')")
     dual_local_epochs: int = Field(1, ge=1, description="local epochs per dual-stage round")
     dual_lr_decay: Literal["cosine", "none"] = Field(
-        "cosine", description="train.dual.lr across the dual rounds: cosine decay to 5 %, or the same every round")
+        "cosine", description="train.dual.lr across the dual rounds: cosine decay from 1x toward 0.05x (round r of R at "
+        "cos-schedule position (r-1)/R), or the same every round")
     out_dir: str = "runs/fed"
     seed: int = 0
 
@@ -148,6 +149,11 @@ def load_fed_config(path: str | Path | None, overrides: Mapping[str, Any] | None
         raise ConfigError(f"{path or 'run config'}: federation.dp: differential privacy is not supported with "
                           "train.freezing = 'dynamic' (sites return different subsets of arrays, aggregated per "
                           "group of keys: Flower's DP wrappers would clip and noise each group as a release)")
+    if cfg.train.freezing == "dynamic" and cfg.federation.strategy in ("median", "trimmed-mean"):
+        raise ConfigError(f"{path or 'run config'}: federation.strategy: {cfg.federation.strategy!r} is not "
+                          "supported with train.freezing = 'dynamic' (each key is aggregated over the sites that "
+                          "trained it, so a key one site alone returns would take that site's value: no "
+                          "robustness left); use 'fedavg' or 'fedprox'")
     return cfg
 
 

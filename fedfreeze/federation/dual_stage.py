@@ -48,8 +48,9 @@ class DualStage:
     """The coordinator's view of the dual recipe: rounds, the dual model, its exchange plan and the merge."""
 
     def __init__(self, model_cfg: ModelConfig, dual_rounds: int, seed: int, lr_decay: str = "cosine") -> None:
-        torch.manual_seed(seed)
-        self.model: DualNet = build_dual(model_cfg)
+        with torch.random.fork_rng():  # seeded, without resetting the process's global generator
+            torch.manual_seed(seed)
+            self.model: DualNet = build_dual(model_cfg)
         self.rounds = dual_rounds
         self.lr_decay = lr_decay
 

@@ -186,6 +186,10 @@ class SiteRuntime:
                               rng=rng, device=self.device, regularizer=regularizer)
         else:
             train_cfg = orders.train
+            if train_cfg.freezing == "dynamic":  # a sweep order of its own at every site and round, so that
+                # a round too short for the first sweep still trains different layers at different sites
+                dyn = train_cfg.dynamic_freeze.model_copy(update={"seed": int(rng.integers(2**31))})
+                train_cfg = train_cfg.model_copy(update={"dynamic_freeze": dyn})
             if self.max_train_memory_mb is not None:
                 train_cfg = train_cfg.model_copy(update={"max_train_memory_mb": self.max_train_memory_mb})
             logs = train_phase(model, train_set.images, train_set.labels, orders.parts, train_cfg,

@@ -220,13 +220,24 @@ def reestimate_bn_stats(model: GroupedNet, images: torch.Tensor, device: torch.d
     if not layers:
         return
     momenta = [m.momentum for m in layers]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    for start in range(0, len(images), batch):
-        model(to_unit(images[start : start + batch], device))
-    for m, momentum in zip(layers, momenta, strict=True):
-        m.momentum = momentum
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in layers]
+    starts = list(range(0, len(images), batch))
+    if len(starts) > 1 and len(images) - starts[-1] == 1:
+        starts.pop()  # a last batch of one image joins the one before (BatchNorm needs two values)
+    try:
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches below
+        for i, start in enumerate(starts):
+            end = starts[i + 1] if i + 1 < len(starts) else len(images)
+            model(to_unit(images[start:end], device))
+    except BaseException:
+        for m, state in zip(layers, saved, strict=True):
+            m.load_state_dict(state)  # a failed pass leaves the trained statistics as they were
+        raise
+    finally:
+        for m, momentum in zip(layers, momenta, strict=True):
+            m.momentum = momentum
 
 
 def fit(

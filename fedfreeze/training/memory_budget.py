@@ -171,6 +171,8 @@ def candidate_choices(cfg: TrainConfig, n: int) -> list[MemoryChoice]:
     if dynamic:
         rates += [r for r in EXTRA_RATES if r > cfg.dynamic_freeze.rate]
     first = resolve_storage(cfg)
+    if dynamic and first == TORCH:
+        first = "fp32"  # under dynamic freezing only the lean storages can be estimated (PyTorch's keeps far more)
     storages = [first] + (["fp32"] if first == TORCH else []) + (["int8-channel"] if "int8" not in first else [])
     return [MemoryChoice(b, r, s) for b in batches for r in rates for s in storages]
 

@@ -65,6 +65,14 @@ def test_dynamic_freezing_with_differential_privacy_is_refused(tmp_path):
         load_fed_config(config)
 
 
+@pytest.mark.parametrize("strategy", ["median", "trimmed-mean"])
+def test_dynamic_freezing_with_a_robust_strategy_is_refused(tmp_path, strategy):
+    config = tmp_path / "fed.toml"
+    config.write_text(DYNAMIC_FED.replace("min-sites = 3", f"min-sites = 3\nstrategy = \"{strategy}\""))
+    with pytest.raises(ConfigError, match="federation.strategy"):
+        load_fed_config(config)
+
+
 def test_a_site_memory_budget_must_be_a_positive_number(tmp_path):
     context = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path), "max-train-memory-mb": "lots"},
                       state=RecordDict(), run_config={})
