@@ -159,12 +159,13 @@ class TrainConfig(Section):
         return self.weight_decay.get(part, self.weight_decay.get("default", 1e-4))
 
 
-def resolve_bn_stats(train: TrainConfig, model: ModelConfig) -> Literal["update", "frozen"]:
+def resolve_bn_stats(train: TrainConfig, pretrained: bool) -> Literal["update", "frozen"]:
     """``bn-stats = "auto"``: pretrained statistics stay frozen; a randomly initialised network must
-    learn its statistics (frozen at their initial 0 and 1, it cannot train at all)."""
+    learn its statistics (frozen at their initial 0 and 1, it cannot train at all). The one rule for
+    the engine (``GroupedNet.pretrained``) and the exchange plan (``model.weights != "none"``)."""
     if train.bn_stats != "auto":
         return train.bn_stats
-    return "update" if model.weights == "none" else "frozen"
+    return "frozen" if pretrained else "update"
 
 
 class CVConfig(Section):

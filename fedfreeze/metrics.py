@@ -103,13 +103,17 @@ def auroc(y_true: np.ndarray, scores: np.ndarray) -> float:
     y_true = np.asarray(y_true).astype(int)
     scores = np.asarray(scores, dtype=float)
     _require_both_classes(y_true, "AUROC")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    mean_rank = ends - (counts - 1) / 2.0  # average 1-based rank of each distinct value
-    ranks = mean_rank[inverse]
+    ranks = midranks(scores)
     n_pos = int(np.sum(y_true == 1))
     n_neg = len(y_true) - n_pos
     return float((ranks[y_true == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def midranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank (what AUROC and DeLong's placements count)."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return (ends - (counts - 1) / 2.0)[inverse]
 
 
 def summarize(results: Sequence[dict[str, float]], keys: Sequence[str] = METRIC_KEYS) -> dict[str, dict[str, float]]:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fedfreeze.errors import DataError
+from fedfreeze.metrics import midranks
 
 DELONG_NAME = "DeLong's test for two correlated AUROCs (DeLong et al. 1988), two-sided"
 DELONG_FOLDS_NAME = ("DeLong's test on the mean AUROC over folds (placements summed per patient "
@@ -66,13 +67,6 @@ class DeLongResult:
         return asdict(self)
 
 
-def _midranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their mean rank."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return (ends - (counts - 1) / 2.0)[inverse]
-
-
 def _split(labels: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float], what: str
            ) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(labels)
@@ -93,9 +87,9 @@ def placements(labels: np.ndarray | Sequence[int], scores: np.ndarray | Sequence
     """AUROC and DeLong placement values, positives and negatives in their order in ``labels``."""
     pos, neg = _split(labels, scores, "placements")
     m, n = len(pos), len(neg)
-    ranks_all = _midranks(np.concatenate([pos, neg]))
-    v10 = (ranks_all[:m] - _midranks(pos)) / n  # negatives below each positive (+ half the ties)
-    v01 = 1.0 - (ranks_all[m:] - _midranks(neg)) / m  # positives above each negative (+ half the ties)
+    ranks_all = midranks(np.concatenate([pos, neg]))
+    v10 = (ranks_all[:m] - midranks(pos)) / n  # negatives below each positive (+ half the ties)
+    v01 = 1.0 - (ranks_all[m:] - midranks(neg)) / m  # positives above each negative (+ half the ties)
     return Placements(float(v10.mean()), v10, v01)
 
 

@@ -115,19 +115,23 @@ class Coordinator:
     def parts(self, rnd: int) -> frozenset[str]:
         """Trainable parts of round ``rnd`` (1-based): probe rounds, then top-down unfreezing (after the
         dual stage's rounds, which train everything, under ``train.recipe = "dual"``)."""
-        if self.dual is not None:
-            if self.dual.stage(rnd) == DUAL:
-                return self.dual.parts
-            rnd -= self.fed.dual_rounds
-        return trainable_parts(rnd - 1, probe_steps=self.fed.probe_rounds, finetune_steps=self.fed.finetune_rounds,
+        step = self._schedule_round(rnd)
+        if step is None:
+            return self.dual.parts
+        return trainable_parts(step - 1, probe_steps=self.fed.probe_rounds, finetune_steps=self.fed.finetune_rounds,
                                unfreeze=self.fed.unfreeze, method=self.fed.method)
 
     def local_epochs(self, rnd: int) -> int:
-        if self.dual is not None:
-            if self.dual.stage(rnd) == DUAL:
-                return self.fed.dual_local_epochs
-            rnd -= self.fed.dual_rounds
-        return self.fed.probe_local_epochs if rnd <= self.fed.probe_rounds else self.fed.local_epochs
+        step = self._schedule_round(rnd)
+        if step is None:
+            return self.fed.dual_local_epochs
+        return self.fed.probe_local_epochs if step <= self.fed.probe_rounds else self.fed.local_epochs
+
+    def _schedule_round(self, rnd: int) -> int | None:
+        """Round ``rnd`` counted in the probe/unfreezing schedule, or None for a dual-stage round."""
+        if self.dual is None:
+            return rnd
+        return None if self.dual.stage(rnd) == DUAL else rnd - self.fed.dual_rounds
 
     def begin_round(self, rnd: int) -> None:
         """Under ``train.recipe = "dual"``: the first round after the dual stage merges the global dual model."""
@@ -139,7 +143,7 @@ class Coordinator:
         if self.dual is not None and self.dual.is_dual_state(self.state):
             return self.dual.plan(parts, self.fed.bn_policy)
         return plan_exchange(self.model, parts, bn_policy=self.fed.bn_policy,
-                             bn_stats=resolve_bn_stats(self.cfg.train, self.cfg.model))
+                             bn_stats=resolve_bn_stats(self.cfg.train, self.model.pretrained))
 
     def orders(self, rnd: int, parts: frozenset[str]) -> dict[str, Any]:
         """The round's instructions for every site (scalars and lists: they travel in a config record)."""

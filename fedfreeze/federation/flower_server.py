@@ -204,11 +204,10 @@ def aggregate_per_key(
     the same sites (``exchange.key_groups``) is aggregated by its own call over those sites' replies.
     """
     aggregated: dict[str, Any] = {}
-    for keys, who in key_groups([r.arrays for r in replies], plan.sent):
-        if all(len(r.arrays) == len(keys) for r in replies) and len(who) == len(replies):
-            group = messages  # every reply holds exactly these keys
-        else:
-            group = [restricted(messages[i], keys) for i in who]
+    groups = key_groups([r.arrays for r in replies], plan.sent)
+    complete = len(groups) == 1 and len(groups[0][1]) == len(replies)  # every reply holds the same keys
+    for keys, who in groups:
+        group = messages if complete else [restricted(messages[i], keys) for i in who]
         arrays, _ = strategy.aggregate_train(rnd, group)
         if arrays is None:
             raise FederationFailed(f"round {rnd}: the {type(strategy).__name__} strategy aggregated nothing")

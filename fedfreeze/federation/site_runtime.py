@@ -125,7 +125,7 @@ class SiteRuntime:
         else:
             model, _ = build_model(cfg, list(orders.adapter_groups), orders.train.adapter_rank)
             plan = plan_exchange(model, plan_parts, bn_policy=orders.bn_policy,
-                                 bn_stats=resolve_bn_stats(orders.train, orders.model))
+                                 bn_stats=resolve_bn_stats(orders.train, orders.model.weights != "none"))
         state = model.state_dict()
         unknown = [k for k in arrays if k not in state]
         if unknown:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedfreeze.config import TrainConfig
+from fedfreeze.config import TrainConfig, resolve_bn_stats
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.training.augment import augment_batch
 from fedfreeze.training.cutmix import apply_cutmix, sample_box, sample_lambda
@@ -139,13 +139,14 @@ def train_phase(
     names the parameters that were updated. When BatchNorm learns its statistics (``bn-stats =
     "update"``, or ``"auto"`` from random weights) they are re-estimated over ``images`` at the end.
     """
-    model.update_bn_stats = cfg.bn_stats == "update" or (cfg.bn_stats == "auto" and not model.pretrained)
+    model.update_bn_stats = resolve_bn_stats(cfg, model.pretrained) == "update"
     apply_parts(model, parts)
     model.to(device).train()
     head_only = parts == frozenset({"head"})
     use_features = head_only and features is not None
     n = len(labels)
-    example = to_unit(images[:TRACE_IMAGES], device) if cfg.max_train_memory_mb and not use_features else None
+    trace = to_unit(images[:TRACE_IMAGES], device)  # two images: what the planner and the freezer measure
+    example = trace if cfg.max_train_memory_mb and not use_features else None
     plan = plan_phase(model, parts, cfg, n=n, example=example)
     batch = min(plan.choice.batch_size, n)
     steps_per_epoch = max(n // batch, 1)
@@ -155,7 +156,7 @@ def train_phase(
         dyn = cfg.dynamic_freeze
         freezer = DynamicFreezer(model, parts, plan.choice.rate, seed=[cfg.seed if dyn.seed is None else dyn.seed,
                                  first_epoch], scores=freeze_scores, drop_optimizer_state=dyn.optimizer_state == "drop",
-                                 input_sizes=unit_input_sizes(model, parts, to_unit(images[:TRACE_IMAGES], device)))
+                                 input_sizes=unit_input_sizes(model, parts, trace))
     lean = activation_context(plan.choice.storage)
     labels_np = labels.numpy()
     all_targets = targets_for(labels, model.num_classes)
