@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -22,6 +23,24 @@ from fedfreeze.models.registry import build_model
 
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
+
+
+class ScoreCalibration(Section):
+    """A recalibration of the positive-class score fitted at a site: ``p' = sigmoid(a * logit(p) + b)``.
+
+    Temperature scaling is ``b = 0``, ``a = 1 / T``; Platt scaling fits both. The model's weights are
+    untouched, so the ranking (AUROC) of its scores is unchanged; only probabilities and the
+    meaning of a threshold move.
+    """
+
+    method: Literal["temperature", "platt"]
+    a: float = Field(gt=0.0)
+    b: float = 0.0
+    fitted_on: str = Field("", description="the data it was fitted on, for the record")
+
+    def apply(self, p_pos: np.ndarray) -> np.ndarray:
+        p = np.clip(np.asarray(p_pos, dtype=np.float64), 1e-12, 1 - 1e-12)
+        return 1.0 / (1.0 + np.exp(-(self.a * np.log(p / (1 - p)) + self.b)))
 
 
 class ModelCard(Section):
@@ -36,6 +55,10 @@ class ModelCard(Section):
     trained_by: str = ""
     fedfreeze_version: str = __version__
     notes: dict[str, Any] = Field(default_factory=dict)
+    calibration: ScoreCalibration | None = Field(
+        None, description="binary models: a recalibration applied to every score before the threshold")
+    adaptations: list[dict[str, Any]] = Field(
+        default_factory=list, description="what was adapted after training, from which model, in order")
 
 
 def make_card(model: GroupedNet, cfg: ModelConfig, **fields: Any) -> ModelCard:
@@ -99,3 +122,14 @@ def load_model(folder: str | Path) -> tuple[GroupedNet, ModelCard]:
         )
     model.eval()
     return model, card
+
+
+def model_scores(model: GroupedNet, card: ModelCard, images: torch.Tensor, device: torch.device) -> np.ndarray:
+    """The scores a saved model gives ``images``, its card's calibration applied: what the model's
+    threshold is meant for. Every scorer of a model folder (evaluate, adapt, site-train --init) uses it."""
+    from fedfreeze.training.engine import predict_scores
+
+    scores = predict_scores(model, images, device)
+    if card.calibration is not None and scores.ndim == 1:
+        scores = card.calibration.apply(scores)
+    return scores
