@@ -1,4 +1,9 @@
-"""``fedfreeze evaluate``: score a saved model folder on labelled data it never saw."""
+"""``fedfreeze evaluate``: score a saved model folder on labelled data it never saw.
+
+For a binary model this is an external validation (``fedfreeze.evaluation.external``): the
+contract metrics at the stored threshold with patient-level bootstrap intervals, calibration and a
+threshold analysis. Multi-class models get the contract metrics only.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from fedfreeze.data.dataset import load_image_set
+from fedfreeze.errors import ConfigError, DataError
+from fedfreeze.evaluation.external import external_validation
 from fedfreeze.metrics import classification_metrics
-from fedfreeze.model_io import load_model
-from fedfreeze.training.engine import predict_scores, resolve_device
+from fedfreeze.model_io import load_model, model_scores, read_card
+from fedfreeze.training.engine import resolve_device
 
 
 def evaluate_model(
@@ -18,12 +25,23 @@ def evaluate_model(
     split: str | None = None,
     device: str = "auto",
     progress: bool = False,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    allow_single_class: bool = False,
 ) -> dict[str, Any]:
     """Metrics of the model in ``model_dir`` on ``data_path`` at the model's stored threshold.
 
-    The returned keys ``auroc, balanced_accuracy, f1, sensitivity, specificity, n`` are a stable
-    contract: every model, site-level or federated, is judged by them.
+    The returned keys ``auroc, balanced_accuracy, f1, sensitivity, specificity, n`` (and, for a binary
+    model, ``threshold, tp, fp, tn, fn``) are a stable contract: every model, site-level or federated,
+    is judged by them. A binary model adds ``ci``, ``calibration``, ``thresholds`` and
+    ``score_summary`` (see ``external_validation``); ``bootstrap=0`` turns the intervals off.
+
+    Data holding one class only is a ``DataError``, unless ``allow_single_class`` (binary models):
+    then the undefined metrics are ``None`` and ``single_class`` names the class present, so the
+    caller can still report what is defined.
     """
+    if bootstrap < 0:
+        raise ConfigError(f"bootstrap (--bootstrap) should be 0 (no intervals) or a positive count, got {bootstrap}")
     model, card = load_model(model_dir)
     cfg = card.model
     data = load_image_set(
@@ -36,7 +54,73 @@ def evaluate_model(
         progress=progress,
     )
     data.require_nonempty()
-    data.require_classes(2, why="AUROC needs both classes in the evaluation data")
-    scores = predict_scores(model, data.images, resolve_device(device))
-    metrics = classification_metrics(data.labels.numpy(), scores, card.threshold)
-    return {**metrics, "model": str(model_dir), "data": str(data_path), "backbone": cfg.backbone}
+    binary = cfg.num_classes == 2
+    if not (binary and allow_single_class):
+        data.require_classes(2, why="AUROC needs both classes in the evaluation data")
+    scores = model_scores(model, card, data.images, resolve_device(device))
+    about = {"model": str(model_dir), "data": str(data_path), "backbone": cfg.backbone}
+    if not binary:
+        return {**classification_metrics(data.labels.numpy(), scores, card.threshold), **about}
+    result = external_validation(data.labels.numpy(), scores, data.patient_ids, card.threshold,
+                                 bootstrap=bootstrap, seed=seed)
+    card_calibration = card.calibration.model_dump(by_alias=True) if card.calibration is not None else None
+    return {**result, **about, "class_names": list(card.class_names), "score_calibration": card_calibration}
+
+
+def single_class_message(result: dict[str, Any]) -> str:
+    """The one line that says why AUROC and balanced accuracy are missing: which file, which class."""
+    label = result["single_class"]
+    name = result["class_names"][label] if "class_names" in result else str(label)
+    return (f"{result['data']}: only class {name!r} (label {label}, n={result['n']}) is present, so AUROC and "
+            f"balanced accuracy are undefined (they need both classes); the defined figures are printed")
+
+
+def format_text(result: dict[str, Any]) -> str:
+    """Plain-text lines: each metric with its interval, then Brier and ECE, the threshold and n."""
+    lines = []
+    ci = result.get("ci") or {}
+    calibration = result.get("calibration")
+    for key in ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity"):
+        if key in result:
+            lines.append(_metric_line(key, result[key], ci.get(key)))
+    if calibration is not None:
+        lines.append(_metric_line("brier", calibration["brier"], ci.get("brier")))
+        lines.append(_metric_line("ece", calibration["ece"], ci.get("ece")))
+        lines.append(f"{'mean_score':<18} {calibration['mean_score']:.4f}  "
+                     f"(observed positive rate {calibration['observed_positive_rate']:.4f})")
+    if "threshold" in result:
+        lines.append(f"{'threshold':<18} {result['threshold']:.4f}  (the model's stored threshold)")
+    if "n_patients" in result:
+        lines.append(f"{'n':<18} {result['n']}  ({result['n_patients']} patients, {result['n_positive']} positive, "
+                     f"{result['n_negative']} negative)")
+    elif "n" in result:
+        lines.append(f"{'n':<18} {result['n']}")
+    if ci:
+        lines.append(f"intervals: {ci['confidence']:.0%} {ci['method']}, {ci['replicates']} replicates, "
+                     f"seed {ci['seed']}")
+    if "thresholds" in result:
+        lines.append("threshold analysis (the Youden row is diagnostic only, not for choosing a threshold: "
+                     "it is fitted to the data it is scored on):")
+        for row in result["thresholds"]["rows"]:
+            lines.append(f"  {row['name']:<20} t={row['threshold']:.4f}  sensitivity {_fmt(row['sensitivity'])}  "
+                         f"specificity {_fmt(row['specificity'])}  balanced_accuracy {_fmt(row['balanced_accuracy'])}")
+    return "\n".join(lines)
+
+
+def require_binary_model(model_dir: str | Path, what: str) -> None:
+    """Calibration, score plots and intervals exist for binary models only: say so before scoring."""
+    card = read_card(model_dir)
+    if card.model.num_classes != 2:
+        raise DataError(f"{what} needs a binary model; {model_dir} has {card.model.num_classes} classes "
+                        f"(run without {what} for its contract metrics)")
+
+
+def _metric_line(key: str, value: float | None, interval: list[float] | None) -> str:
+    if value is None:
+        return f"{key:<18} undefined (one class only)"
+    line = f"{key:<18} {value:.4f}"
+    return line + f"  [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else line
+
+
+def _fmt(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.4f}"
