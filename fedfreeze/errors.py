@@ -15,3 +15,7 @@ class DataError(FedfreezeError, ValueError):
 
 class CheckpointError(FedfreezeError, ValueError):
     """A weights file does not match the architecture it is loaded into."""
+
+
+class ProtocolError(FedfreezeError):
+    """A message between coordinator and site does not follow the round contract (federation/protocol.py)."""

@@ -19,25 +19,34 @@ import numpy as np
 import torch
 
 from fedfreeze.config import resolve_bn_stats
-from fedfreeze.errors import FedfreezeError
+from fedfreeze.errors import FedfreezeError, ProtocolError
 from fedfreeze.federation.config import FedConfig
-from fedfreeze.federation.dual_stage import DUAL, DualStage, base_arrays
-from fedfreeze.federation.exchange import ExchangePlan, check_arrays, frozen_hash, plan_exchange, subset
+from fedfreeze.federation.dual_stage import DualStage, base_arrays
+from fedfreeze.federation.exchange import (
+    ExchangePlan,
+    check_arrays,
+    frozen_hash,
+    get_trainable_state,
+    plan_for,
+    set_trainable_state,
+)
 from fedfreeze.federation.pooled import (
     SiteStats,
+    choose_threshold,
     pooled_metrics,
     pooled_multiclass_metrics,
     score_bin_edges,
     snap_threshold,
-    threshold_for_sensitivity,
+    threshold_interval,
     weighted_mean,
-    youden_threshold_from_histograms,
 )
+from fedfreeze.federation.protocol import DUAL, EVALUATE_ROLE, RoundOrders
+from fedfreeze.federation.rounds import RoundPlan, plan_round
 from fedfreeze.federation.report import json_default
 from fedfreeze.model_io import make_card, save_model
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import build_model
-from fedfreeze.training.schedule import adapter_groups, check_groups, trainable_parts
+from fedfreeze.training.schedule import adapter_groups, check_groups
 
 log = logging.getLogger("fedfreeze.coordinator")
 
@@ -61,6 +70,7 @@ class Reply:
     frozen_hash: str
     bytes_down: int = 0
     bytes_up: int = 0
+    role: str = "train"  # protocol.TRAIN_ROLE, or EVALUATE_ROLE for a site that only scores the global model
 
 
 @dataclass
@@ -76,6 +86,8 @@ class RoundRecord:
     weighted_mean: dict[str, float] | None = None
     threshold_used: float | None = None
     threshold_next: float | None = None
+    threshold_interval: list[float] | None = None  # bootstrap interval of threshold_next under the rule
+    evaluation_sites: dict[str, Any] | None = None  # pooled figures of the sites that never train, kept apart
     round_seconds: float = 0.0
     bytes_down: int = 0
     bytes_up: int = 0
@@ -97,80 +109,66 @@ class Coordinator:
         self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         # train.recipe = "dual": the first rounds train the dual model, whose state is the global
         # state until the merge (dual_stage.py explains the design)
-        self.dual = (DualStage(cfg.model, self.fed.dual_rounds, self.fed.seed, self.fed.dual_lr_decay)
+        self.dual = (DualStage(cfg.model, self.fed.dual_rounds, self.fed.seed)
                      if cfg.train.recipe == "dual" else None)
         if self.dual is not None:
             self.state = self.dual.initial_state()
-        # train.freezing = "dynamic": a site returns only the arrays it updated (exchange.changed_keys)
-        self.partial_replies = cfg.train.freezing == "dynamic"
         self.binary = cfg.model.num_classes == 2
         self.edges = score_bin_edges(self.fed.score_bins)
         self.threshold = snap_threshold(0.5, self.edges) if self.binary else 0.5
         self.completed = 0
         self.history: list[RoundRecord] = []
+        # federation.export = "best": the global model with the best pooled validation AUROC so far
+        # (the model a round's sites scored before training: the one after the previous round)
+        self.best: dict[str, Any] | None = None
+        self.probe_state: dict[str, torch.Tensor] | None = None  # WiSE-FT's start: the model after the probe rounds
         self.failed_round: RoundRecord | None = None  # the round that stopped the run, with its reasons
         self.started = time.time()
+        # node id -> site name, from the sites' replies: progress lines and failure records name the site
+        self.node_names: dict[int, str] = {}
 
     # ------------------------------------------------------------------ schedule
-    def parts(self, rnd: int) -> frozenset[str]:
-        """Trainable parts of round ``rnd`` (1-based): probe rounds, then top-down unfreezing (after the
-        dual stage's rounds, which train everything, under ``train.recipe = "dual"``)."""
-        step = self._schedule_round(rnd)
-        if step is None:
-            return self.dual.parts
-        return trainable_parts(step - 1, probe_steps=self.fed.probe_rounds, finetune_steps=self.fed.finetune_rounds,
-                               unfreeze=self.fed.unfreeze, method=self.fed.method)
-
-    def local_epochs(self, rnd: int) -> int:
-        step = self._schedule_round(rnd)
-        if step is None:
-            return self.fed.dual_local_epochs
-        return self.fed.probe_local_epochs if step <= self.fed.probe_rounds else self.fed.local_epochs
-
-    def _schedule_round(self, rnd: int) -> int | None:
-        """Round ``rnd`` counted in the probe/unfreezing schedule, or None for a dual-stage round."""
-        if self.dual is None:
-            return rnd
-        return None if self.dual.stage(rnd) == DUAL else rnd - self.fed.dual_rounds
+    def round_plan(self, rnd: int) -> RoundPlan:
+        return plan_round(rnd, self.fed, self.dual.parts if self.dual is not None else frozenset())
 
     def begin_round(self, rnd: int) -> None:
         """Under ``train.recipe = "dual"``: the first round after the dual stage merges the global dual model."""
-        if self.dual is not None and self.dual.stage(rnd) != DUAL and self.dual.is_dual_state(self.state):
+        if self.dual is not None and self.round_plan(rnd).stage != DUAL and self.dual.is_dual_state(self.state):
             self.state = self.dual.merge(self.state)
             log.info("round %d: the dual model of %d rounds merged into one single-input model", rnd, self.dual.rounds)
 
-    def plan(self, parts: frozenset[str]) -> ExchangePlan:
-        if self.dual is not None and self.dual.is_dual_state(self.state):
-            return self.dual.plan(parts, self.fed.bn_policy)
-        return plan_exchange(self.model, parts, bn_policy=self.fed.bn_policy,
-                             bn_stats=resolve_bn_stats(self.cfg.train, self.model.pretrained))
+    def orders(self, rnd: int) -> RoundOrders:
+        """Every decision about round ``rnd``, made here once; sites apply them as sent."""
+        plan = self.round_plan(rnd)
+        stage = plan.stage
+        return RoundOrders(
+            round=rnd,
+            stage=stage,  # type: ignore[arg-type]
+            parts=plan.parts,
+            local_epochs=plan.local_epochs,
+            model=self.cfg.model,
+            train=self.cfg.train,
+            adapter_groups=tuple(self.adapter_groups),
+            bn_policy=self.fed.bn_policy,
+            # the dual stage trains from scratch: its statistics are learnt and travel
+            bn_stats="update" if stage == DUAL else resolve_bn_stats(self.cfg.train, self.model.pretrained),
+            partial_replies=self.cfg.train.freezing == "dynamic" and stage != DUAL,
+            proximal_mu=self.fed.proximal_mu if self.fed.strategy == "fedprox" else 0.0,
+            lr_scale=plan.lr_scale,
+            val_fraction=self.fed.val_fraction,
+            threshold=self.threshold,
+            score_bins=self.fed.score_bins,
+            seed=self.fed.seed,
+            dp_weight=self.fed.dp != "off",
+            evaluation_sites=tuple(self.fed.evaluation_sites),
+        )
 
-    def orders(self, rnd: int, parts: frozenset[str]) -> dict[str, Any]:
-        """The round's instructions for every site (scalars and lists: they travel in a config record)."""
-        orders: dict[str, Any] = {
-            "round": rnd,
-            "parts": sorted(parts),
-            "local-epochs": self.local_epochs(rnd),
-            "site-config": self.cfg.site_payload(),
-            "bn-policy": self.fed.bn_policy,
-            "proximal-mu": self.fed.proximal_mu if self.fed.strategy == "fedprox" else 0.0,
-            "val-fraction": self.fed.val_fraction,
-            "threshold": self.threshold,
-            "score-bins": self.fed.score_bins,
-            "seed": self.fed.seed,
-        }
-        if self.fed.dp != "off":
-            orders["dp-weight"] = True
-        if self.adapter_groups:  # (Flower's ConfigRecord cannot size an empty list)
-            orders["adapter-groups"] = list(self.adapter_groups)
-        if self.dual is not None:
-            orders["stage"] = self.dual.stage(rnd)
-            if self.dual.stage(rnd) == DUAL:
-                orders["lr-scale"] = self.dual.lr_scale(rnd)
-        return orders
+    def plan(self, orders: RoundOrders) -> ExchangePlan:
+        model = self.dual.model if self.dual is not None and orders.stage == DUAL else self.model
+        return plan_for(model, orders)
 
     def arrays_for(self, plan: ExchangePlan) -> dict[str, torch.Tensor]:
-        return subset(self.state, plan.sent)
+        return get_trainable_state(self.state, plan)
 
     def base_for(self, plan: ExchangePlan) -> dict[str, torch.Tensor]:
         """Frozen arrays sent down with a round's trainable ones: under ``train.recipe = "dual"``, after
@@ -183,12 +181,18 @@ class Coordinator:
         return frozen_hash(self.state, plan)
 
     # ------------------------------------------------------------------ replies
-    def check(self, reply: Reply, plan: ExchangePlan, proof: str, *, with_arrays: bool = True) -> list[str]:
+    def check(self, reply: Reply, plan: ExchangePlan, proof: str, orders: RoundOrders, *, with_arrays: bool
+              ) -> list[str]:
         """Reasons to reject a reply (empty when it is valid). Nothing of a rejected reply is used."""
         problems = []
-        if with_arrays:
+        role = orders.role_of(reply.site)
+        if reply.role != role:
+            problems.append(f"replied as a {reply.role!r} site, but the orders make {reply.site!r} a {role!r} site")
+        elif with_arrays and role == EVALUATE_ROLE and reply.arrays:
+            problems.append("an evaluation-only site returned arrays")
+        elif with_arrays and role != EVALUATE_ROLE:
             expected = {k: v.numpy() for k, v in self.arrays_for(plan).items()}
-            problems += check_arrays(reply.arrays, expected, partial=self.partial_replies)
+            problems += check_arrays(reply.arrays, expected, partial=orders.partial_replies)
             sent_bytes = sum(v.nbytes for v in expected.values())
             if reply.bytes_up > sent_bytes + PAYLOAD_SLACK_BYTES:
                 problems.append(f"payload of {reply.bytes_up} bytes, far larger than the {sent_bytes} bytes sent")
@@ -212,21 +216,21 @@ class Coordinator:
             raise ValueError(f"val-confusion should hold {k * k} non-negative counts")
         return flat.reshape(k, k)
 
-    def apply(self, plan: ExchangePlan, aggregated: dict[str, np.ndarray]) -> None:
+    def apply(self, plan: ExchangePlan, aggregated: dict[str, np.ndarray], orders: RoundOrders) -> None:
         """Write aggregated arrays into the global state (only the round's keys, same dtypes; under
         dynamic freezing only the keys some site trained, the others keep their global value)."""
-        problems = check_arrays(aggregated, {k: self.state[k].numpy() for k in plan.sent},
-                                partial=self.partial_replies)
-        if problems:
-            raise FederationFailed("aggregation produced unusable arrays: " + "; ".join(problems))
-        for key in plan.sent:
-            if key in aggregated:
-                self.state[key] = torch.from_numpy(np.array(aggregated[key], copy=True))
+        try:
+            set_trainable_state(self.state, aggregated, plan, partial=orders.partial_replies, who="aggregation: ")
+        except ProtocolError as err:
+            raise FederationFailed(f"aggregation produced unusable arrays: {err}") from None
 
     # ------------------------------------------------------------------ metrics
     def pool(self, replies: list[Reply], record: RoundRecord) -> None:
-        """Pooled and weighted-mean validation figures; choose the next threshold."""
+        """Pooled and weighted-mean validation figures of the training sites; choose the next threshold.
+        Evaluation-only sites are pooled apart (``record.evaluation_sites``) and choose nothing."""
         record.threshold_used = self.threshold
+        evaluators = [r for r in replies if r.role == EVALUATE_ROLE]
+        replies = [r for r in replies if r.role != EVALUATE_ROLE]
         weights = [r.metrics["val-n"] for r in replies]
         record.weighted_mean = {
             key: weighted_mean([r.metrics[f"val-{key}"] for r in replies], weights)
@@ -237,20 +241,63 @@ class Coordinator:
             pooled = pooled_metrics(stats, self.edges)
             hist_neg = np.sum([s.hist_neg for s in stats], axis=0)
             hist_pos = np.sum([s.hist_pos for s in stats], axis=0)
-            self.threshold = self.choose_threshold(hist_neg, hist_pos)
+            rule = dict(target_sensitivity=self.fed.target_sensitivity, tolerance=self.fed.threshold_tolerance)
+            self.threshold = choose_threshold(self.fed.threshold, hist_neg, hist_pos, self.edges, **rule)
+            record.threshold_interval = list(threshold_interval(self.fed.threshold, hist_neg, hist_pos, self.edges,
+                                                                seed=self.fed.seed + record.round, **rule))
             record.pooled = {"at_threshold_used": pooled,
-                             "at_threshold_next": pooled_metrics(stats, self.edges, self.threshold)}
+                             "at_threshold_next": pooled_metrics(stats, self.edges, self.threshold),
+                             "at_0.5": pooled_metrics(stats, self.edges, snap_threshold(0.5, self.edges)),
+                             "histograms": {"neg": hist_neg.tolist(), "pos": hist_pos.tolist()}}
+            if evaluators:
+                external = [self.site_stats(r) for r in evaluators]
+                record.evaluation_sites = {
+                    "sites": [r.site for r in evaluators],
+                    "at_threshold_used": pooled_metrics(external, self.edges),
+                    "at_threshold_next": pooled_metrics(external, self.edges, self.threshold),
+                }
         else:
             record.pooled = {"at_threshold_used": pooled_multiclass_metrics([self.site_stats(r) for r in replies])}
+            if evaluators:
+                record.evaluation_sites = {"sites": [r.site for r in evaluators], "at_threshold_used":
+                                           pooled_multiclass_metrics([self.site_stats(r) for r in evaluators])}
         record.threshold_next = self.threshold
 
-    def choose_threshold(self, hist_neg: np.ndarray, hist_pos: np.ndarray) -> float:
-        rule = self.fed.threshold
-        if rule == "youden":
-            return youden_threshold_from_histograms(hist_neg, hist_pos, self.edges)
-        if rule == "target-sensitivity":
-            return threshold_for_sensitivity(hist_neg, hist_pos, self.edges, self.fed.target_sensitivity)
-        return snap_threshold(float(rule), self.edges)
+    def note_scored(self, record: RoundRecord, scored_state: dict[str, torch.Tensor], scored_after: int) -> None:
+        """``export = "best"``: keep ``scored_state`` (the global model after round ``scored_after``, which
+        this record's training sites scored) when its pooled validation AUROC is the best so far (ties go
+        to the later round). Evaluation-only sites never take part in this choice."""
+        if self.fed.export != "best":
+            return
+        pooled = (record.pooled or {}).get("at_threshold_used", {})
+        score = pooled.get("auroc", pooled.get("accuracy"))
+        if score is None or (self.best is not None and score < self.best["score"]):
+            return
+        self.best = {"round": scored_after, "score": float(score), "threshold": float(self.threshold),
+                     "threshold_interval": record.threshold_interval, "pooled": record.pooled,
+                     "state": {k: v.clone() for k, v in scored_state.items()}}
+
+    def should_stop(self) -> bool:
+        """``patience``: no better pooled validation AUROC in that many rounds."""
+        return bool(self.fed.patience and self.best is not None
+                    and self.completed - self.best["round"] > self.fed.patience)
+
+    def end_probe(self, rnd: int) -> None:
+        """Remember the model after the last probe round (WiSE-FT's start)."""
+        if self.fed.wise_alpha < 1.0 and rnd == self.fed.probe_rounds:
+            self.probe_state = {k: v.clone() for k, v in self.state.items()}
+
+    def apply_wise(self) -> None:
+        """WiSE-FT (Wortsman et al. 2022): move the fine-tuned global model back toward the probe-end model,
+        ``probe + alpha * (fine-tuned - probe)``, every floating array (counters keep their value)."""
+        if self.fed.wise_alpha >= 1.0 or self.probe_state is None:
+            return
+        alpha = self.fed.wise_alpha
+        for key, value in self.state.items():
+            if value.is_floating_point():
+                start = self.probe_state[key]
+                self.state[key] = start + alpha * (value - start)
+        log.info("WiSE-FT: the final model is the probe-end model + %.2f x (fine-tuned - probe-end)", alpha)
 
     def site_row(self, reply: Reply) -> dict[str, Any]:
         """One site's line in the round record: its size, time, bytes and local validation figures."""
@@ -267,9 +314,14 @@ class Coordinator:
         """Global state and schedule position after a completed round (written atomically)."""
         folder = self.out / CHECKPOINT_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "state.pt.tmp"
-        torch.save(self.state, tmp)
-        tmp.replace(folder / "state.pt")
+        kept = {"state": self.state, "best": self.best, "probe_state": self.probe_state}
+        for name, value in kept.items():
+            if value is None:
+                (folder / f"{name}.pt").unlink(missing_ok=True)
+                continue
+            tmp = folder / f"{name}.pt.tmp"
+            torch.save(value, tmp)
+            tmp.replace(folder / f"{name}.pt")
         progress = {"completed_rounds": self.completed, "threshold": self.threshold,
                     "history": [vars(r) for r in self.history], "config": self.cfg.model_dump(by_alias=True)}
         tmp = folder / "progress.json.tmp"
@@ -292,20 +344,40 @@ class Coordinator:
         if set(state) != expected:
             raise FederationFailed(f"{folder}/state.pt does not match the model")
         self.state = state
+        for name in ("best", "probe_state"):
+            if (folder / f"{name}.pt").is_file():
+                setattr(self, name, torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True))
         self.completed = int(progress["completed_rounds"])
         self.threshold = float(progress["threshold"])
         self.history = [RoundRecord(**r) for r in progress["history"]]
         log.info("resuming after round %d of %d", self.completed, self.fed.rounds)
         return True
 
-    def export_model(self) -> Path:
-        """The final global model as a model folder that ``fedfreeze evaluate`` reads."""
-        model: GroupedNet = self.model
-        model.load_state_dict(self.state)
-        card = make_card(model, self.cfg.model, threshold=self.threshold if self.binary else 0.5,
-                         trained_by="fedfreeze federation",
-                         notes={"rounds": self.fed.rounds, "strategy": self.fed.strategy,
-                                "bn_policy": self.fed.bn_policy,
-                                "threshold_rule": str(self.fed.threshold)})
-        return save_model(self.out / MODEL_DIR, model, card)
+    def exported(self) -> dict[str, Any]:
+        """Which global model is exported, and the threshold and pooled figures that go with it."""
+        if self.fed.export == "best" and self.best is not None:
+            return {"round": self.best["round"], "rule": "best pooled validation AUROC of the training sites",
+                    "threshold": self.best["threshold"], "threshold_interval": self.best["threshold_interval"],
+                    "pooled": self.best["pooled"], "state": self.best["state"]}
+        return {"round": self.completed, "rule": "last round", "threshold": self.threshold,
+                "threshold_interval": None, "pooled": None, "state": self.state}
 
+    def export_model(self, final: RoundRecord | None = None) -> tuple[Path, dict[str, Any]]:
+        """The exported global model as a model folder that ``fedfreeze evaluate`` reads, and what it is."""
+        if final is not None:
+            self.note_scored(final, self.state, self.completed)
+        chosen = self.exported()
+        if chosen["pooled"] is None and final is not None:
+            chosen["pooled"], chosen["threshold_interval"] = final.pooled, final.threshold_interval
+        model: GroupedNet = self.model
+        model.load_state_dict(chosen["state"])
+        threshold = chosen["threshold"] if self.binary else 0.5
+        card = make_card(model, self.cfg.model, threshold=threshold,
+                         trained_by="fedfreeze federation",
+                         notes={"rounds": self.completed, "rounds_planned": self.fed.rounds,
+                                "exported_round": chosen["round"], "export_rule": chosen["rule"],
+                                "strategy": self.fed.strategy, "bn_policy": self.fed.bn_policy,
+                                "wise_alpha": self.fed.wise_alpha, "threshold_rule": str(self.fed.threshold),
+                                "threshold_interval": chosen["threshold_interval"]})
+        info = {k: v for k, v in chosen.items() if k != "state"}
+        return save_model(self.out / MODEL_DIR, model, card), info

@@ -30,55 +30,32 @@ bytes but breaks with client sampling, failed rounds or a new site.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 
 from fedfreeze.config import ModelConfig
-from fedfreeze.federation.exchange import ExchangePlan, plan_exchange, subset
+from fedfreeze.federation.exchange import ExchangePlan, subset
 from fedfreeze.models.dual import HEAD_WEIGHT, DualNet, build_dual, merge_state
 
-DUAL = "dual"  # the stage of a round that trains the dual model
-SINGLE = "single"  # the stage of a round that trains a single-input model (the merged one, or any standard one)
-MIN_LR_SCALE = 0.05  # the cosine decay of the dual rounds' learning rate ends near this fraction
 
 
 class DualStage:
-    """The coordinator's view of the dual recipe: rounds, the dual model, its exchange plan and the merge."""
+    """The coordinator's view of the dual recipe: the dual model and the merge (its rounds: ``rounds.plan_round``)."""
 
-    def __init__(self, model_cfg: ModelConfig, dual_rounds: int, seed: int, lr_decay: str = "cosine") -> None:
+    def __init__(self, model_cfg: ModelConfig, dual_rounds: int, seed: int) -> None:
         with torch.random.fork_rng():  # seeded, without resetting the process's global generator
             torch.manual_seed(seed)
             self.model: DualNet = build_dual(model_cfg)
         self.rounds = dual_rounds
-        self.lr_decay = lr_decay
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-    def stage(self, rnd: int) -> str:
-        """The stage of round ``rnd`` (1-based)."""
-        return DUAL if rnd <= self.rounds else SINGLE
-
-    def lr_scale(self, rnd: int) -> float:
-        """The factor on ``train.dual.lr`` in dual round ``rnd``: 1 throughout, or (``cosine``) from 1 in
-        the first round down to about ``MIN_LR_SCALE`` in the last. Each round's local training still runs
-        its own one-cycle schedule; the decay across rounds lets the last rounds refine instead of
-        moving every site's model as far as the first ones (label-skewed sites drift apart)."""
-        if self.lr_decay == "none" or self.rounds <= 1:
-            return 1.0
-        progress = (min(rnd, self.rounds) - 1) / self.rounds
-        return MIN_LR_SCALE + (1 - MIN_LR_SCALE) * 0.5 * (1 + math.cos(math.pi * progress))
 
     @property
     def parts(self) -> frozenset[str]:
         """A dual round trains everything: both sub-models' groups and heads."""
         return frozenset(self.model.parts)
-
-    def plan(self, parts: frozenset[str], bn_policy: str) -> ExchangePlan:
-        """The dual model's exchange: BatchNorm statistics travel (the stage learns them)."""
-        return plan_exchange(self.model, parts, bn_policy=bn_policy, bn_stats="update")
 
     @staticmethod
     def is_dual_state(state: Mapping[str, torch.Tensor]) -> bool:

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
+from fedfreeze.errors import ProtocolError
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.training.features import tensors_hash
+
+if TYPE_CHECKING:
+    from fedfreeze.federation.protocol import RoundOrders
 
 BN_STAT_SUFFIXES = ("running_mean", "running_var")
 
@@ -62,6 +67,12 @@ def plan_exchange(
     return ExchangePlan(parts, tuple(sent), tuple(local), tuple(frozen))
 
 
+def plan_for(model: GroupedNet, orders: RoundOrders) -> ExchangePlan:
+    """The exchange plan of a round: the one function coordinator and site both call, on the model of
+    the round's stage and the orders as sent."""
+    return plan_exchange(model, orders.parts, bn_policy=orders.bn_policy, bn_stats=orders.bn_stats)
+
+
 def frozen_hash(state: Mapping[str, torch.Tensor], plan: ExchangePlan) -> str:
     """Hash of every array the round leaves frozen (the same on every honest site)."""
     return tensors_hash((k, state[k]) for k in plan.frozen)
@@ -70,6 +81,27 @@ def frozen_hash(state: Mapping[str, torch.Tensor], plan: ExchangePlan) -> str:
 def subset(state: Mapping[str, torch.Tensor], keys: Iterable[str]) -> dict[str, torch.Tensor]:
     """The named arrays, in the given order, detached on the CPU and contiguous."""
     return {k: state[k].detach().cpu().contiguous() for k in keys}
+
+
+def get_trainable_state(state: Mapping[str, torch.Tensor], plan: ExchangePlan) -> dict[str, torch.Tensor]:
+    """The arrays a round exchanges (``plan.sent``), in the plan's order: what the coordinator sends down."""
+    return subset(state, plan.sent)
+
+
+def set_trainable_state(
+    state: dict[str, torch.Tensor], arrays: Mapping[str, np.ndarray | torch.Tensor], plan: ExchangePlan, *,
+    partial: bool = False, who: str = "",
+) -> None:
+    """Write a round's arrays into ``state`` after the strict checks of ``check_arrays`` against the plan
+    (keys and their order, shapes, dtypes, finite values); anything wrong raises ``ProtocolError`` naming
+    it and leaves ``state`` untouched. ``partial``: keys may be missing (dynamic freezing's replies)."""
+    received = {k: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in arrays.items()}
+    problems = check_arrays(received, {k: state[k].numpy() for k in plan.sent}, partial=partial)
+    if problems:
+        raise ProtocolError(f"{who}the round's arrays do not match its plan: " + "; ".join(problems))
+    for key in plan.sent:
+        if key in received:
+            state[key] = torch.from_numpy(np.array(received[key], copy=True))
 
 
 def changed_keys(sent: Iterable[str], parameters: Iterable[str], trained: Iterable[str]) -> list[str]:

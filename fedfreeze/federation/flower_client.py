@@ -22,9 +22,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedfreeze.errors import ConfigError
 from fedfreeze.federation.config import site_sections
-from fedfreeze.federation.dual_stage import SINGLE
-from fedfreeze.federation.protocol import ARRAYS, BASE, CONFIG, METRICS, PROOF
-from fedfreeze.federation.site_runtime import RoundOrders, SiteReply, SiteRuntime
+from fedfreeze.federation.protocol import ARRAYS, BASE, CONFIG, METRICS, PROOF, RoundOrders
+from fedfreeze.federation.site_runtime import SiteReply, SiteRuntime
 
 log = logging.getLogger("flwr")  # Flower's handler prints it in the SuperNode's log
 
@@ -108,23 +107,7 @@ def sample_partition(partition: int, partitions: int, folder: Path) -> Path:
 
 
 def orders_from(config: ConfigRecord) -> RoundOrders:
-    model, train = site_sections(str(config["site-config"]))
-    return RoundOrders(
-        round=int(config["round"]),
-        parts=frozenset(str(p) for p in config["parts"]),
-        local_epochs=int(config["local-epochs"]),
-        model=model,
-        train=train,
-        adapter_groups=tuple(str(g) for g in config.get("adapter-groups", [])),
-        bn_policy=str(config.get("bn-policy", "average")),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        val_fraction=float(config.get("val-fraction", 0.25)),
-        threshold=float(config.get("threshold", 0.5)),
-        score_bins=int(config.get("score-bins", 200)),
-        seed=int(config.get("seed", 0)),
-        stage=str(config.get("stage", SINGLE)),
-        lr_scale=float(config.get("lr-scale", 1.0)),
-    )
+    return RoundOrders.from_config(dict(config))
 
 
 def to_reply(message: Message, result: SiteReply, site: str, *, with_arrays: bool) -> Message:
@@ -133,20 +116,20 @@ def to_reply(message: Message, result: SiteReply, site: str, *, with_arrays: boo
         metrics["num-examples"] = int(metrics.get("val-n", 0))
     content = RecordDict({
         METRICS: MetricRecord(metrics),
-        PROOF: ConfigRecord({"frozen-hash": result.frozen_hash, "site": site}),
+        PROOF: ConfigRecord({"frozen-hash": result.frozen_hash, "site": site, "role": result.role}),
     })
     if with_arrays:
         content[ARRAYS] = ArrayRecord(result.arrays)
     return Message(content=content, reply_to=message)
 
 
-def received_arrays(message: Message) -> dict[str, torch.Tensor]:
-    """The round's arrays, with the frozen ``base`` arrays first when the coordinator sent them
+def received_arrays(message: Message) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The round's trainable arrays, and the frozen ``base`` arrays when the coordinator sent them
     (merged rounds of ``train.recipe = "dual"``: they load into the model, the reply never holds them)."""
     arrays = message.content[ARRAYS].to_torch_state_dict()
     if BASE in message.content.array_records:
-        return {**message.content[BASE].to_torch_state_dict(), **arrays}
-    return arrays
+        return arrays, message.content[BASE].to_torch_state_dict()
+    return arrays, {}
 
 
 def dp_clipping_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -181,9 +164,10 @@ def logged_failures(handler: Callable[[Message, Context], Message]) -> Callable[
 def handle_train(message: Message, context: Context) -> Message:
     runtime = runtime_for(context)
     config = message.content[CONFIG]
-    result = runtime.train(orders_from(config), received_arrays(message))
+    orders = orders_from(config)
+    result = runtime.train(orders, *received_arrays(message))
     result.metrics["process-seconds"] = process_seconds()
-    if config.get("dp-weight", False):  # DP accounting needs equal weights: every site counts once
+    if orders.dp_weight:  # DP accounting needs equal weights: every site counts once
         result.metrics["dp-weight"] = 1
     return to_reply(message, result, runtime.site, with_arrays=True)
 
@@ -191,7 +175,7 @@ def handle_train(message: Message, context: Context) -> Message:
 @logged_failures
 def handle_evaluate(message: Message, context: Context) -> Message:
     runtime = runtime_for(context)
-    result = runtime.evaluate(orders_from(message.content[CONFIG]), received_arrays(message))
+    result = runtime.evaluate(orders_from(message.content[CONFIG]), *received_arrays(message))
     result.metrics["process-seconds"] = process_seconds()
     return to_reply(message, result, runtime.site, with_arrays=False)
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -30,7 +32,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from fedfreeze.federation.config import FedConfig, from_run_config
 from fedfreeze.federation.coordinator import Coordinator, FederationFailed, Reply, RoundRecord
 from fedfreeze.federation.exchange import ExchangePlan, key_groups
-from fedfreeze.federation.protocol import ARRAYS, BASE, METRICS, PROOF
+from fedfreeze.federation.protocol import ARRAYS, BASE, EVALUATE_ROLE, METRICS, PROOF, TRAIN_ROLE, RoundOrders
 from fedfreeze.federation.report import write_report
 
 log = logging.getLogger("fedfreeze.server")
@@ -85,18 +87,39 @@ def privacy_spent(strategy: Strategy) -> dict[str, Any] | None:
             "method": spent.accounting_method}
 
 
+PROGRESS_SECONDS = 10.0  # how often a wait (for sites to connect, for a round's replies) says where it stands
+
+
+def site_label(node: int, names: Mapping[int, str]) -> str:
+    """A site's name when a reply has told us, else its node id."""
+    return names.get(node, f"node {node}")
+
+
+def listing(nodes: Iterable[int], names: Mapping[int, str]) -> str:
+    return ", ".join(sorted(site_label(n, names) for n in nodes)) or "none"
+
+
 def wait_for_sites(grid: Grid, coord: Coordinator) -> int:
     """Wait until ``min-sites`` sites are connected; a federation that cannot start fails, it does not hang.
 
-    (Flower's strategies wait for nodes forever.)
+    (Flower's strategies wait for nodes forever.) While it waits it logs, every ``PROGRESS_SECONDS``,
+    who is connected, how many are needed and how long until it gives up.
     """
-    deadline = time.monotonic() + coord.fed.site_wait
-    while (connected := len(list(grid.get_node_ids()))) < coord.fed.min_sites:
-        if time.monotonic() > deadline:
-            raise FederationFailed(f"{connected} site(s) connected after {coord.fed.site_wait:.0f} s; "
-                                   f"min-sites is {coord.fed.min_sites}")
+    started = time.monotonic()
+    deadline = started + coord.fed.site_wait
+    next_note = started  # the first shortfall is reported at once
+    while len(nodes := list(grid.get_node_ids())) < coord.fed.min_sites:
+        now = time.monotonic()
+        if now > deadline:
+            raise FederationFailed(f"{len(nodes)} site(s) connected after {coord.fed.site_wait:.0f} s; "
+                                   f"min-sites is {coord.fed.min_sites} (connected: "
+                                   f"{listing(nodes, coord.node_names)})")
+        if now >= next_note:
+            log.info("waiting for sites: %d connected (%s), min-sites is %d; giving up in %.0f s",
+                     len(nodes), listing(nodes, coord.node_names), coord.fed.min_sites, deadline - now)
+            next_note = now + PROGRESS_SECONDS
         time.sleep(POLL_SECONDS)
-    return connected
+    return len(nodes)
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -104,11 +127,15 @@ def record_bytes(content: RecordDict) -> int:
     return sum(record.count_bytes() for record in content.values())
 
 
-def unpack(message: Message, bytes_down: int) -> Reply | str:
-    """A reply's contents, or why it cannot be read."""
-    node = message.metadata.src_node_id
+def unpack(message: Message, bytes_down: int, node: int | None = None) -> Reply | str:
+    """A reply's contents, or why it cannot be read.
+
+    ``node``: the node the answered message went to (an error reply made by the SuperLink itself,
+    e.g. for a node that stopped sending heartbeats, names the SuperLink as its source, not the site).
+    """
+    node = message.metadata.src_node_id if node is None else node
     if message.has_error():
-        return f"node {node} failed: {message.error.reason}"
+        return error_reason(message)
     content = message.content
     try:
         metrics = dict(content[METRICS])
@@ -117,68 +144,135 @@ def unpack(message: Message, bytes_down: int) -> Reply | str:
         arrays = {k: v.numpy() for k, v in arrays_record.items()}
         bytes_up = record_bytes(content)
     except (KeyError, TypeError, ValueError) as err:
-        return f"node {node}: malformed reply ({err})"
+        return f"malformed reply ({err})"
     return Reply(node=node, site=str(proof.get("site", node)), arrays=arrays, metrics=metrics,
-                 frozen_hash=str(proof.get("frozen-hash", "")), bytes_down=bytes_down, bytes_up=bytes_up)
+                 frozen_hash=str(proof.get("frozen-hash", "")), bytes_down=bytes_down, bytes_up=bytes_up,
+                 role=str(proof.get("role", TRAIN_ROLE)))
+
+
+def error_reason(message: Message) -> str:
+    """An error reply in words: what most likely happened, then Flower's own text."""
+    error = message.error
+    if error.code == ErrorCode.NODE_UNAVAILABLE:
+        return ("the site's SuperNode stopped reporting to the coordinator (stopped, crashed, or lost its "
+                f"network); Flower: {error.reason}")
+    if error.code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
+        return f"the message or its reply expired at the SuperLink; Flower: {error.reason}"
+    return f"the site failed: {error.reason}"
+
+
+def reply_site(message: Message) -> str | None:
+    """The site name a reply states, if it is a readable reply."""
+    if message.has_error():
+        return None
+    try:
+        return str(message.content[PROOF]["site"])
+    except (KeyError, TypeError):
+        return None
 
 
 POLL_SECONDS = 0.2
 
 
-def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float) -> list[Message]:
+@dataclass
+class Exchanged:
+    """What came back for one batch of messages, each reply matched to the message it answers."""
+
+    sent: dict[str, int]  # message id -> the node it went to
+    unsent: list[int]  # nodes whose message the SuperLink did not take
+    replies: dict[str, tuple[Message, float]] = field(default_factory=dict)  # message id -> (reply, seconds)
+    seconds: float = 0.0  # from the push to the last reply, or to the timeout
+
+
+def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float,
+                     names: dict[int, str] | None = None, what: str = "round") -> Exchanged:
     """Push the messages, then poll for replies every 0.2 s until all are in or ``timeout`` passes.
 
     Flower's ``Grid.send_and_receive`` polls every 3 s, which alone adds 1.5 s to every round on
-    average; the sites' own polling (3 s, inside flower-supernode) is not ours to change.
+    average; the sites' own polling (3 s, inside flower-supernode) is not ours to change. Every
+    ``PROGRESS_SECONDS`` it logs which sites have replied, which are pending and the seconds left.
+    ``names`` (node -> site) is completed from the replies as they come in.
     """
-    ids = [mid for mid in grid.push_messages(messages) if mid]
-    pending = set(ids)
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout
+    names = {} if names is None else names
+    started = time.monotonic()
+    ids = list(grid.push_messages(messages))
+    sent = {mid: m.metadata.dst_node_id for m, mid in zip(messages, ids) if mid}
+    unsent = [m.metadata.dst_node_id for i, m in enumerate(messages) if i >= len(ids) or not ids[i]]
+    result = Exchanged(sent=sent, unsent=unsent)
+    pending = set(sent)
+    deadline = started + timeout
+    next_note = started + PROGRESS_SECONDS
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(list(pending)):
-            replies.append(reply)
-            pending.discard(reply.metadata.reply_to_message_id)
+            mid = reply.metadata.reply_to_message_id
+            if mid not in pending:  # a second answer to one message: the first one counts
+                continue
+            pending.discard(mid)
+            result.replies[mid] = (reply, time.monotonic() - started)
+            if (site := reply_site(reply)) is not None:
+                names[sent[mid]] = site
+        now = time.monotonic()
+        if pending and now >= next_note:
+            answered = [sent[m] for m in result.replies]
+            log.info("%s: %d of %d sites replied (%s); waiting for %d (%s); giving up in %.0f s", what,
+                     len(answered), len(sent), listing(answered, names), len(pending),
+                     listing((sent[m] for m in pending), names), max(deadline - now, 0.0))
+            next_note = now + PROGRESS_SECONDS
         if pending:
             time.sleep(POLL_SECONDS)
-    return replies
+    result.seconds = time.monotonic() - started
+    return result
 
 
 def exchange(
-    grid: Grid, messages: Iterable[Message], coord: Coordinator, plan: ExchangePlan, record: RoundRecord,
-    *, with_arrays: bool,
+    grid: Grid, messages: Iterable[Message], coord: Coordinator, plan: ExchangePlan, orders: RoundOrders,
+    record: RoundRecord, *, with_arrays: bool,
 ) -> tuple[list[Message], list[Reply]]:
-    """Send a round's messages, then sort the replies into valid ones and logged rejections."""
+    """Send a round's messages, then sort the replies into valid ones, rejections and failures.
+
+    Every node sent a message ends in exactly one of the three: a failure record holds the true
+    cause (Flower's error reply, matched to the node by the message it answers, or the timeout),
+    the seconds it took and the site's name when a reply has told us. ``min-sites`` counts valid
+    replies of training sites; evaluation-only sites come on top."""
     messages = list(messages)
     bytes_down = {m.metadata.dst_node_id: record_bytes(m.content) for m in messages}
-    replies = send_and_receive(grid, messages, timeout=coord.fed.round_timeout)
+    what = f"round {record.round}" if with_arrays else "final evaluation"
+    got = send_and_receive(grid, messages, timeout=coord.fed.round_timeout, names=coord.node_names, what=what)
     proof = coord.expected_hash(plan)
     valid_msgs, valid = [], []
-    answered = set()
-    for message in replies:
-        node = message.metadata.src_node_id
-        answered.add(node)
-        reply = unpack(message, bytes_down.get(node, 0))
-        if isinstance(reply, str):
-            record.failures.append({"node": node, "reason": reply})
-            log.warning("round %d: %s", record.round, reply)
+
+    def fail(node: int, reason: str, seconds: float) -> None:
+        site = coord.node_names.get(node)
+        record.failures.append({"node": node, "site": site, "reason": reason, "seconds": round(seconds, 1)})
+        log.warning("%s: %s failed after %.0f s: %s", what, site_label(node, coord.node_names), seconds, reason)
+
+    for node in got.unsent:
+        fail(node, "the SuperLink did not accept the message for this site", 0.0)
+    for mid, node in got.sent.items():
+        if mid not in got.replies:
+            fail(node, f"no reply within {coord.fed.round_timeout:.0f} s", got.seconds)
             continue
-        problems = coord.check(reply, plan, proof, with_arrays=with_arrays)
+        message, seconds = got.replies[mid]
+        reply = unpack(message, bytes_down.get(node, 0), node=node)
+        if isinstance(reply, str):
+            fail(node, reply, seconds)
+            continue
+        coord.node_names[node] = reply.site
+        problems = coord.check(reply, plan, proof, orders, with_arrays=with_arrays)
         if problems:
             record.rejected.append({"node": node, "site": reply.site, "reasons": problems})
-            log.warning("round %d: rejected the reply of site %s: %s", record.round, reply.site, "; ".join(problems))
+            log.warning("%s: rejected the reply of site %s: %s", what, reply.site, "; ".join(problems))
             continue
         valid_msgs.append(message)
         valid.append(reply)
-    for node in set(bytes_down) - answered:
-        record.failures.append({"node": node, "reason": f"no reply within {coord.fed.round_timeout:.0f} s"})
     record.bytes_down = sum(bytes_down.values())
     record.bytes_up = sum(r.bytes_up for r in valid)
-    if len(valid) < coord.fed.min_sites:
+    training = sum(r.role != EVALUATE_ROLE for r in valid)
+    if training < coord.fed.min_sites:
         coord.failed_round = record
         raise FederationFailed(
-            f"round {record.round}: {len(valid)} valid replies, fewer than min-sites = {coord.fed.min_sites} "
-            f"({len(record.failures)} failed, {len(record.rejected)} rejected)"
+            f"round {record.round}: {training} valid replies of training sites, fewer than min-sites = "
+            f"{coord.fed.min_sites} ({len(record.failures)} failed, {len(record.rejected)} rejected)"
         )
     return valid_msgs, valid
 
@@ -227,16 +321,20 @@ def train_round(grid: Grid, coord: Coordinator, strategy: Strategy, rnd: int) ->
     started = time.perf_counter()
     wait_for_sites(grid, coord)
     coord.begin_round(rnd)
-    parts = coord.parts(rnd)
-    plan = coord.plan(parts)
-    record = RoundRecord(round=rnd, parts=sorted(parts), evaluated_model=f"global model after round {rnd - 1}")
+    orders = coord.orders(rnd)
+    plan = coord.plan(orders)
+    record = RoundRecord(round=rnd, parts=sorted(orders.parts), evaluated_model=f"global model after round {rnd - 1}")
     arrays = ArrayRecord(coord.arrays_for(plan))
-    messages = strategy.configure_train(rnd, arrays, ConfigRecord(coord.orders(rnd, parts)), grid)
+    messages = strategy.configure_train(rnd, arrays, ConfigRecord(orders.to_config()), grid)
     messages = with_base(messages, coord.base_for(plan))
-    valid_msgs, valid = exchange(grid, messages, coord, plan, record, with_arrays=True)
-    coord.apply(plan, aggregate_per_key(strategy, rnd, valid_msgs, valid, plan))
+    valid_msgs, valid = exchange(grid, messages, coord, plan, orders, record, with_arrays=True)
+    training = [i for i, r in enumerate(valid) if r.role != EVALUATE_ROLE]  # evaluation-only sites train nothing
+    scored = dict(coord.state)  # the model every site scored before training (apply replaces arrays, in no place)
+    coord.apply(plan, aggregate_per_key(strategy, rnd, [valid_msgs[i] for i in training],
+                                        [valid[i] for i in training], plan), orders)
     record.privacy = privacy_spent(strategy)
     coord.pool(valid, record)
+    coord.note_scored(record, scored, rnd - 1)
     record.sites = [coord.site_row(r) for r in valid]
     record.round_seconds = time.perf_counter() - started
     return record
@@ -246,14 +344,14 @@ def final_evaluation(grid: Grid, coord: Coordinator, strategy: Strategy) -> Roun
     """Score the final global model at every site; the pooled figures choose the stored threshold."""
     started = time.perf_counter()
     wait_for_sites(grid, coord)
-    rnd = coord.fed.rounds
-    parts = coord.parts(rnd)
-    plan = coord.plan(parts)
-    record = RoundRecord(round=rnd + 1, parts=sorted(parts), evaluated_model=f"global model after round {rnd}")
-    orders = coord.orders(rnd, parts)
-    messages = strategy.configure_evaluate(rnd, ArrayRecord(coord.arrays_for(plan)), ConfigRecord(orders), grid)
+    rnd = coord.completed
+    orders = coord.orders(rnd)
+    plan = coord.plan(orders)
+    record = RoundRecord(round=rnd + 1, parts=sorted(orders.parts), evaluated_model=f"global model after round {rnd}")
+    messages = strategy.configure_evaluate(rnd, ArrayRecord(coord.arrays_for(plan)), ConfigRecord(orders.to_config()),
+                                           grid)
     messages = with_base(messages, coord.base_for(plan))
-    _, valid = exchange(grid, messages, coord, plan, record, with_arrays=False)
+    _, valid = exchange(grid, messages, coord, plan, orders, record, with_arrays=False)
     coord.pool(valid, record)
     record.sites = [coord.site_row(r) for r in valid]
     record.round_seconds = time.perf_counter() - started
@@ -272,16 +370,24 @@ def run_federation(grid: Grid, context: Context) -> None:
              cfg.federation.probe_rounds, cfg.federation.strategy, coord.out)
     try:
         for rnd in range(coord.completed + 1, cfg.federation.rounds + 1):
+            if coord.should_stop():
+                log.info("stopping early after round %d: no better pooled validation AUROC since the model after "
+                         "round %d (patience %d)", coord.completed, coord.best["round"], cfg.federation.patience)
+                break
             record = train_round(grid, coord, strategy, rnd)
             coord.history.append(record)
             coord.completed = rnd
+            coord.end_probe(rnd)
             coord.checkpoint()
             write_report(coord, status="running")
             log_round(record)
+        coord.apply_wise()
         final = final_evaluation(grid, coord, strategy)
-        log_round(final)
-        model_dir = coord.export_model()
-        write_report(coord, status="completed", final=final, model_dir=model_dir)
+        log_round(final, final=True)
+        model_dir, exported = coord.export_model(final)
+        log.info("exported the global model after round %d (%s) with threshold %.3f", exported["round"],
+                 exported["rule"], exported["threshold"])
+        write_report(coord, status="completed", final=final, model_dir=model_dir, exported=exported)
     except Exception as err:
         write_report(coord, status="failed", reason=f"{type(err).__name__}: {err}")
         raise
@@ -302,16 +408,25 @@ def _sampled_sites(grid: Grid, coord: Coordinator) -> int:
     return max(int(wait_for_sites(grid, coord) * coord.fed.fraction_train), coord.fed.min_sites)
 
 
-def log_round(record: RoundRecord) -> None:
+def log_round(record: RoundRecord, *, final: bool = False) -> None:
+    """One line per round: what was scored, at which threshold, by the training sites' validation and,
+    apart, by the evaluation-only sites (data no site trained on)."""
     pooled = (record.pooled or {}).get("at_threshold_used", {})
     mean = record.weighted_mean or {}
     # binary: AUROC from the pooled histograms; multi-class: accuracy from the pooled confusion matrices
     first, key = ("AUROC", "auroc") if "auroc" in pooled else ("accuracy", "accuracy")
+    at = f" at threshold {record.threshold_used:.3f}" if "auroc" in pooled and record.threshold_used is not None else ""
+    label = "final evaluation" if final else f"round {record.round} [{'+'.join(record.parts)}]"
+    external = ""
+    if record.evaluation_sites:
+        ext = record.evaluation_sites["at_threshold_used"]
+        external = (f" | evaluation-only sites ({', '.join(record.evaluation_sites['sites'])}): {first} "
+                    f"{ext.get(key, float('nan')):.4f}, balanced acc {ext.get('balanced_accuracy', float('nan')):.4f}")
     log.info(
-        "round %d [%s] %s: pooled %s %.4f, balanced acc %.4f, F1 %.4f (weighted mean of sites: AUROC %.4f) "
+        "%s, %s: validation %s %.4f, balanced acc %.4f, F1 %.4f%s (weighted mean of sites: AUROC %.4f)%s "
         "| %d sites, %d rejected, %d failed, up %d B, %.1f s",
-        record.round, "+".join(record.parts), record.evaluated_model, first, pooled.get(key, float("nan")),
-        pooled.get("balanced_accuracy", float("nan")), pooled.get("f1", float("nan")),
-        mean.get("auroc", float("nan")), len(record.sites), len(record.rejected), len(record.failures),
+        label, record.evaluated_model, first, pooled.get(key, float("nan")),
+        pooled.get("balanced_accuracy", float("nan")), pooled.get("f1", float("nan")), at,
+        mean.get("auroc", float("nan")), external, len(record.sites), len(record.rejected), len(record.failures),
         record.bytes_up, record.round_seconds,
     )

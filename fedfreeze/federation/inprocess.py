@@ -21,7 +21,7 @@ from typing import Any
 from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedfreeze.federation.config import FedConfig
+from fedfreeze.federation.config import SITE_SCHEDULE_KEYS, FedConfig
 from fedfreeze.federation.flower_server import run_federation
 from fedfreeze.federation.local_grid import LocalGrid
 from fedfreeze.federation.report import METRICS_FILE
@@ -89,7 +89,10 @@ def run_in_process(cfg: FedConfig, out_dir: str | Path, sites: Mapping[str, str 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = out / CONFIG_FILE
-    config.write_text(toml_text(cfg.model_dump(mode="json", by_alias=True)), encoding="utf-8")
+    data = cfg.model_dump(mode="json", by_alias=True)
+    for key in SITE_SCHEDULE_KEYS:  # a federation's schedule is [federation]'s (config.check_one_schedule)
+        data["train"].pop(key, None)
+    config.write_text(toml_text(data), encoding="utf-8")
     nodes = {
         number: {"data-path": str(Path(folder).resolve()), "site-name": name,
                  "state-dir": str(Path(state_dir).resolve() / name), "device": device}

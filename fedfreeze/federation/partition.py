@@ -75,28 +75,31 @@ def write_sites(
     (``as_manifest``; the images are not copied) or the decoded images as ``data.npz``."""
     out.mkdir(parents=True, exist_ok=True)
     n_sites = int(site_index.max()) + 1
-    summary = []
-    for site in range(n_sites):
-        rows = np.flatnonzero(site_index == site)
-        folder = out / f"site-{site}" / "data"
-        folder.mkdir(parents=True, exist_ok=True)
-        part = data.subset(rows)
-        if as_manifest:
-            with (folder / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["path", "label", "patient_id"])
-                for source, label, pid in zip(part.sources, part.labels.tolist(), part.patient_ids, strict=True):
-                    writer.writerow([str(Path(source).resolve()), label, pid])
-        else:
-            images = part.images.permute(0, 2, 3, 1).numpy()
-            images = images[..., 0] if images.shape[-1] == 1 else images
-            np.savez_compressed(folder / "data.npz", train_images=images, train_labels=part.labels.numpy())
-        summary.append({
-            "site": f"site-{site}",
-            "name": names[site] if names else f"site-{site}",
-            "images": len(part),
-            "patients": len(set(part.patient_ids)),
-            "class_counts": part.class_counts(),
-        })
-    (out / SITES_FILE).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    summary = [write_site(data.subset(np.flatnonzero(site_index == site)), out, site,
+                          names[site] if names else f"site-{site}", as_manifest=as_manifest)
+               for site in range(n_sites)]
+    write_summary(out, summary)
     return summary
+
+
+def write_site(part: ImageSet, out: Path, number: int, name: str, *, as_manifest: bool,
+               role: str = "train") -> dict[str, object]:
+    """``out/site-<number>/data`` for one site, and its line in ``sites.json``."""
+    folder = out / f"site-{number}" / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    if as_manifest:
+        with (folder / "manifest.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label", "patient_id"])
+            for source, label, pid in zip(part.sources, part.labels.tolist(), part.patient_ids, strict=True):
+                writer.writerow([str(Path(source).resolve()), label, pid])
+    else:
+        images = part.images.permute(0, 2, 3, 1).numpy()
+        images = images[..., 0] if images.shape[-1] == 1 else images
+        np.savez_compressed(folder / "data.npz", train_images=images, train_labels=part.labels.numpy())
+    return {"site": f"site-{number}", "name": name, "role": role, "images": len(part),
+            "patients": len(set(part.patient_ids)), "class_counts": part.class_counts()}
+
+
+def write_summary(out: Path, summary: list[dict[str, object]]) -> None:
+    (out / SITES_FILE).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")

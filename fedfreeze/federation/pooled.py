@@ -465,3 +465,87 @@ def _as_class_labels(values: ArrayLike, name: str, num_classes: int) -> IntArray
     if bad.any():
         raise DataError(f"{name} should hold classes 0 .. {num_classes - 1}, got {arr[bad][0]}")
     return arr.astype(np.int64)
+
+
+def youden_mid_threshold_from_histograms(
+    hist_neg: ArrayLike, hist_pos: ArrayLike, edges: ArrayLike, tolerance: float = 0.02
+) -> float:
+    """The middle, in logit space, of the widest run of edges whose J is within ``tolerance`` of its maximum.
+
+    Why: on near-perfect validation J is flat over a wide range of thresholds and its arg-max is set
+    by one or two cases, so plain Youden lands anywhere on the plateau (0.275 in a federation where
+    0.87 was best on external data). The middle of the plateau is the pick farthest from both classes.
+    The edges are uniform in logit space, so the middle index is the middle logit.
+    """
+    if isinstance(tolerance, bool) or not isinstance(tolerance, Real) or not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance should be in [0, 1), got {tolerance!r}")
+    neg, pos = _as_histograms(hist_neg, hist_pos)
+    e = _edges_for(edges, len(neg))
+    n_neg, n_pos = int(neg.sum()), int(pos.sum())
+    _require_both_classes(n_pos, n_neg, "Youden's J")
+    k = np.arange(1, len(neg))
+    j = _at_or_above(pos)[k] / n_pos - _at_or_above(neg)[k] / n_neg
+    near = j >= j.max() - tolerance - 1e-12
+    best_start, best_len, start = 0, 0, None
+    for i, flag in enumerate([*near.tolist(), False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            if i - start > best_len:
+                best_start, best_len = start, i - start
+            start = None
+    middle = best_start + (best_len - 1) / 2
+    lo, hi = int(np.floor(middle)), int(np.ceil(middle))
+    pick = lo if abs(e[k[lo]] - 0.5) <= abs(e[k[hi]] - 0.5) else hi  # an even run: the edge nearer 0.5
+    return float(e[k[pick]])
+
+
+THRESHOLD_RULES = ("youden", "youden-mid", "target-sensitivity")
+
+
+def choose_threshold(
+    rule: str | float, hist_neg: ArrayLike, hist_pos: ArrayLike, edges: ArrayLike, *,
+    target_sensitivity: float = 0.9, tolerance: float = 0.02,
+) -> float:
+    """The operating threshold a rule picks on pooled histograms (a number is snapped to an edge).
+
+    One function for the coordinator, the benchmarks and any post-hoc analysis of ``metrics.json``.
+    """
+    if isinstance(rule, str) and rule == "youden":
+        return youden_threshold_from_histograms(hist_neg, hist_pos, edges)
+    if isinstance(rule, str) and rule == "youden-mid":
+        return youden_mid_threshold_from_histograms(hist_neg, hist_pos, edges, tolerance)
+    if isinstance(rule, str) and rule == "target-sensitivity":
+        return threshold_for_sensitivity(hist_neg, hist_pos, edges, target_sensitivity)
+    if isinstance(rule, str):
+        raise ValueError(f"threshold rule should be one of {', '.join(THRESHOLD_RULES)} or a number, got {rule!r}")
+    return snap_threshold(float(rule), edges)
+
+
+def threshold_interval(
+    rule: str | float, hist_neg: ArrayLike, hist_pos: ArrayLike, edges: ArrayLike, *,
+    target_sensitivity: float = 0.9, tolerance: float = 0.02, replicates: int = 200, confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """A bootstrap interval of the threshold a rule picks: how far the pick moves when the validation
+    cases are redrawn (each class's histogram resampled multinomially at its own size).
+
+    A wide interval says the stored threshold is close to arbitrary on this validation data.
+    """
+    neg, pos = _as_histograms(hist_neg, hist_pos)
+    n_neg, n_pos = int(neg.sum()), int(pos.sum())
+    _require_both_classes(n_pos, n_neg, "a threshold interval")
+    rng = np.random.default_rng(seed)
+    picks = []
+    for _ in range(replicates):
+        b_neg = rng.multinomial(n_neg, neg / n_neg)
+        b_pos = rng.multinomial(n_pos, pos / n_pos)
+        try:
+            picks.append(choose_threshold(rule, b_neg, b_pos, edges, target_sensitivity=target_sensitivity,
+                                          tolerance=tolerance))
+        except DataError:
+            continue  # a target sensitivity no threshold reaches in this replicate
+    if not picks:
+        raise DataError("no bootstrap replicate gave a threshold")
+    alpha = (1.0 - confidence) / 2
+    return float(np.quantile(picks, alpha)), float(np.quantile(picks, 1 - alpha))

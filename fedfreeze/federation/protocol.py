@@ -1,7 +1,122 @@
-"""Names of the records in fedfreeze's messages (shared by the ServerApp and the ClientApp)."""
+"""The round contract between coordinator and sites: record names and the orders of a round.
+
+Every decision about a round is made once, by the coordinator, and travels in ``RoundOrders``:
+which parts train, the stage, the BatchNorm mode, whether a site may return only what it changed,
+the learning-rate scale, which sites only evaluate. A site applies the orders as given and never
+re-derives them from its own copy of the configuration; both sides compute the exchange plan from
+(model, orders) with ``exchange.plan_for``. This module alone encodes and decodes the orders (to
+the plain dict a Flower ``ConfigRecord`` holds); it imports nothing of Flower.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fedfreeze.config import ModelConfig, TrainConfig
+from fedfreeze.errors import ProtocolError
+from fedfreeze.federation.config import site_sections
+from fedfreeze.training.schedule import is_probe
 
 ARRAYS = "arrays"    # ArrayRecord: the round's trainable arrays (down and up)
 METRICS = "metrics"  # MetricRecord: example counts, timings, validation figures and statistics
 CONFIG = "config"    # ConfigRecord: the coordinator's orders for the round
-PROOF = "proof"      # ConfigRecord: the site's name and the hash of its frozen weights
+PROOF = "proof"      # ConfigRecord: the site's name, its role and the hash of its frozen weights
 BASE = "base"        # ArrayRecord, down only: frozen arrays a site cannot rebuild (merged rounds of train.recipe = "dual")
+
+DUAL = "dual"      # the stage of a round that trains the dual model (train.recipe = "dual")
+SINGLE = "single"  # the stage of a round that trains a single-input model (the merged one, or any standard one)
+
+TRAIN_ROLE = "train"         # a site that trains and returns arrays
+EVALUATE_ROLE = "evaluate"   # a site named in federation.evaluation-sites: scores the global model, returns no arrays
+
+
+@dataclass(frozen=True)
+class RoundOrders:
+    """What the coordinator asks of every site for one round (sent with every message)."""
+
+    round: int
+    stage: Literal["single", "dual"]
+    parts: frozenset[str]
+    local_epochs: int
+    model: ModelConfig
+    train: TrainConfig
+    adapter_groups: tuple[str, ...]
+    bn_policy: Literal["average", "local"]
+    bn_stats: Literal["frozen", "update"]  # resolved: whether trainable BatchNorm statistics train and travel
+    partial_replies: bool  # dynamic freezing: a site returns only the arrays it updated
+    proximal_mu: float     # FedProx's key name ("proximal-mu"), which Flower's FedProx also writes
+    lr_scale: float        # a factor on the round's learning rates (the dual stage's decay)
+    val_fraction: float
+    threshold: float
+    score_bins: int
+    seed: int
+    dp_weight: bool        # DP accounting: every site weighs the same
+    evaluation_sites: tuple[str, ...]  # sites that only score the global model
+
+    @property
+    def is_probe(self) -> bool:
+        """Only the head trains (on cached backbone features)."""
+        return is_probe(self.parts)
+
+    def role_of(self, site: str) -> str:
+        return EVALUATE_ROLE if site in self.evaluation_sites else TRAIN_ROLE
+
+    def to_config(self) -> dict[str, Any]:
+        """The orders as the scalars and strings a Flower ``ConfigRecord`` holds."""
+        return {
+            "round": self.round,
+            "stage": self.stage,
+            "parts": json.dumps(sorted(self.parts)),
+            "local-epochs": self.local_epochs,
+            "site-config": json.dumps({"model": self.model.model_dump(by_alias=True),
+                                       "train": self.train.model_dump(by_alias=True)}),
+            "adapter-groups": json.dumps(list(self.adapter_groups)),
+            "bn-policy": self.bn_policy,
+            "bn-stats": self.bn_stats,
+            "partial-replies": self.partial_replies,
+            "proximal-mu": self.proximal_mu,
+            "lr-scale": self.lr_scale,
+            "val-fraction": self.val_fraction,
+            "threshold": self.threshold,
+            "score-bins": self.score_bins,
+            "seed": self.seed,
+            "dp-weight": self.dp_weight,
+            "evaluation-sites": json.dumps(list(self.evaluation_sites)),
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RoundOrders:
+        """Decode what ``to_config`` wrote; a missing or malformed key is a ``ProtocolError`` naming it
+        (a coordinator and a site of different fedfreeze versions fail here, before any training)."""
+        def get(key: str) -> Any:
+            if key not in config:
+                raise ProtocolError(f"the round's orders lack {key!r}: is the coordinator running another "
+                                    "fedfreeze version than this site?")
+            return config[key]
+
+        def strings(key: str) -> tuple[str, ...]:
+            try:
+                value = json.loads(str(get(key)))
+            except json.JSONDecodeError as err:
+                raise ProtocolError(f"the round's orders: {key!r} is not a JSON list ({err})") from None
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ProtocolError(f"the round's orders: {key!r} should be a list of names, got {value!r}")
+            return tuple(value)
+
+        stage = str(get("stage"))
+        if stage not in (SINGLE, DUAL):
+            raise ProtocolError(f"the round's orders: stage {stage!r} is neither {SINGLE!r} nor {DUAL!r}")
+        model, train = site_sections(str(get("site-config")))
+        return cls(
+            round=int(get("round")), stage=stage, parts=frozenset(strings("parts")),  # type: ignore[arg-type]
+            local_epochs=int(get("local-epochs")), model=model, train=train,
+            adapter_groups=strings("adapter-groups"), bn_policy=str(get("bn-policy")),  # type: ignore[arg-type]
+            bn_stats=str(get("bn-stats")), partial_replies=bool(get("partial-replies")),  # type: ignore[arg-type]
+            proximal_mu=float(get("proximal-mu")), lr_scale=float(get("lr-scale")),
+            val_fraction=float(get("val-fraction")), threshold=float(get("threshold")),
+            score_bins=int(get("score-bins")), seed=int(get("seed")), dp_weight=bool(get("dp-weight")),
+            evaluation_sites=strings("evaluation-sites"),
+        )

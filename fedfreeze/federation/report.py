@@ -39,6 +39,9 @@ def round_row(record: RoundRecord) -> dict[str, Any]:
         "pooled_f1": pooled.get("f1"),
         "pooled_sensitivity": pooled.get("sensitivity"),
         "pooled_specificity": pooled.get("specificity"),
+        "evaluation_sites_auroc": ((record.evaluation_sites or {}).get("at_threshold_used") or {}).get("auroc"),
+        "evaluation_sites_balanced_accuracy":
+            ((record.evaluation_sites or {}).get("at_threshold_used") or {}).get("balanced_accuracy"),
         "weighted_mean_auroc": mean.get("auroc"),
         "threshold_used": record.threshold_used,
         "bytes_down": record.bytes_down,
@@ -55,6 +58,7 @@ def write_report(
     final: RoundRecord | None = None,
     model_dir: Path | None = None,
     reason: str | None = None,
+    exported: dict[str, Any] | None = None,
 ) -> Path:
     """Write every output file for the rounds so far; the plot only once the run has ended."""
     out = coord.out
@@ -68,6 +72,7 @@ def write_report(
         "threshold": coord.threshold,
         "threshold_rule": str(coord.fed.threshold),
         "model": str(model_dir) if model_dir else None,
+        "exported": exported,
         "privacy": next((r.privacy for r in reversed(coord.history) if r.privacy), None),
         "totals": {
             "bytes_down": sum(r.bytes_down for r in records),

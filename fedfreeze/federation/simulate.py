@@ -31,7 +31,7 @@ from fedfreeze.federation.launch import (
     wait_healthy,
     write_flwr_home,
 )
-from fedfreeze.federation.partition import SITES_FILE, assign_sites, write_sites
+from fedfreeze.federation.partition import SITES_FILE, assign_sites, write_site, write_sites, write_summary
 from fedfreeze.federation.report import METRICS_FILE
 from fedfreeze.sample_data import kermany_mini
 
@@ -40,21 +40,52 @@ CONNECTION = "fedfreeze-sim"
 
 def prepare_sites(
     data_path: Path, out: Path, *, sites: int | None, alpha: float | None, seed: int, image_size: int,
-    channels: int, num_classes: int, class_names: list[str] | None,
+    channels: int, num_classes: int, class_names: list[str] | None, evaluation: dict[str, Path] | None = None,
 ) -> list[dict[str, Any]]:
-    """Write ``out/sites/site-<i>/data`` for every site; a manifest's ``site`` column wins when ``sites`` is None."""
-    data = load_image_set(data_path, image_size=image_size, channels=channels, num_classes=num_classes,
-                          class_names=class_names, progress=False)
+    """Write ``out/sites/site-<i>/data`` for every site; a manifest's ``site`` column wins when ``sites`` is None.
+    ``evaluation``: name -> data of evaluation-only sites, written after the training sites."""
+    def load(path: Path) -> Any:
+        return load_image_set(path, image_size=image_size, channels=channels, num_classes=num_classes,
+                              class_names=class_names, progress=False)
+
+    def is_manifest(path: Path) -> bool:
+        return path.suffix.lower() == ".csv" or (path / "manifest.csv").is_file()
+
+    data = load(data_path)
     data.require_nonempty()
-    as_manifest = data_path.suffix.lower() == ".csv" or (data_path / "manifest.csv").is_file()
     if sites is None and data.sites is not None:
         names = sorted(set(data.sites))
         index = np.array([names.index(s) for s in data.sites])
-        return write_sites(data, index, out / "sites", names, as_manifest=as_manifest)
-    if sites is None:
+        summary = write_sites(data, index, out / "sites", names, as_manifest=is_manifest(data_path))
+    elif sites is None:
         raise FedfreezeError(f"{data_path} has no site column: say how many sites to make with --sites N")
-    index = assign_sites(data.labels.numpy(), data.patient_ids, sites, alpha=alpha, seed=seed)
-    return write_sites(data, index, out / "sites", as_manifest=as_manifest)
+    else:
+        index = assign_sites(data.labels.numpy(), data.patient_ids, sites, alpha=alpha, seed=seed)
+        summary = write_sites(data, index, out / "sites", as_manifest=is_manifest(data_path))
+    for name, path in (evaluation or {}).items():
+        held = load(path)
+        held.require_nonempty(f"evaluation-only site {name!r}: {path} holds no images")
+        summary.append(write_site(held, out / "sites", len(summary), name, as_manifest=is_manifest(path),
+                                  role="evaluate"))
+    write_summary(out / "sites", summary)
+    return summary
+
+
+def parse_evaluation_sites(values: list[str] | None, listed: list[str]) -> dict[str, Path]:
+    """``NAME=DATA`` pairs of ``--evaluation-site``; each name must be one the config's
+    ``federation.evaluation-sites`` lists (the coordinator decides who only evaluates)."""
+    pairs: dict[str, Path] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise FedfreezeError(f"--evaluation-site {value!r}: expected NAME=DATA, e.g. held-out=test.csv")
+        if name not in listed:
+            raise FedfreezeError(f"--evaluation-site {name}: the config's federation.evaluation-sites does not name "
+                                 f"it (it lists {listed}); add it there so the coordinator knows it only evaluates")
+        if name in pairs:
+            raise FedfreezeError(f"--evaluation-site {name} is given twice")
+        pairs[name] = Path(path)
+    return pairs
 
 
 def simulate(
@@ -66,28 +97,32 @@ def simulate(
     alpha: float | None = None,
     resume: bool = False,
     cpus_per_site: int = 1,
+    evaluation_sites: list[str] | None = None,
 ) -> dict[str, Any]:
     """Partition, run every round in Flower's simulation runtime, and return ``metrics.json``."""
     out = Path(out).resolve()
     config_path = resolve_config_path(config)
     cfg = load_fed_config(config_path, {"federation.out-dir": str(out)})
     data_path = Path(data) if data is not None else kermany_mini("train")
+    evaluation = parse_evaluation_sites(evaluation_sites, cfg.federation.evaluation_sites)
     if resume and (out / "sites" / SITES_FILE).is_file():
         summary = json.loads((out / "sites" / SITES_FILE).read_text())
     else:
         summary = prepare_sites(data_path, out, sites=sites, alpha=alpha, seed=cfg.federation.seed,
                                 image_size=cfg.model.input_size, channels=cfg.model.in_channels,
-                                num_classes=cfg.model.num_classes, class_names=cfg.model.class_names)
+                                num_classes=cfg.model.num_classes, class_names=cfg.model.class_names,
+                                evaluation=evaluation)
     for site in summary:
-        print(f"{site['site']} ({site['name']}): {site['images']} images, {site['patients']} patients, "
+        role = " evaluation only," if site.get("role") == "evaluate" else ""
+        print(f"{site['site']} ({site['name']}):{role} {site['images']} images, {site['patients']} patients, "
               f"class counts {site['class_counts']}", flush=True)
 
     port = free_port()
     home = write_flwr_home(out / ".flwr", [Connection(CONNECTION, f"127.0.0.1:{port}")])
     tag = uuid.uuid4().hex
     env = flower_env(home, tag=tag)
-    link = Managed("simulation SuperLink", superlink_command(port=port, database=out / "superlink.db", simulation=True),
-                   out / "logs" / "superlink.log", env)
+    link_cmd = superlink_command(port=port, database=out / "superlink.db", simulation=True, insecure=True)  # loopback
+    link = Managed("simulation SuperLink", link_cmd, out / "logs" / "superlink.log", env)
     run_config: dict[str, Any] = {"sites-dir": str(out / "sites"), "out-dir": str(out), "resume": resume}
     if config_path is not None:
         run_config["config"] = str(config_path.resolve())

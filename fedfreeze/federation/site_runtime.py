@@ -16,41 +16,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfreeze.config import ModelConfig, TrainConfig, resolve_bn_stats
+from fedfreeze.config import ModelConfig
 from fedfreeze.data.dataset import MANIFEST_NAME, ImageSet, load_image_set
 from fedfreeze.data.splits import split_patients
-from fedfreeze.errors import DataError
-from fedfreeze.federation.dual_stage import DUAL, SINGLE
-from fedfreeze.federation.exchange import ExchangePlan, changed_keys, frozen_hash, plan_exchange, subset
+from fedfreeze.errors import DataError, ProtocolError
+from fedfreeze.federation.exchange import (
+    ExchangePlan,
+    changed_keys,
+    check_arrays,
+    frozen_hash,
+    plan_for,
+    set_trainable_state,
+    subset,
+)
 from fedfreeze.federation.pooled import SiteStats, multiclass_confusion, score_bin_edges, snap_threshold
+from fedfreeze.federation.protocol import DUAL, EVALUATE_ROLE, TRAIN_ROLE, RoundOrders
 from fedfreeze.metrics import classification_metrics
 from fedfreeze.models.dual import DualNet, build_dual, merge_dual
-from fedfreeze.models.grouped import HEAD, GroupedNet
+from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import build_model
 from fedfreeze.training.dual import train_dual
 from fedfreeze.training.dynamic_freeze import updated_keys
 from fedfreeze.training.engine import predict_scores, resolve_device, train_phase
 from fedfreeze.training.features import FeatureCache
-
-
-@dataclass(frozen=True)
-class RoundOrders:
-    """What the coordinator asks of a site for one round (sent with every message)."""
-
-    round: int
-    parts: frozenset[str]
-    local_epochs: int
-    model: ModelConfig
-    train: TrainConfig
-    adapter_groups: tuple[str, ...]
-    bn_policy: str = "average"
-    proximal_mu: float = 0.0
-    val_fraction: float = 0.25
-    threshold: float = 0.5
-    score_bins: int = 200
-    seed: int = 0
-    stage: str = SINGLE  # train.recipe = "dual": "dual" in the dual-input-output rounds (dual_stage.py)
-    lr_scale: float = 1.0  # dual rounds: the factor on train.dual.lr (the coordinator's decay across rounds)
 
 
 @dataclass
@@ -60,6 +48,7 @@ class SiteReply:
     arrays: dict[str, torch.Tensor]
     frozen_hash: str
     metrics: dict[str, Any] = field(default_factory=dict)
+    role: str = TRAIN_ROLE
 
 
 class SiteRuntime:
@@ -114,27 +103,31 @@ class SiteRuntime:
         return digest.hexdigest()[:24]
 
     # ------------------------------------------------------------------ model
-    def model(self, orders: RoundOrders, arrays: dict[str, torch.Tensor], plan_parts: frozenset[str]
+    def model(self, orders: RoundOrders, arrays: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None = None
               ) -> tuple[GroupedNet, ExchangePlan]:
-        """The pretrained model with the coordinator's arrays (and this site's own BatchNorm) loaded."""
+        """The model of the round's stage with the coordinator's arrays (and this site's own BatchNorm)
+        loaded, after checking what arrived against the round's plan (``exchange.plan_for``).
+
+        ``base``: frozen arrays the coordinator also sent (merged rounds of ``train.recipe = "dual"``).
+        """
         cfg = orders.model if self.weights is None else orders.model.model_copy(update={"weights": self.weights})
         torch.manual_seed(orders.seed)
-        if orders.stage == DUAL:  # the dual model; its BatchNorm statistics train and travel
+        if orders.stage == DUAL:
             model: GroupedNet = build_dual(cfg)
-            plan = plan_exchange(model, plan_parts, bn_policy=orders.bn_policy, bn_stats="update")
         else:
             model, _ = build_model(cfg, list(orders.adapter_groups), orders.train.adapter_rank)
-            plan = plan_exchange(model, plan_parts, bn_policy=orders.bn_policy,
-                                 bn_stats=resolve_bn_stats(orders.train, orders.model.weights != "none"))
-        state = model.state_dict()
-        unknown = [k for k in arrays if k not in state]
-        if unknown:
-            raise DataError(f"site {self.site!r}: the coordinator sent arrays this model lacks: {unknown[:4]}")
-        for key, value in arrays.items():
-            if tuple(value.shape) != tuple(state[key].shape):
-                raise DataError(f"site {self.site!r}: array {key} has shape {tuple(value.shape)}, "
-                                f"the model expects {tuple(state[key].shape)}")
-        model.load_state_dict({**state, **arrays, **self._local_bn(plan)})
+        plan = plan_for(model, orders)
+        state = dict(model.state_dict())
+        where = f"site {self.site!r}: "
+        set_trainable_state(state, arrays, plan, who=where)
+        base = base or {}
+        unknown = [k for k in base if k not in plan.frozen]
+        problems = check_arrays({k: v.numpy() for k, v in base.items()}, {k: state[k].numpy() for k in base
+                                                                          if k in state})
+        if unknown or problems:
+            raise ProtocolError(f"{where}frozen arrays sent that do not match the round's plan: "
+                                + "; ".join(([f"not frozen this round: {unknown[:4]}"] if unknown else []) + problems))
+        model.load_state_dict({**state, **base, **self._local_bn(plan)})
         return model, plan
 
     def _local_bn_path(self) -> Path:
@@ -160,20 +153,23 @@ class SiteRuntime:
         tmp.replace(path)
 
     # ------------------------------------------------------------------ round work
-    def train(self, orders: RoundOrders, arrays: dict[str, torch.Tensor]) -> SiteReply:
-        """Evaluate the received global model, train the round's parts locally, return them."""
+    def train(self, orders: RoundOrders, arrays: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None = None
+              ) -> SiteReply:
+        """Evaluate the received global model, train the round's parts locally, return them.
+        A site the orders name as evaluation-only scores the model and returns no arrays."""
+        if orders.role_of(self.site) == EVALUATE_ROLE:
+            return self.evaluate(orders, arrays, base)
         train_set, val_set = self.datasets(orders)
-        model, plan = self.model(orders, arrays, orders.parts)
+        model, plan = self.model(orders, arrays, base)
         proof = frozen_hash(model.state_dict(), plan)
         dual = isinstance(model, DualNet)
         started = time.perf_counter()
         # a dual round scores the received dual model's joined output (its merge, exactly)
-        metrics = self._evaluate(merge_dual(model) if dual else model, orders, val_set,
-                                 head_only=orders.parts == {HEAD})
+        metrics = self._evaluate(merge_dual(model) if dual else model, orders, val_set, head_only=orders.is_probe)
         eval_seconds = time.perf_counter() - started
 
         features = None
-        if orders.parts == {HEAD} and not orders.train.probe_augment:
+        if orders.is_probe and not orders.train.probe_augment:
             features = self._cache().features(model, train_set.images, self.device)
         regularizer = proximal_term(model, orders.proximal_mu) if orders.proximal_mu > 0 else None
         rng = np.random.default_rng([orders.seed, orders.round, _stable_int(self.site)])
@@ -204,17 +200,26 @@ class SiteRuntime:
             "eval-seconds": eval_seconds,
         })
         keys = plan.sent
-        if orders.train.freezing == "dynamic" and not dual:  # only what changed travels back
+        if orders.partial_replies:  # only what changed travels back
             keys = changed_keys(plan.sent, (k for k, _ in model.named_parameters()), updated_keys(logs))
         return SiteReply(subset(model.state_dict(), keys), proof, metrics)
 
-    def evaluate(self, orders: RoundOrders, arrays: dict[str, torch.Tensor]) -> SiteReply:
-        """Score the received global model on the validation split."""
-        _, val_set = self.datasets(orders)
-        model, plan = self.model(orders, arrays, orders.parts)
+    def evaluate(self, orders: RoundOrders, arrays: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None = None
+                 ) -> SiteReply:
+        """Score the received global model on the validation split (an evaluation-only site: on all its data)."""
+        role = orders.role_of(self.site)
+        val_set = self._evaluation_set(orders) if role == EVALUATE_ROLE else self.datasets(orders)[1]
+        model, plan = self.model(orders, arrays, base)
         scored = merge_dual(model) if isinstance(model, DualNet) else model
         metrics = self._evaluate(scored, orders, val_set, head_only=False)
-        return SiteReply({}, frozen_hash(model.state_dict(), plan), metrics)
+        return SiteReply({}, frozen_hash(model.state_dict(), plan), metrics, role=role)
+
+    def _evaluation_set(self, orders: RoundOrders) -> ImageSet:
+        """An evaluation-only site scores every image it holds: none of it trains anything."""
+        data = self._decoded(orders.model)
+        data.require_nonempty(f"evaluation-only site {self.site!r} has no images")
+        data.require_classes(2, why=f"evaluation-only site {self.site!r} needs both classes for AUROC")
+        return data
 
     def _cache(self) -> FeatureCache:
         return FeatureCache(self.state_dir / "features")

@@ -29,7 +29,7 @@ from fedfreeze.training.freezing import apply_parts
 from fedfreeze.training.memory_budget import TRACE_IMAGES, activation_context, plan_phase
 from fedfreeze.training.optim import make_optimizer
 from fedfreeze.training.sampling import epoch_order
-from fedfreeze.training.schedule import Phase, adapter_groups, phases
+from fedfreeze.training.schedule import Phase, adapter_groups, is_probe, phases
 
 EVAL_BATCH = 64
 
@@ -142,7 +142,7 @@ def train_phase(
     model.update_bn_stats = resolve_bn_stats(cfg, model.pretrained) == "update"
     apply_parts(model, parts)
     model.to(device).train()
-    head_only = parts == frozenset({"head"})
+    head_only = is_probe(parts)
     use_features = head_only and features is not None
     n = len(labels)
     trace = to_unit(images[:TRACE_IMAGES], device)  # two images: what the planner and the freezer measure

@@ -45,9 +45,10 @@ import torch
 
 from fedfreeze.config import TrainConfig
 from fedfreeze.errors import ConfigError
-from fedfreeze.models.grouped import HEAD, GroupedNet
+from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.training.dynamic_freeze import freeze_units, trained_per_step
 from fedfreeze.training.saved_activations import LeanActivations, SavedTensorMeter, layer_inputs, untouched
+from fedfreeze.training.schedule import is_probe
 
 log = logging.getLogger("fedfreeze.memory")
 
@@ -247,7 +248,7 @@ def plan_phase(model: GroupedNet, parts: frozenset[str], cfg: TrainConfig, *, n:
     ``example`` is a batch of the phase's images as the model receives them; ``None`` (the head
     trains on cached features: nothing to fit) keeps the configuration.
     """
-    if parts == frozenset({HEAD}):  # nothing to freeze dynamically: the head always trains
+    if is_probe(parts):  # nothing to freeze dynamically: the head always trains
         cfg = cfg.model_copy(update={"freezing": "schedule"})
     rate = cfg.dynamic_freeze.rate if cfg.freezing == "dynamic" else None
     configured = MemoryPlan(MemoryChoice(min(cfg.batch_size, max(n, 1)), rate, resolve_storage(cfg)))

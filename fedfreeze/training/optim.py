@@ -10,6 +10,7 @@ import torch
 from fedfreeze.config import TrainConfig
 from fedfreeze.errors import ConfigError
 from fedfreeze.models.grouped import ADAPTER_SUFFIX, HEAD, GroupedNet
+from fedfreeze.training.schedule import is_probe
 
 
 def part_lr(part: str, cfg: TrainConfig, *, probe: bool = False) -> float:
@@ -30,7 +31,7 @@ def param_groups(model: GroupedNet, parts: Iterable[str], cfg: TrainConfig) -> l
     Biases and normalisation weights (1-D tensors) get no weight decay, as is usual for AdamW.
     """
     parts = set(parts)
-    probe = parts == {HEAD}
+    probe = is_probe(parts)
     groups: list[dict[str, Any]] = []
     for part in model.parts:
         if part not in parts:

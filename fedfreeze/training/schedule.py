@@ -21,6 +21,12 @@ from fedfreeze.models.grouped import HEAD, adapter_part
 Method = Literal["unfreeze", "adapters", "both"]
 
 
+def is_probe(parts: frozenset[str] | set[str]) -> bool:
+    """Only the head trains (linear probing, on cached features where possible): the one definition of
+    "head only" for the engine, the optimiser, the memory budget and the federation's orders."""
+    return set(parts) == {HEAD}
+
+
 @dataclass(frozen=True)
 class Phase:
     """A run of steps ``[start, end)`` with one set of trainable parts."""
@@ -32,7 +38,7 @@ class Phase:
     @property
     def probe(self) -> bool:
         """Only the head trains."""
-        return self.parts == frozenset({HEAD})
+        return is_probe(self.parts)
 
     @property
     def steps(self) -> int:

@@ -147,7 +147,8 @@ def test_no_image_label_or_per_case_score_leaves_a_site(honest):
                 assert isinstance(value, (int, float))
         assert sum(record["val-hist-neg"]) + sum(record["val-hist-pos"]) == record["val-n"]
         proof = content["proof"]
-        assert set(proof.keys()) == {"frozen-hash", "site"}
+        assert set(proof.keys()) == {"frozen-hash", "site", "role"}
+        assert proof["role"] == "train"
         assert re.fullmatch(r"[0-9a-f]{64}", proof["frozen-hash"])
         assert proof["site"] in {"site-a", "site-b", "site-c"}
 

@@ -73,7 +73,7 @@ def test_dual_rounds_come_first_then_the_merged_model_unfreezes_from_the_head(fe
     # the dual stage's learning rate decays across its rounds (cosine, from 1 towards 0.05)
     scales = [float(train_messages(audit, rnd)[0][0].content["config"]["lr-scale"]) for rnd in (1, 2)]
     assert scales == pytest.approx([1.0, 0.525])
-    assert "lr-scale" not in train_messages(audit, 3)[0][0].content["config"]
+    assert float(train_messages(audit, 3)[0][0].content["config"]["lr-scale"]) == 1.0  # merged rounds: unscaled
     assert all(len(r["sites"]) == 3 and not r["rejected"] and not r["failures"] for r in metrics["rounds"])
 
 
@@ -151,14 +151,14 @@ def test_a_stopped_federation_resumes_before_and_after_the_merge(tmp_path):
     config.write_text(DUAL_FED)
     cfg = load_fed_config(config)
     first = Coordinator(cfg, tmp_path / "out")
-    assert first.base_for(first.plan(first.parts(1))) == {}  # nothing frozen in the dual stage
+    assert first.base_for(first.plan(first.orders(1))) == {}  # nothing frozen in the dual stage
     first.completed = 2
     first.checkpoint()  # stopped after the last dual round: the checkpoint holds the dual model
     again = Coordinator(cfg, tmp_path / "out")
     assert again.resume() and "head.weight" in again.state
     again.begin_round(3)  # the merge
-    assert "head.fc.weight" in again.state and again.plan(again.parts(3)).sent == ("head.fc.weight", "head.fc.bias")
-    assert set(again.base_for(again.plan(again.parts(3)))) == set(again.plan(again.parts(3)).frozen)
+    assert "head.fc.weight" in again.state and again.plan(again.orders(3)).sent == ("head.fc.weight", "head.fc.bias")
+    assert set(again.base_for(again.plan(again.orders(3)))) == set(again.plan(again.orders(3)).frozen)
     again.completed = 3
     again.checkpoint()
     last = Coordinator(cfg, tmp_path / "out")
