@@ -102,6 +102,25 @@ def rebuild(card: ModelCard) -> GroupedNet:
     return model
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A weights file as a state dict, read with ``weights_only`` (no code runs); a corrupt, truncated or
+    foreign file is one ``CheckpointError`` line naming it, whatever torch's unpickler raised."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file; all mean the same here
+        raise CheckpointError(f"{path} is not a readable fedfreeze weights file (corrupt, truncated or another "
+                              f"format): {type(err).__name__}: {_first_line(err)}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path} does not hold a state dict of named tensors (got {type(state).__name__})")
+    return state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
 def load_model(folder: str | Path) -> tuple[GroupedNet, ModelCard]:
     """Rebuild a saved model; a weights file that does not match its card is an error."""
     folder = Path(folder)
@@ -110,11 +129,12 @@ def load_model(folder: str | Path) -> tuple[GroupedNet, ModelCard]:
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a model folder: {WEIGHTS_FILE} is missing")
+    state = read_weights(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         result = model.load_state_dict(state, strict=False)
-    except (RuntimeError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} cannot be loaded into the model {CARD_FILE} describes: {err}") from None
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be loaded into the model {CARD_FILE} describes: "
+                              f"{_first_line(err)}") from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{path} does not match {CARD_FILE}: missing {result.missing_keys[:5]}, "
