@@ -17,5 +17,5 @@ class CheckpointError(FedfreezeError, ValueError):
     """A weights file does not match the architecture it is loaded into."""
 
 
-class ProtocolError(FedfreezeError):
+class ProtocolError(FedfreezeError, ValueError):
     """A message between coordinator and site does not follow the round contract (federation/protocol.py)."""

@@ -213,7 +213,7 @@ class Coordinator:
         flat = np.asarray(reply.metrics["val-confusion"], dtype=np.int64)
         k = self.cfg.model.num_classes
         if flat.shape != (k * k,) or (flat < 0).any():
-            raise ValueError(f"val-confusion should hold {k * k} non-negative counts")
+            raise ProtocolError(f"val-confusion should hold {k * k} non-negative counts")
         return flat.reshape(k, k)
 
     def apply(self, plan: ExchangePlan, aggregated: dict[str, np.ndarray], orders: RoundOrders) -> None:

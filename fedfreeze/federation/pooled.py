@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from fedfreeze.errors import DataError
+from fedfreeze.errors import DataError, ProtocolError
 
 IntArray = NDArray[np.int64]
 FloatArray = NDArray[np.float64]
@@ -159,7 +159,7 @@ class SiteStats:
 
     @classmethod
     def from_metrics(cls, record: Mapping[str, Any], prefix: str = "", *, bins: int) -> SiteStats:
-        """Read a site's record, raising :class:`DataError` naming the key when it is malformed.
+        """Read a site's record, raising :class:`ProtocolError` naming the key when it is malformed.
 
         Checks every key is present, counts are non-negative integers, both histograms have ``bins``
         entries, and the counts agree with the histograms, so a misbehaving site is reported, not
@@ -169,9 +169,12 @@ class SiteStats:
             raise ValueError(f"bins should be an integer >= 2, got {bins!r}")
         missing = [_metric_key(prefix, f.name) for f in fields(cls) if _metric_key(prefix, f.name) not in record]
         if missing:
-            raise DataError(f"site metrics lack key(s) {missing}")
+            raise ProtocolError(f"site metrics lack key(s) {missing}")
         raw = {f.name: record[_metric_key(prefix, f.name)] for f in fields(cls)}
-        return cls(**_validated(raw, name=lambda field_name: _metric_key(prefix, field_name), bins=int(bins)))
+        try:
+            return cls(**_validated(raw, name=lambda field_name: _metric_key(prefix, field_name), bins=int(bins)))
+        except DataError as err:  # the record came over the wire: a protocol fault, not the coordinator's data
+            raise ProtocolError(f"site metrics: {err}") from None
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SiteStats):

@@ -16,6 +16,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from fedfreeze.errors import ProtocolError
 from fedfreeze.federation.pooled import (
     SiteStats,
     confusion_from_histograms,
@@ -315,7 +316,7 @@ def test_from_metrics_names_the_bad_key(
 ) -> None:
     record: dict[str, Any] = dict(site_stats[0].to_metrics("val-"))
     edit(record)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ProtocolError, match=match):  # it came over the wire
         SiteStats.from_metrics(record, "val-", bins=200)
 
 
