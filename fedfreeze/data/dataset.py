@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -12,6 +13,8 @@ import torch
 from fedfreeze.data.images import check_channels
 from fedfreeze.data.labels import resolve_class_names
 from fedfreeze.errors import ConfigError, DataError
+
+UNLABELLED = -1  # the label of every image of a set read without labels (``has_labels=False``)
 
 
 @dataclass
@@ -24,6 +27,9 @@ class ImageSet:
     sites: list[str] | None  # from the manifest's optional `site` column, else None
     sources: list[str]  # where each image came from, for error messages: file path, or "x.npz[train][17]"
     class_names: list[str]  # index -> name
+    # False only for a manifest read with labels="optional" that has no label column: every label is
+    # UNLABELLED (-1), so an unlabelled set can never pass for a labelled one of class 0
+    has_labels: bool = True
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != torch.uint8:
@@ -43,7 +49,10 @@ class ImageSet:
                 raise DataError(f"ImageSet.{name} has {len(values)} entries for {count} images")
         if len(self.class_names) < 1:
             raise DataError("ImageSet.class_names is empty")
-        if count and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.class_names)):
+        if not self.has_labels:
+            if count and bool((self.labels != UNLABELLED).any()):
+                raise DataError(f"ImageSet without labels should hold only {UNLABELLED} as labels")
+        elif count and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.class_names)):
             raise DataError(
                 f"ImageSet.labels span {int(self.labels.min())}..{int(self.labels.max())}, "
                 f"outside 0..{len(self.class_names) - 1} for class_names {self.class_names!r}"
@@ -58,6 +67,8 @@ class ImageSet:
 
     def class_counts(self) -> list[int]:
         """Images per class, indexed like `class_names` (zeros included)."""
+        if not self.has_labels:
+            raise DataError(f"{self.describe()} has no labels (its manifest has no label column)")
         return [int(n) for n in torch.bincount(self.labels, minlength=self.num_classes).tolist()]
 
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageSet:
@@ -71,6 +82,7 @@ class ImageSet:
             sites=None if self.sites is None else [self.sites[i] for i in rows],
             sources=[self.sources[i] for i in rows],
             class_names=list(self.class_names),
+            has_labels=self.has_labels,
         )
 
     def describe(self) -> str:
@@ -131,6 +143,7 @@ def load_image_set(
     class_names: Sequence[str] | None = None,
     num_classes: int | None = None,
     progress: bool = True,
+    labels: Literal["required", "optional"] = "required",
 ) -> ImageSet:
     """Load a site's images into memory, choosing the reader by what `path` is.
 
@@ -145,6 +158,9 @@ def load_image_set(
     Labels are integers in [0, num_classes) or names from `class_names`;
     `num_classes` defaults to 2, or to len(class_names). A set with one class
     or none loads fine: callers that need two call `require_classes`.
+    `labels="optional"` (an opt-in for readers that can use unlabelled images,
+    such as ``fedfreeze adapt``) lets a manifest without a `label` column load
+    with ``has_labels=False``; arrays always carry labels.
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ConfigError(f"image_size should be a positive integer, got {image_size!r}")
@@ -176,7 +192,7 @@ def load_image_set(
                 "(write one manifest per split)"
             )
         return manifest.load_manifest(
-            path, image_size=image_size, channels=channels, class_names=names, progress=progress
+            path, image_size=image_size, channels=channels, class_names=names, progress=progress, labels=labels
         )
     raise DataError(
         f"cannot tell how to read {path}: expected a .csv manifest, a .npz file or a folder of MNIST IDX files"

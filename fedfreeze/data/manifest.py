@@ -6,6 +6,10 @@ row is its own patient (its resolved path is the id), so patient-level splits
 degrade to image-level ones. Every row is checked before any image is
 decoded, and nothing is skipped: a bad row is a DataError naming the
 manifest and its line number (the header is line 1).
+
+A missing `label` column is an error, except for a reader that can use
+unlabelled images (``fedfreeze adapt`` at a new site) and opts in with
+``labels="optional"``: its manifest may hold `path[,patient_id][,site]` only.
 """
 
 from __future__ import annotations
@@ -16,19 +20,20 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Literal, TextIO
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from fedfreeze.data.dataset import ImageSet
+from fedfreeze.data.dataset import UNLABELLED, ImageSet
 from fedfreeze.data.images import read_image, resize_square
 from fedfreeze.data.labels import allowed_labels, parse_label
 from fedfreeze.errors import DataError
 
 REQUIRED_COLUMNS = ("path", "label")
 OPTIONAL_COLUMNS = ("patient_id", "site")
+LabelPolicy = Literal["required", "optional"]
 PROGRESS_MIN_IMAGES = 50
 
 
@@ -38,17 +43,25 @@ class ManifestRow:
 
     line: int  # 1-based line number in the manifest file (header = 1)
     path: Path  # absolute, normalised
-    label: int
+    label: int | None  # None only for a manifest read with labels="optional" that has no label column
     patient_id: str
     site: str | None
 
 
-def read_manifest(manifest: Path, class_names: Sequence[str]) -> list[ManifestRow]:
-    """Parse and check every row: columns, empty cells, labels, duplicate and missing files."""
+def read_manifest(
+    manifest: Path, class_names: Sequence[str], *, labels: LabelPolicy = "required"
+) -> list[ManifestRow]:
+    """Parse and check every row: columns, empty cells, labels, duplicate and missing files.
+
+    ``labels="optional"`` accepts a manifest without a `label` column (every row's label is None);
+    a manifest that has the column is checked as always.
+    """
     manifest = Path(manifest)
+    if labels not in ("required", "optional"):
+        raise ValueError(f"labels should be 'required' or 'optional', got {labels!r}")
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as handle:
-            return _read_rows(manifest, handle, class_names)
+            return _read_rows(manifest, handle, class_names, labels)
     except UnicodeDecodeError as exc:
         raise DataError(f"manifest {manifest} is not UTF-8 text: {exc}") from exc
     except csv.Error as exc:
@@ -57,15 +70,17 @@ def read_manifest(manifest: Path, class_names: Sequence[str]) -> list[ManifestRo
         raise DataError(f"manifest not found: {manifest}") from exc
 
 
-def _read_rows(manifest: Path, handle: TextIO, class_names: Sequence[str]) -> list[ManifestRow]:
+def _read_rows(manifest: Path, handle: TextIO, class_names: Sequence[str], labels: LabelPolicy) -> list[ManifestRow]:
     reader = csv.reader(handle)
     header = next(reader, None)
     if header is None or not any(cell.strip() for cell in header):
         raise DataError(
-            f"manifest {manifest} is empty: expected a header line with columns {', '.join(REQUIRED_COLUMNS)}"
+            f"manifest {manifest} is empty: expected a header line with columns "
+            f"{', '.join(REQUIRED_COLUMNS if labels == 'required' else ('path', '[label]'))}"
         )
     columns = [name.strip() for name in header]
-    missing = [name for name in REQUIRED_COLUMNS if name not in columns]
+    required = REQUIRED_COLUMNS if labels == "required" or "label" in columns else ("path",)
+    missing = [name for name in required if name not in columns]
     if missing:
         raise DataError(
             f"manifest {manifest} line 1: missing required column(s) {', '.join(missing)}; "
@@ -106,8 +121,8 @@ def _check_row(
     if path in first_line_of:
         raise DataError(f"{where}: duplicate path {values['path']!r}, already listed on line {first_line_of[path]}")
     first_line_of[path] = line
-    label = parse_label(values["label"], class_names)
-    if label is None:
+    label = parse_label(values["label"], class_names) if "label" in values else None
+    if "label" in values and label is None:
         raise DataError(f"{where}: unknown label value {values['label']!r}; allowed: {allowed_labels(class_names)}")
     for column in OPTIONAL_COLUMNS:
         if column in values and not values[column]:
@@ -130,10 +145,11 @@ def load_manifest(
     channels: int,
     class_names: Sequence[str],
     progress: bool = True,
+    labels: LabelPolicy = "required",
 ) -> ImageSet:
     """Decode every image listed in `manifest` into an ImageSet (see `load_image_set`)."""
     manifest = Path(manifest)
-    rows = read_manifest(manifest, class_names)
+    rows = read_manifest(manifest, class_names, labels=labels)
     images = torch.empty((len(rows), channels, image_size, image_size), dtype=torch.uint8)
     show = progress and len(rows) > PROGRESS_MIN_IMAGES
     bar = tqdm(rows, desc=f"decoding {manifest.name}", unit="img", disable=not show, file=sys.stderr)
@@ -146,11 +162,13 @@ def load_manifest(
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         images[index] = torch.from_numpy(np.ascontiguousarray(pixels))
     has_sites = rows[0].site is not None
+    has_labels = rows[0].label is not None
     return ImageSet(
         images=images,
-        labels=torch.tensor([row.label for row in rows], dtype=torch.int64),
+        labels=torch.tensor([row.label if has_labels else UNLABELLED for row in rows], dtype=torch.int64),
         patient_ids=[row.patient_id for row in rows],
         sites=[row.site for row in rows if row.site is not None] if has_sites else None,
         sources=[str(row.path) for row in rows],
         class_names=list(class_names),
+        has_labels=has_labels,
     )
