@@ -1,18 +1,14 @@
 """ClientApp: one hospital site; trains and evaluates through fedfreeze's site runtime."""
 
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+import sys
+from pathlib import Path
 
-from fedfreeze.federation.flower_client import dp_clipping_mod, handle_evaluate, handle_train
+from fedfreeze.federation.flower_client import client_app
+from fedfreeze.federation.launch import die_with_parent
 
-app = ClientApp()
+if Path(sys.argv[0]).name == "flwr-clientapp":
+    # Started by the SuperNode's flower-superexec for this one message: end with it (SIGTERM), rather
+    # than train on and retry, orphaned, when the SuperNode is killed. Not in simulations or tests.
+    die_with_parent()
 
-
-@app.train(mods=[dp_clipping_mod])  # Flower's fixedclipping_mod when the coordinator asks for client-side DP
-def train(msg: Message, context: Context) -> Message:
-    return handle_train(msg, context)
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return handle_evaluate(msg, context)
+app = client_app()

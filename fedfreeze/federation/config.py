@@ -115,8 +115,12 @@ class FedConfig(Section):
 
     def site_payload(self) -> str:
         """The part of the configuration every site needs, as JSON for a message."""
-        return json.dumps({"model": self.model.model_dump(by_alias=True),
-                           "train": self.train.model_dump(by_alias=True)})
+        return site_payload(self.model, self.train)
+
+
+def site_payload(model: ModelConfig, train: TrainConfig) -> str:
+    """``[model]`` and ``[train]`` as the JSON a round's orders carry (``site_sections`` reads it back)."""
+    return json.dumps({"model": model.model_dump(by_alias=True), "train": train.model_dump(by_alias=True)})
 
 
 def site_sections(payload: str) -> tuple[ModelConfig, TrainConfig]:

@@ -20,8 +20,9 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from flwr.clientapp import ClientApp
+
 from fedfreeze.errors import ConfigError
-from fedfreeze.federation.config import site_sections
 from fedfreeze.federation.protocol import ARRAYS, BASE, CONFIG, METRICS, PROOF, RoundOrders
 from fedfreeze.federation.site_runtime import SiteReply, SiteRuntime
 
@@ -178,6 +179,16 @@ def handle_evaluate(message: Message, context: Context) -> Message:
     result = runtime.evaluate(orders_from(message.content[CONFIG]), *received_arrays(message))
     result.metrics["process-seconds"] = process_seconds()
     return to_reply(message, result, runtime.site, with_arrays=False)
+
+
+def client_app() -> ClientApp:
+    """The site's ClientApp: the train handler behind Flower's client-side DP clipping mod (a
+    pass-through unless the coordinator asks for it), and the evaluate handler. ``client/app.py``
+    (what ``flwr run .`` deploys) and the in-process federation both use this one definition."""
+    app = ClientApp()
+    app.train(mods=[dp_clipping_mod])(handle_train)
+    app.evaluate()(handle_evaluate)
+    return app
 
 
 def process_seconds() -> float:

@@ -11,7 +11,6 @@ timeouts), which ``fedfreeze simulate`` and the process-level tests exercise.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from collections.abc import Mapping
@@ -22,31 +21,12 @@ from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfreeze.federation.config import SITE_SCHEDULE_KEYS, FedConfig
+from fedfreeze.federation.flower_client import client_app
 from fedfreeze.federation.flower_server import run_federation
 from fedfreeze.federation.local_grid import LocalGrid
 from fedfreeze.federation.report import METRICS_FILE
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_FILE = "fed.toml"
-
-
-def project_client_app() -> ClientApp:
-    """The project's ClientApp (``client/app.py``, what ``flwr run .`` deploys), loaded from the
-    source tree like Flower loads it from the app folder; an installed package without that folder
-    gets the same handlers registered here."""
-    path = PROJECT_ROOT / "client" / "app.py"
-    if path.is_file():
-        spec = importlib.util.spec_from_file_location("fedfreeze_project_client_app", path)
-        if spec is not None and spec.loader is not None:
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module.app
-    from fedfreeze.federation.flower_client import handle_evaluate, handle_train
-
-    app = ClientApp()
-    app.train()(handle_train)
-    app.evaluate()(handle_evaluate)
-    return app
 
 
 def toml_text(data: Mapping[str, Any]) -> str:
@@ -99,7 +79,7 @@ def run_in_process(cfg: FedConfig, out_dir: str | Path, sites: Mapping[str, str 
         for number, (name, folder) in enumerate(sites.items(), start=1)
     }
     run_config = {"config": str(config.resolve()), "out-dir": str(out.resolve()), "resume": resume}
-    grid = LocalGrid(client_app or project_client_app(), nodes, run_config)
+    grid = LocalGrid(client_app or client_app(), nodes, run_config)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     # one line per round and per message is noise inside an experiment: warnings and errors only
     loggers = [logging.getLogger(name) for name in ("fedfreeze.server", "flwr")]

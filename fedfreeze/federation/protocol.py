@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from fedfreeze.config import ModelConfig, TrainConfig
 from fedfreeze.errors import ProtocolError
-from fedfreeze.federation.config import site_sections
+from fedfreeze.federation.config import site_payload, site_sections
 from fedfreeze.training.schedule import is_probe
 
 ARRAYS = "arrays"    # ArrayRecord: the round's trainable arrays (down and up)
@@ -71,8 +71,7 @@ class RoundOrders:
             "stage": self.stage,
             "parts": json.dumps(sorted(self.parts)),
             "local-epochs": self.local_epochs,
-            "site-config": json.dumps({"model": self.model.model_dump(by_alias=True),
-                                       "train": self.train.model_dump(by_alias=True)}),
+            "site-config": site_payload(self.model, self.train),
             "adapter-groups": json.dumps(list(self.adapter_groups)),
             "bn-policy": self.bn_policy,
             "bn-stats": self.bn_stats,

@@ -25,14 +25,11 @@ group weights; the merge only changes the input routing and joins the two heads 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from fedfreeze.models.registry import BackboneSpec
+from fedfreeze.models.spec import BackboneSpec
 
 # channels per sub-model of stem, layer1, layer2, layer3, layer4
 LWCNN_WIDTHS = (8, 8, 12, 16, 24)
@@ -106,8 +103,6 @@ def lightweight_groups(
 
 def lightweight_specs() -> list[BackboneSpec]:
     """The family's registry entries (``fedfreeze.models.registry`` registers them at import)."""
-    from fedfreeze.models.registry import BackboneSpec
-
     common = {
         "key_maps": {},  # no pretrained weights exist: these models train from scratch (weights = "none")
         "stem_key": "groups.stem.conv.weight",

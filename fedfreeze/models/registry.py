@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -15,31 +13,12 @@ from fedfreeze.models import checkpoints
 from fedfreeze.models.efficientnet_lite import FEATURE_DIM as LITE0_DIM
 from fedfreeze.models.efficientnet_lite import lite0_groups, package_key_map
 from fedfreeze.models.grouped import GroupedNet
+from fedfreeze.models.lightweight import lightweight_specs
 from fedfreeze.models.resnet import resnet_groups, torchvision_key_map
+from fedfreeze.models.spec import BackboneSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-GroupBuilder = Callable[[int], tuple["OrderedDict[str, nn.Module]", int]]
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """How to build one backbone and read its checkpoints."""
-
-    name: str
-    build_groups: GroupBuilder
-    key_maps: dict[str, Callable[[], dict[str, str]]]  # checkpoint format -> key prefix map
-    stem_key: str
-    input_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    description: str
-    format_norms: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = field(default_factory=dict)
-    # the input and task the backbone is meant for (what `fedfreeze models` builds and measures)
-    in_channels: int = 3
-    num_classes: int = 2
-
 
 def _lite0(in_channels: int) -> tuple[OrderedDict[str, nn.Module], int]:
     return OrderedDict(lite0_groups(in_channels)), LITE0_DIM
@@ -183,12 +162,5 @@ def _load_pretrained(model: GroupedNet, spec: BackboneSpec, cfg: ModelConfig) ->
     return fmt
 
 
-def _register_lightweight() -> None:
-    """The lightweight CNN family (``fedfreeze/models/lightweight.py``) joins the registry."""
-    from fedfreeze.models.lightweight import lightweight_specs
-
-    for spec in lightweight_specs():
-        register_backbone(spec)
-
-
-_register_lightweight()
+for _spec in lightweight_specs():  # the lightweight CNN family (models/lightweight.py) joins the registry
+    register_backbone(_spec)
