@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fedfreeze.data.dataset import ImageSet
+from fedfreeze.data.imageset import ImageSet
 from fedfreeze.data.labels import check_label_array
 from fedfreeze.errors import DataError
 
