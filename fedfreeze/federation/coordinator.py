@@ -21,7 +21,7 @@ import torch
 from fedfreeze.config import resolve_bn_stats
 from fedfreeze.errors import FedfreezeError, ProtocolError
 from fedfreeze.federation.config import FedConfig
-from fedfreeze.federation.dual_stage import DualStage, base_arrays
+from fedfreeze.federation.dual_stage import recipe_for
 from fedfreeze.federation.exchange import (
     ExchangePlan,
     check_arrays,
@@ -106,13 +106,10 @@ class Coordinator:
         torch.manual_seed(self.fed.seed)
         self.model, _ = build_model(cfg.model, self.adapter_groups, cfg.train.adapter_rank)
         check_groups(self.fed.unfreeze, list(self.model.groups))
-        self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         # train.recipe = "dual": the first rounds train the dual model, whose state is the global
-        # state until the merge (dual_stage.py explains the design)
-        self.dual = (DualStage(cfg.model, self.fed.dual_rounds, self.fed.seed)
-                     if cfg.train.recipe == "dual" else None)
-        if self.dual is not None:
-            self.state = self.dual.initial_state()
+        # state until the merge (dual_stage.py explains the design); the recipe object hides which
+        self.recipe = recipe_for(self.model, cfg.model, cfg.train.recipe, self.fed.dual_rounds, self.fed.seed)
+        self.state = self.recipe.initial_state()
         self.binary = cfg.model.num_classes == 2
         self.edges = score_bin_edges(self.fed.score_bins)
         self.threshold = snap_threshold(0.5, self.edges) if self.binary else 0.5
@@ -129,13 +126,11 @@ class Coordinator:
 
     # ------------------------------------------------------------------ schedule
     def round_plan(self, rnd: int) -> RoundPlan:
-        return plan_round(rnd, self.fed, self.dual.parts if self.dual is not None else frozenset())
+        return plan_round(rnd, self.fed, self.recipe.parts)
 
     def begin_round(self, rnd: int) -> None:
-        """Under ``train.recipe = "dual"``: the first round after the dual stage merges the global dual model."""
-        if self.dual is not None and self.round_plan(rnd).stage != DUAL and self.dual.is_dual_state(self.state):
-            self.state = self.dual.merge(self.state)
-            log.info("round %d: the dual model of %d rounds merged into one single-input model", rnd, self.dual.rounds)
+        """Whatever the recipe does as a round starts (the dual recipe's merge after its last dual round)."""
+        self.state = self.recipe.begin_round(self.state, self.round_plan(rnd).stage)
 
     def orders(self, rnd: int) -> RoundOrders:
         """Every decision about round ``rnd``, made here once; sites apply them as sent."""
@@ -164,8 +159,7 @@ class Coordinator:
         )
 
     def plan(self, orders: RoundOrders) -> ExchangePlan:
-        model = self.dual.model if self.dual is not None and orders.stage == DUAL else self.model
-        return plan_for(model, orders)
+        return plan_for(self.recipe.model_for(orders.stage), orders)
 
     def arrays_for(self, plan: ExchangePlan) -> dict[str, torch.Tensor]:
         return get_trainable_state(self.state, plan)
@@ -173,9 +167,7 @@ class Coordinator:
     def base_for(self, plan: ExchangePlan) -> dict[str, torch.Tensor]:
         """Frozen arrays sent down with a round's trainable ones: under ``train.recipe = "dual"``, after
         the merge, the frozen groups hold federated weights a site cannot rebuild (empty otherwise)."""
-        if self.dual is None or self.dual.is_dual_state(self.state):
-            return {}
-        return base_arrays(self.state, plan)
+        return self.recipe.base_for(self.state, plan)
 
     def expected_hash(self, plan: ExchangePlan) -> str:
         return frozen_hash(self.state, plan)
@@ -338,10 +330,7 @@ class Coordinator:
             raise FederationFailed(f"{folder} holds a checkpoint of a run with another configuration; "
                                    "use a new out-dir or the same configuration")
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        expected = set(self.state)
-        if self.dual is not None and not self.dual.is_dual_state(state):  # checkpointed after the merge
-            expected = set(self.model.state_dict())
-        if set(state) != expected:
+        if set(state) != self.recipe.state_keys(state):  # (the dual recipe: before or after the merge)
             raise FederationFailed(f"{folder}/state.pt does not match the model")
         self.state = state
         for name in ("best", "probe_state"):

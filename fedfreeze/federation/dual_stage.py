@@ -34,37 +34,84 @@ from collections.abc import Mapping
 
 import torch
 
+import logging
+
 from fedfreeze.config import ModelConfig
 from fedfreeze.federation.exchange import ExchangePlan, subset
+from fedfreeze.federation.protocol import DUAL
 from fedfreeze.models.dual import HEAD_WEIGHT, DualNet, build_dual, merge_state
+from fedfreeze.models.grouped import GroupedNet
+
+log = logging.getLogger("fedfreeze.coordinator")
 
 
 
-class DualStage:
-    """The coordinator's view of the dual recipe: the dual model and the merge (its rounds: ``rounds.plan_round``)."""
+class StandardRecipe:
+    """The coordinator's view of the standard recipe: one pretrained single-input model from round 1."""
 
-    def __init__(self, model_cfg: ModelConfig, dual_rounds: int, seed: int) -> None:
-        with torch.random.fork_rng():  # seeded, without resetting the process's global generator
-            torch.manual_seed(seed)
-            self.model: DualNet = build_dual(model_cfg)
-        self.rounds = dual_rounds
+    def __init__(self, model: GroupedNet) -> None:
+        self.model = model
+        self.parts: frozenset[str] = frozenset()  # no dual rounds
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    @property
-    def parts(self) -> frozenset[str]:
-        """A dual round trains everything: both sub-models' groups and heads."""
-        return frozenset(self.model.parts)
+    def model_for(self, stage: str) -> GroupedNet:
+        return self.model
+
+    def begin_round(self, state: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+        return state
+
+    def base_for(self, state: Mapping[str, torch.Tensor], plan: ExchangePlan) -> dict[str, torch.Tensor]:
+        """Nothing frozen travels: every site rebuilds the frozen backbone from its pretrained checkpoint."""
+        return {}
+
+    def state_keys(self, state: Mapping[str, torch.Tensor]) -> set[str]:
+        """The keys a checkpointed global state must hold."""
+        return set(self.model.state_dict())
+
+
+class DualStage(StandardRecipe):
+    """The coordinator's view of the dual recipe: the dual model until the merge, then the merged
+    single-input model whose frozen groups travel down (its rounds: ``rounds.plan_round``)."""
+
+    def __init__(self, merged: GroupedNet, model_cfg: ModelConfig, dual_rounds: int, seed: int) -> None:
+        super().__init__(merged)
+        with torch.random.fork_rng():  # seeded, without resetting the process's global generator
+            torch.manual_seed(seed)
+            self.dual: DualNet = build_dual(model_cfg)
+        self.rounds = dual_rounds
+        self.parts = frozenset(self.dual.parts)  # a dual round trains everything: both sub-models and heads
+
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.dual.state_dict().items()}
+
+    def model_for(self, stage: str) -> GroupedNet:
+        return self.dual if stage == DUAL else self.model
+
+    def begin_round(self, state: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+        """The first round after the dual stage merges the global dual model (exactly) into one model."""
+        if stage != DUAL and self.is_dual_state(state):
+            log.info("the dual model of %d rounds merged into one single-input model", self.rounds)
+            return merge_state(state)
+        return state
+
+    def base_for(self, state: Mapping[str, torch.Tensor], plan: ExchangePlan) -> dict[str, torch.Tensor]:
+        """After the merge the frozen groups hold federated weights a site cannot rebuild: they go down."""
+        return {} if self.is_dual_state(state) else base_arrays(state, plan)
+
+    def state_keys(self, state: Mapping[str, torch.Tensor]) -> set[str]:
+        return set(self.dual.state_dict()) if self.is_dual_state(state) else set(self.model.state_dict())
 
     @staticmethod
     def is_dual_state(state: Mapping[str, torch.Tensor]) -> bool:
         return HEAD_WEIGHT in state
 
-    @staticmethod
-    def merge(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The merged model's global state from the aggregated dual model's."""
-        return merge_state(state)
+
+def recipe_for(model: GroupedNet, model_cfg: ModelConfig, recipe: str, dual_rounds: int, seed: int
+               ) -> StandardRecipe:
+    """The coordinator's recipe object for ``train.recipe``."""
+    return DualStage(model, model_cfg, dual_rounds, seed) if recipe == "dual" else StandardRecipe(model)
 
 
 def base_arrays(state: Mapping[str, torch.Tensor], plan: ExchangePlan) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfreeze.federation.config import SITE_SCHEDULE_KEYS, FedConfig
-from fedfreeze.federation.flower_client import client_app
+from fedfreeze.federation.flower_client import client_app as project_client_app
 from fedfreeze.federation.flower_server import run_federation
 from fedfreeze.federation.local_grid import LocalGrid
 from fedfreeze.federation.report import METRICS_FILE
@@ -79,7 +79,7 @@ def run_in_process(cfg: FedConfig, out_dir: str | Path, sites: Mapping[str, str 
         for number, (name, folder) in enumerate(sites.items(), start=1)
     }
     run_config = {"config": str(config.resolve()), "out-dir": str(out.resolve()), "resume": resume}
-    grid = LocalGrid(client_app or client_app(), nodes, run_config)
+    grid = LocalGrid(client_app or project_client_app(), nodes, run_config)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     # one line per round and per message is noise inside an experiment: warnings and errors only
     loggers = [logging.getLogger(name) for name in ("fedfreeze.server", "flwr")]

@@ -30,14 +30,12 @@ from fedfreeze.federation.exchange import (
     subset,
 )
 from fedfreeze.federation.pooled import SiteStats, multiclass_confusion, score_bin_edges, snap_threshold
-from fedfreeze.federation.protocol import DUAL, EVALUATE_ROLE, TRAIN_ROLE, RoundOrders
+from fedfreeze.federation.protocol import EVALUATE_ROLE, TRAIN_ROLE, RoundOrders
+from fedfreeze.federation.site_stages import stage_for
 from fedfreeze.metrics import classification_metrics
-from fedfreeze.models.dual import DualNet, build_dual, merge_dual
 from fedfreeze.models.grouped import GroupedNet
-from fedfreeze.models.registry import build_model
-from fedfreeze.training.dual import train_dual
 from fedfreeze.training.dynamic_freeze import updated_keys
-from fedfreeze.training.engine import predict_scores, resolve_device, train_phase
+from fedfreeze.training.engine import predict_scores, resolve_device
 from fedfreeze.training.features import FeatureCache
 
 
@@ -112,10 +110,7 @@ class SiteRuntime:
         """
         cfg = orders.model if self.weights is None else orders.model.model_copy(update={"weights": self.weights})
         torch.manual_seed(orders.seed)
-        if orders.stage == DUAL:
-            model: GroupedNet = build_dual(cfg)
-        else:
-            model, _ = build_model(cfg, list(orders.adapter_groups), orders.train.adapter_rank)
+        model = stage_for(orders).build(cfg, orders)
         plan = plan_for(model, orders)
         state = dict(model.state_dict())
         where = f"site {self.site!r}: "
@@ -162,10 +157,9 @@ class SiteRuntime:
         train_set, val_set = self.datasets(orders)
         model, plan = self.model(orders, arrays, base)
         proof = frozen_hash(model.state_dict(), plan)
-        dual = isinstance(model, DualNet)
+        stage = stage_for(orders)
         started = time.perf_counter()
-        # a dual round scores the received dual model's joined output (its merge, exactly)
-        metrics = self._evaluate(merge_dual(model) if dual else model, orders, val_set, head_only=orders.is_probe)
+        metrics = self._evaluate(stage.scored(model), orders, val_set, head_only=orders.is_probe)
         eval_seconds = time.perf_counter() - started
 
         features = None
@@ -174,23 +168,16 @@ class SiteRuntime:
         regularizer = proximal_term(model, orders.proximal_mu) if orders.proximal_mu > 0 else None
         rng = np.random.default_rng([orders.seed, orders.round, _stable_int(self.site)])
         torch.manual_seed(int(rng.integers(2**31)))
+        train_cfg = orders.train
+        if train_cfg.freezing == "dynamic":  # a sweep order of its own at every site and round, so that
+            # a round too short for the first sweep still trains different layers at different sites
+            dyn = train_cfg.dynamic_freeze.model_copy(update={"seed": int(rng.integers(2**31))})
+            train_cfg = train_cfg.model_copy(update={"dynamic_freeze": dyn})
+        if self.max_train_memory_mb is not None:
+            train_cfg = train_cfg.model_copy(update={"max_train_memory_mb": self.max_train_memory_mb})
         started = time.perf_counter()
-        if dual:
-            dual_cfg = orders.train.dual.model_copy(update={"lr": orders.train.dual.lr * orders.lr_scale})
-            logs = train_dual(model, train_set.images, train_set.labels,
-                              orders.train.model_copy(update={"dual": dual_cfg}), epochs=orders.local_epochs,
-                              rng=rng, device=self.device, regularizer=regularizer)
-        else:
-            train_cfg = orders.train
-            if train_cfg.freezing == "dynamic":  # a sweep order of its own at every site and round, so that
-                # a round too short for the first sweep still trains different layers at different sites
-                dyn = train_cfg.dynamic_freeze.model_copy(update={"seed": int(rng.integers(2**31))})
-                train_cfg = train_cfg.model_copy(update={"dynamic_freeze": dyn})
-            if self.max_train_memory_mb is not None:
-                train_cfg = train_cfg.model_copy(update={"max_train_memory_mb": self.max_train_memory_mb})
-            logs = train_phase(model, train_set.images, train_set.labels, orders.parts, train_cfg,
-                               epochs=orders.local_epochs, rng=rng, device=self.device, features=features,
-                               regularizer=regularizer)
+        logs = stage.train(model, train_set, orders, train_cfg, rng=rng, device=self.device, features=features,
+                           regularizer=regularizer)
         train_seconds = time.perf_counter() - started
         self._save_local_bn(model, plan)
         metrics.update({
@@ -210,8 +197,7 @@ class SiteRuntime:
         role = orders.role_of(self.site)
         val_set = self._evaluation_set(orders) if role == EVALUATE_ROLE else self.datasets(orders)[1]
         model, plan = self.model(orders, arrays, base)
-        scored = merge_dual(model) if isinstance(model, DualNet) else model
-        metrics = self._evaluate(scored, orders, val_set, head_only=False)
+        metrics = self._evaluate(stage_for(orders).scored(model), orders, val_set, head_only=False)
         return SiteReply({}, frozen_hash(model.state_dict(), plan), metrics, role=role)
 
     def _evaluation_set(self, orders: RoundOrders) -> ImageSet:

@@ -230,11 +230,13 @@ def test_bad_replies_are_rejected_and_leave_no_trace(tmp_path, site_folders, hon
             assert expected in reasons[f"bad-{kind}"], (kind, reasons[f"bad-{kind}"])
     assert [len(r["failures"]) for r in metrics["rounds"]] == [1, 1, 1]
     assert "lost its disk" in metrics["rounds"][1]["failures"][0]["reason"]
-    # nothing of a rejected reply entered the global model: it equals the honest run's
+    # nothing of a rejected reply entered the global model: it equals the honest run's (to 1e-4: two
+    # identical runs here differ by up to ~1e-5, multi-threaded CPU kernels; a rejected reply that
+    # leaked into a 3- or 11-site average would move weights by orders of magnitude more)
     bad, _ = load_model(metrics["model"])
     good, _ = load_model(honest_metrics["model"])
     for key, value in good.state_dict().items():
-        assert torch.allclose(bad.state_dict()[key].float(), value.float(), atol=1e-5), key
+        assert torch.allclose(bad.state_dict()[key].float(), value.float(), atol=1e-4), key
 
 
 def test_too_few_valid_replies_fail_the_run_and_resume_continues(tmp_path, site_folders):
