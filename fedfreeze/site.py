@@ -2,6 +2,11 @@
 
 Every fold starts from the same pretrained backbone, so the probe's backbone features are the
 same for every fold: they are computed once for all images and each fold takes its rows.
+
+With ``init`` (``--init MODEL_DIR``) every fold and the refit start from a trained model folder
+instead (``models/init_from.py``), and the folder's model, un-adapted, is scored on the same test
+folds: ``metrics.json`` then holds its fold metrics (``baseline``) and a paired comparison
+(``comparison``: DeLong's test over folds on AUROC, and per-metric differences).
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from tqdm.auto import tqdm
 from fedfreeze.config import SiteConfig
 from fedfreeze.data.dataset import ImageSet, load_image_set
 from fedfreeze.data.splits import patient_folds
-from fedfreeze.metrics import classification_metrics, summarize, youden_threshold
-from fedfreeze.model_io import make_card, save_model
+from fedfreeze.errors import ConfigError
+from fedfreeze.evaluation.delong import FoldScores, delong_test_over_folds
+from fedfreeze.metrics import METRIC_KEYS, classification_metrics, summarize, youden_threshold
+from fedfreeze.model_io import ModelCard, make_card, model_scores, save_model
 from fedfreeze.models.grouped import GroupedNet
+from fedfreeze.models.init_from import InitModel, data_class_names, load_init
 from fedfreeze.models.registry import build_model
 from fedfreeze.training.engine import (
     EpochLog,
@@ -54,10 +62,12 @@ def train_on(
     cache: FeatureCache,
     bar_label: str,
     progress: bool,
+    init: InitModel | None = None,
 ) -> tuple[GroupedNet, list[EpochLog]]:
     """Train a fresh model on ``data[indices]`` through the whole schedule (under ``train.recipe =
     "dual"``: the dual-input-output stage from scratch, the merge, then the merged model's probe and
-    progressive unfreezing, ``training/dual.py``; the merged model is returned)."""
+    progressive unfreezing, ``training/dual.py``; the merged model is returned). With ``init`` the
+    model starts as a copy of that trained model instead of the config's pretrained backbone."""
     dual = cfg.train.recipe == "dual"
     images, labels = data.images[indices], data.labels[indices]
     total = cfg.train.probe_epochs + cfg.train.epochs + (cfg.train.dual.epochs if dual else 0)
@@ -78,7 +88,11 @@ def train_on(
                                          device=device, features=lambda m: cache.features(m, images, device),
                                          on_epoch=on_epoch)
             return merged, list(dual_logs)
-        model = new_model(cfg, seed)
+        if init is None:
+            model = new_model(cfg, seed)
+        else:
+            torch.manual_seed(seed)  # dropout and augmentation draws, as for a fresh model
+            model = init.start_model()
         needs_features = cfg.train.probe_epochs > 0 and not cfg.train.probe_augment
         feats = cache.features(model, data.images, device)[indices] if needs_features else None
         logs = fit(model, images, labels, cfg.train, rng=np.random.default_rng(seed), device=device,
@@ -94,8 +108,14 @@ def site_train(
     split: str | None = None,
     device: str = "auto",
     progress: bool = True,
+    init: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Cross-validate, refit on all data, and write ``metrics.json`` and the model folder."""
+    """Cross-validate, refit on all data, and write ``metrics.json`` and the model folder; with
+    ``init`` (a model folder) start from it and compare the adapted models with it."""
+    start = None if init is None else load_init(init, cfg)  # a mismatch stops before any image loads
+    if start is not None and cfg.model.num_classes != 2:
+        raise ConfigError(f"model.num-classes: --init compares the adapted models with {start.folder} by "
+                          f"DeLong's test on AUROC, which needs a binary task, got {cfg.model.num_classes}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -105,7 +125,7 @@ def site_train(
         image_size=cfg.model.input_size,
         channels=cfg.model.in_channels,
         split=split,
-        class_names=cfg.model.class_names,
+        class_names=cfg.model.class_names if start is None else data_class_names(start, cfg),
         num_classes=cfg.model.num_classes,
         progress=progress,
     )
@@ -118,11 +138,15 @@ def site_train(
     fold_results: list[dict[str, Any]] = []
     oof_rows: list[tuple[int, int, str, int, Any]] = []
     memory: dict[str, Any] = {}
+    # the un-adapted model does not change from fold to fold: score every image once
+    init_scores = None if start is None else model_scores(start.model.to(dev), start.card, data.images, dev)
+    baseline_folds: list[dict[str, Any]] = []
+    paired: list[FoldScores] = []
     for number, fold in enumerate(tqdm(folds, desc="folds", unit="fold", disable=not progress)):
         label = f"repeat {fold.repeat + 1} fold {fold.fold + 1}/{cfg.cv.folds}"
         model, logs = train_on(
             cfg, data, fold.train, seed=cfg.train.seed + number, device=dev, cache=cache,
-            bar_label=label, progress=progress,
+            bar_label=label, progress=progress, init=start,
         )
         scores = predict_scores(model, data.images[fold.test], dev)
         metrics = classification_metrics(data.labels[fold.test].numpy(), scores, cfg.cv.threshold)
@@ -136,6 +160,13 @@ def site_train(
             memory = memory_plans(cfg, logs, progress=progress)
         for i, score in zip(fold.test, scores, strict=True):
             oof_rows.append((fold.repeat, fold.fold, data.sources[i], int(data.labels[i]), score))
+        if start is not None and init_scores is not None:  # (both or neither)
+            y_test = data.labels[fold.test].numpy()
+            base = classification_metrics(y_test, init_scores[fold.test], start.card.threshold)
+            baseline_folds.append({"repeat": fold.repeat, "fold": fold.fold, "n_test": int(len(fold.test)),
+                                   "threshold": start.card.threshold, **base})
+            paired.append(FoldScores(labels=y_test, scores_a=np.asarray(scores), scores_b=init_scores[fold.test],
+                                     case_ids=[data.patient_ids[i] for i in fold.test]))
         if progress:
             tqdm.write(f"{label}: AUROC {metrics['auroc']:.3f}  balanced acc {metrics['balanced_accuracy']:.3f}  "
                        f"F1 {metrics['f1']:.3f}")
@@ -151,26 +182,114 @@ def site_train(
         "summary": summary,
         "memory": memory,
     }
+    if start is not None:
+        report["init"] = {"model": str(start.folder), "weights_sha256": start.weights_sha256,
+                          "threshold": start.card.threshold,
+                          "calibration": None if start.card.calibration is None else start.card.calibration.method,
+                          "new_adapter_groups": list(start.new_adapter_groups)}
+        report["baseline"] = {"folds": baseline_folds, "summary": summarize(baseline_folds)}
+        report["comparison"] = compare_with_init(fold_results, baseline_folds, paired, cfg.cv.threshold,
+                                                 start.card.threshold)
     threshold = choose_model_threshold(cfg, data, oof_rows)
     report["model_threshold"] = threshold
     if cfg.cv.refit:
         everything = np.arange(len(data))
         model, logs = train_on(
             cfg, data, everything, seed=cfg.train.seed + len(folds), device=dev, cache=cache,
-            bar_label="refit on all data", progress=progress,
+            bar_label="refit on all data", progress=progress, init=start,
         )
-        card = make_card(
-            model, cfg.model, threshold=threshold["value"], class_names=data.class_names,
-            trained_by="fedfreeze site-train", notes={"data": str(data_path), "n_images": len(data)},
-        )
+        if start is None:
+            card = make_card(
+                model, cfg.model, threshold=threshold["value"], class_names=data.class_names,
+                trained_by="fedfreeze site-train", notes={"data": str(data_path), "n_images": len(data)},
+            )
+        else:
+            card = adapted_card(model, start, cfg, report, threshold["value"], data.class_names)
         save_model(out, model, card)
         report["model"] = str(out)
         report["refit_seconds"] = float(sum(log.seconds for log in logs))
     report["feature_cache"] = {"hits": cache.hits, "misses": cache.misses}
     report["seconds"] = time.perf_counter() - started
     (out / METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    _write_predictions(out / PREDICTIONS_FILE, oof_rows, data.class_names)
+    extra = None
+    if init_scores is not None:  # the same order as oof_rows: fold by fold, test rows in order
+        extra = [(data.patient_ids[i], float(init_scores[i])) for fold in folds for i in fold.test]
+    _write_predictions(out / PREDICTIONS_FILE, oof_rows, data.class_names, extra)
     return report
+
+
+def compare_with_init(adapted: list[dict[str, Any]], baseline: list[dict[str, Any]], paired: list[FoldScores],
+                      adapted_threshold: float, init_threshold: float) -> dict[str, Any]:
+    """The adapted fold models against the un-adapted init model on the same test folds: DeLong's
+    test on the mean AUROC over folds (``a`` = adapted, ``b`` = init), and each metric's paired
+    fold differences (adapted minus init; thresholded metrics at each model's own threshold)."""
+    delong = delong_test_over_folds(paired)
+    differences = {}
+    for key in METRIC_KEYS:
+        diffs = np.array([a[key] - b[key] for a, b in zip(adapted, baseline, strict=True)], dtype=float)
+        differences[key] = {
+            "adapted_mean": float(np.mean([a[key] for a in adapted])),
+            "init_mean": float(np.mean([b[key] for b in baseline])),
+            "difference_mean": float(diffs.mean()),
+            "difference_std": float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0,
+        }
+    return {"delong": delong.to_dict(), "differences": differences,
+            "thresholds": {"adapted": adapted_threshold, "init": init_threshold,
+                           "rule": "each model at its own threshold: the adapted fold models at cv.threshold, "
+                                   "the init model at its card's threshold (its calibration applied)"}}
+
+
+def adapted_card(model: GroupedNet, start: InitModel, cfg: SiteConfig, report: dict[str, Any], threshold: float,
+                 class_names: list[str]) -> ModelCard:
+    """The refit model's card: the init model's architecture and lineage, with this adaptation
+    appended to its earlier ones. Its calibration is not carried over: it was fitted to the init
+    model's scores, not to the adapted model's."""
+    record = {
+        "kind": "site-train --init",
+        "from": str(start.folder.resolve()),
+        "from_weights_sha256": start.weights_sha256,
+        "data": report["data"],
+        "n_images": report["n_images"],
+        "n_patients": report["n_patients"],
+        "cv": {"folds": cfg.cv.folds, "repeats": cfg.cv.repeats, "adapted": report["summary"],
+               "init": report["baseline"]["summary"]},
+        "comparison_p": report["comparison"]["delong"]["p_value"],
+        "auroc_difference": report["comparison"]["delong"]["difference"],
+    }
+    model_cfg = start.card.model.model_copy(update={"dropout": cfg.model.dropout})
+    return make_card(
+        model, model_cfg, threshold=threshold, class_names=class_names, trained_by="fedfreeze site-train --init",
+        pretrained_format=start.card.pretrained_format,
+        notes={"data": report["data"], "n_images": report["n_images"], "init": str(start.folder)},
+        adaptations=[*start.card.adaptations, record],
+    )
+
+
+def format_comparison(report: dict[str, Any]) -> str:
+    """The two-row before/after table and one sentence no stronger than the test."""
+    comp = report["comparison"]
+    diffs, delong, th = comp["differences"], comp["delong"], comp["thresholds"]
+    base, adapted = report["baseline"]["summary"], report["summary"]
+
+    def cell(summary: dict[str, Any], key: str) -> str:
+        return f"{summary[key]['mean']:.3f} ± {summary[key]['std']:.3f}"
+
+    lines = [f"  {'model':<26} {'AUROC':<15} {'balanced acc':<15} threshold",
+             f"  {'init (as given)':<26} {cell(base, 'auroc'):<15} {cell(base, 'balanced_accuracy'):<15} "
+             f"{th['init']:.3f} (its card)",
+             f"  {'adapted (site-train)':<26} {cell(adapted, 'auroc'):<15} {cell(adapted, 'balanced_accuracy'):<15} "
+             f"{th['adapted']:.3f} (cv.threshold)"]
+    d, p = delong["difference"], delong["p_value"]
+    ci = f"{delong['confidence']:.0%} CI {delong['ci_low']:+.3f} to {delong['ci_high']:+.3f}"
+    ba = diffs["balanced_accuracy"]["difference_mean"]
+    if p < 0.05:
+        verdict = (f"adapting {'helped' if d > 0 else 'hurt'} on these patients: mean fold AUROC "
+                   f"{'higher' if d > 0 else 'lower'} by {abs(d):.3f} ({ci}, DeLong p = {p:.3g})")
+    else:
+        verdict = (f"adapting did not significantly change AUROC: difference {d:+.3f} ({ci}, DeLong p = {p:.3g}); "
+                   "the test cannot tell the two apart on these folds")
+    lines.append(f"{verdict}; balanced accuracy difference {ba:+.3f} (each at its own threshold)")
+    return "\n".join(lines)
 
 
 def memory_plans(cfg: SiteConfig, logs: list[EpochLog], *, progress: bool = False) -> dict[str, Any]:
@@ -208,17 +327,24 @@ def choose_model_threshold(
             "out_of_fold_at_fold_threshold": classification_metrics(labels, scores, cfg.cv.threshold)}
 
 
-def _write_predictions(path: Path, rows: list[tuple[int, int, str, int, Any]], class_names: list[str]) -> None:
-    """Out-of-fold scores of every case (kept at the site: they never leave it)."""
+def _write_predictions(path: Path, rows: list[tuple[int, int, str, int, Any]], class_names: list[str],
+                       init_rows: list[tuple[str, float]] | None = None) -> None:
+    """Out-of-fold scores of every case (kept at the site: they never leave it); with ``--init``
+    also each case's patient and the un-adapted init model's score (calibrated, as it would be used)."""
     import csv
 
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         binary = len(class_names) == 2
         score_cols = ["score"] if binary else [f"p_{name}" for name in class_names]
-        writer.writerow(["repeat", "fold", "source", "label", *score_cols])
-        for repeat, fold, source, label, score in rows:
-            values = [f"{float(score):.6f}"] if binary else [f"{float(s):.6f}" for s in score]
+        extra_cols = [] if init_rows is None else ["patient_id", "init_score"]
+        writer.writerow(["repeat", "fold", "source", "label", *score_cols, *extra_cols])
+        # with --init, every digit: the comparison in metrics.json can be recomputed exactly from this file
+        digits = ".6f" if init_rows is None else ".17g"
+        for number, (repeat, fold, source, label, score) in enumerate(rows):
+            values = [f"{float(score):{digits}}"] if binary else [f"{float(s):.6f}" for s in score]
+            if init_rows is not None:
+                values += [init_rows[number][0], f"{init_rows[number][1]:{digits}}"]
             writer.writerow([repeat, fold, source, label, *values])
 
 
