@@ -19,7 +19,8 @@ from fedfreeze import __version__
 from fedfreeze.config import ModelConfig, Section, parse_config
 from fedfreeze.errors import CheckpointError
 from fedfreeze.models.grouped import GroupedNet
-from fedfreeze.models.registry import build_model
+from fedfreeze.models.adapters import adapter_rank
+from fedfreeze.models.registry import Normalize, build_model
 
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
@@ -64,11 +65,12 @@ class ModelCard(Section):
 def make_card(model: GroupedNet, cfg: ModelConfig, **fields: Any) -> ModelCard:
     """A card for ``model``, recording the normalisation it actually uses and its adapters."""
     norm = model.normalize
+    assert isinstance(norm, Normalize), "every registry model normalises its input"
     resolved = cfg.model_copy(
-        update={"mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}  # type: ignore[union-attr]
+        update={"mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}
     )
     adapters = list(model.adapters.keys())
-    rank = model.adapters[adapters[0]].blocks[0].down.out_channels if adapters else 8  # type: ignore[index]
+    rank = adapter_rank(model.adapters[adapters[0]]) if adapters else 8
     class_names = fields.pop("class_names", None) or cfg.class_names or [str(i) for i in range(cfg.num_classes)]
     return ModelCard(model=resolved, adapter_groups=adapters, adapter_rank=rank, class_names=class_names, **fields)
 

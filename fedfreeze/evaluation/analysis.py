@@ -62,7 +62,7 @@ def _cases(result: dict[str, Any], site: str | None) -> dict[str, np.ndarray]:
     }
 
 
-def corrected_t_test(differences: Sequence[float], test_train_ratio: float) -> dict[str, float]:
+def corrected_t_test(differences: Sequence[float], test_train_ratio: float) -> dict[str, float | str]:
     """Nadeau-Bengio corrected resampled t-test of per-fold differences (two-sided)."""
     from scipy.stats import t as student
 
@@ -159,7 +159,10 @@ class Analysis:
         by_fold_a = {fold_key(r): r for r in self.results.get(first, [])}
         by_fold_b = {fold_key(r): r for r in self.results.get(second, [])}
         common = sorted(set(by_fold_a) & set(by_fold_b))
-        delong_folds, diffs, ratios, used = [], {k: [] for k in METRICS}, [], set()
+        delong_folds: list[FoldScores] = []
+        diffs: dict[str, list[float]] = {k: [] for k in METRICS}
+        ratios: list[float] = []
+        used: set[Any] = set()
         for key in common:
             a = _cases(by_fold_a[key], None if scope == POOLED else scope)
             b = _cases(by_fold_b[key], None if scope == POOLED else scope)

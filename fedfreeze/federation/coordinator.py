@@ -200,8 +200,13 @@ class Coordinator:
         return problems
 
     def site_stats(self, reply: Reply) -> SiteStats | np.ndarray:
-        if self.binary:
-            return SiteStats.from_metrics(reply.metrics, "val-", bins=self.fed.score_bins)
+        """A reply's validation statistics: ``SiteStats`` (binary) or a confusion matrix (multi-class)."""
+        return self.binary_stats(reply) if self.binary else self.confusion(reply)
+
+    def binary_stats(self, reply: Reply) -> SiteStats:
+        return SiteStats.from_metrics(reply.metrics, "val-", bins=self.fed.score_bins)
+
+    def confusion(self, reply: Reply) -> np.ndarray:
         flat = np.asarray(reply.metrics["val-confusion"], dtype=np.int64)
         k = self.cfg.model.num_classes
         if flat.shape != (k * k,) or (flat < 0).any():
@@ -229,30 +234,32 @@ class Coordinator:
             for key in ("auroc", "balanced-accuracy", "f1")
         }
         if self.binary:
-            stats = [self.site_stats(r) for r in replies]
+            stats = [self.binary_stats(r) for r in replies]
             pooled = pooled_metrics(stats, self.edges)
             hist_neg = np.sum([s.hist_neg for s in stats], axis=0)
             hist_pos = np.sum([s.hist_pos for s in stats], axis=0)
-            rule = dict(target_sensitivity=self.fed.target_sensitivity, tolerance=self.fed.threshold_tolerance)
-            self.threshold = choose_threshold(self.fed.threshold, hist_neg, hist_pos, self.edges, **rule)
-            record.threshold_interval = list(threshold_interval(self.fed.threshold, hist_neg, hist_pos, self.edges,
-                                                                seed=self.fed.seed + record.round, **rule))
+            target, tolerance = self.fed.target_sensitivity, self.fed.threshold_tolerance
+            self.threshold = choose_threshold(self.fed.threshold, hist_neg, hist_pos, self.edges,
+                                              target_sensitivity=target, tolerance=tolerance)
+            record.threshold_interval = list(threshold_interval(
+                self.fed.threshold, hist_neg, hist_pos, self.edges, target_sensitivity=target, tolerance=tolerance,
+                seed=self.fed.seed + record.round))
             record.pooled = {"at_threshold_used": pooled,
                              "at_threshold_next": pooled_metrics(stats, self.edges, self.threshold),
                              "at_0.5": pooled_metrics(stats, self.edges, snap_threshold(0.5, self.edges)),
                              "histograms": {"neg": hist_neg.tolist(), "pos": hist_pos.tolist()}}
             if evaluators:
-                external = [self.site_stats(r) for r in evaluators]
+                external = [self.binary_stats(r) for r in evaluators]
                 record.evaluation_sites = {
                     "sites": [r.site for r in evaluators],
                     "at_threshold_used": pooled_metrics(external, self.edges),
                     "at_threshold_next": pooled_metrics(external, self.edges, self.threshold),
                 }
         else:
-            record.pooled = {"at_threshold_used": pooled_multiclass_metrics([self.site_stats(r) for r in replies])}
+            record.pooled = {"at_threshold_used": pooled_multiclass_metrics([self.confusion(r) for r in replies])}
             if evaluators:
                 record.evaluation_sites = {"sites": [r.site for r in evaluators], "at_threshold_used":
-                                           pooled_multiclass_metrics([self.site_stats(r) for r in evaluators])}
+                                           pooled_multiclass_metrics([self.confusion(r) for r in evaluators])}
         record.threshold_next = self.threshold
 
     def note_scored(self, record: RoundRecord, scored_state: dict[str, torch.Tensor], scored_after: int) -> None:

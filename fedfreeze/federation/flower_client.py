@@ -127,9 +127,10 @@ def to_reply(message: Message, result: SiteReply, site: str, *, with_arrays: boo
 def received_arrays(message: Message) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The round's trainable arrays, and the frozen ``base`` arrays when the coordinator sent them
     (merged rounds of ``train.recipe = "dual"``: they load into the model, the reply never holds them)."""
-    arrays = message.content[ARRAYS].to_torch_state_dict()
-    if BASE in message.content.array_records:
-        return arrays, message.content[BASE].to_torch_state_dict()
+    records = message.content.array_records
+    arrays = records[ARRAYS].to_torch_state_dict()
+    if BASE in records:
+        return arrays, records[BASE].to_torch_state_dict()
     return arrays, {}
 
 
@@ -164,8 +165,7 @@ def logged_failures(handler: Callable[[Message, Context], Message]) -> Callable[
 @logged_failures
 def handle_train(message: Message, context: Context) -> Message:
     runtime = runtime_for(context)
-    config = message.content[CONFIG]
-    orders = orders_from(config)
+    orders = orders_from(message.content.config_records[CONFIG])
     result = runtime.train(orders, *received_arrays(message))
     result.metrics["process-seconds"] = process_seconds()
     if orders.dp_weight:  # DP accounting needs equal weights: every site counts once
@@ -176,7 +176,7 @@ def handle_train(message: Message, context: Context) -> Message:
 @logged_failures
 def handle_evaluate(message: Message, context: Context) -> Message:
     runtime = runtime_for(context)
-    result = runtime.evaluate(orders_from(message.content[CONFIG]), *received_arrays(message))
+    result = runtime.evaluate(orders_from(message.content.config_records[CONFIG]), *received_arrays(message))
     result.metrics["process-seconds"] = process_seconds()
     return to_reply(message, result, runtime.site, with_arrays=False)
 

@@ -78,7 +78,8 @@ def run_in_process(cfg: FedConfig, out_dir: str | Path, sites: Mapping[str, str 
                  "state-dir": str(Path(state_dir).resolve() / name), "device": device}
         for number, (name, folder) in enumerate(sites.items(), start=1)
     }
-    run_config = {"config": str(config.resolve()), "out-dir": str(out.resolve()), "resume": resume}
+    run_config: dict[str, bool | float | int | str] = {"config": str(config.resolve()), "out-dir": str(out.resolve()),
+                                                         "resume": resume}
     grid = LocalGrid(client_app or project_client_app(), nodes, run_config)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     # one line per round and per message is noise inside an experiment: warnings and errors only

@@ -350,7 +350,7 @@ def _validated(raw: Mapping[str, Any], name: Callable[[str], str], bins: int | N
     """SiteStats fields checked and normalised; errors use ``name(field)`` (a record key or field)."""
     out: dict[str, Any] = {c: _as_count(raw[c], name(c)) for c in ("n", "tp", "fp", "tn", "fn")}
     t = raw["threshold"]
-    if isinstance(t, bool) or not isinstance(t, Real) or not 0.0 < t < 1.0:
+    if isinstance(t, bool) or not isinstance(t, Real) or not 0.0 < float(t) < 1.0:
         raise DataError(f"{name('threshold')} should be a number strictly inside (0, 1), got {t!r}")
     out["threshold"] = float(t)
     neg = _as_count_array(raw["hist_neg"], name("hist_neg"))

@@ -11,6 +11,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -186,7 +187,7 @@ class SiteRuntime:
             "train-seconds": train_seconds,
             "eval-seconds": eval_seconds,
         })
-        keys = plan.sent
+        keys: Sequence[str] = plan.sent
         if orders.partial_replies:  # only what changed travels back
             keys = changed_keys(plan.sent, (k for k, _ in model.named_parameters()), updated_keys(logs))
         return SiteReply(subset(model.state_dict(), keys), proof, metrics)

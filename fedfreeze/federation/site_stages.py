@@ -53,9 +53,9 @@ class DualStage(StandardStage):
               rng: np.random.Generator, device: torch.device, features: torch.Tensor | None,
               regularizer: Regularizer) -> list[EpochLog]:
         dual_cfg = train_cfg.dual.model_copy(update={"lr": train_cfg.dual.lr * orders.lr_scale})
-        return train_dual(model, data.images, data.labels,  # type: ignore[arg-type]
+        return list(train_dual(model, data.images, data.labels,  # type: ignore[arg-type]
                           train_cfg.model_copy(update={"dual": dual_cfg}), epochs=orders.local_epochs,
-                          rng=rng, device=device, regularizer=regularizer)
+                          rng=rng, device=device, regularizer=regularizer))
 
 
 def stage_for(orders: RoundOrders) -> StandardStage:

@@ -53,3 +53,12 @@ class StageAdapters(nn.Module):
         for block, adapter in zip(stage, self.blocks, strict=True):
             x = block(x) + adapter(x)
         return x
+
+
+def adapter_rank(adapters: nn.Module) -> int:
+    """The rank of a stage's adapters (what a model card records to rebuild them)."""
+    if not isinstance(adapters, StageAdapters):
+        raise TypeError(f"expected StageAdapters, got {type(adapters).__name__}")
+    first = adapters.blocks[0]
+    assert isinstance(first, LowRankAdapter)
+    return int(first.down.out_channels)

@@ -25,6 +25,7 @@ group weights; the merge only changes the input routing and joins the two heads 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,7 +104,7 @@ def lightweight_groups(
 
 def lightweight_specs() -> list[BackboneSpec]:
     """The family's registry entries (``fedfreeze.models.registry`` registers them at import)."""
-    common = {
+    common: dict[str, Any] = {
         "key_maps": {},  # no pretrained weights exist: these models train from scratch (weights = "none")
         "stem_key": "groups.stem.conv.weight",
         "input_size": MNIST_INPUT,

@@ -75,6 +75,9 @@ def get_backbone(name: str) -> BackboneSpec:
 class Normalize(nn.Module):
     """Per-channel ``(x - mean) / std`` on inputs in [0, 1]; stored in model.json, not in the weights."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: list[float], std: list[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)

@@ -171,7 +171,7 @@ def train_phase(
                 freezer.choose(optimizer)
             idx = torch.from_numpy(order[step * batch : (step + 1) * batch])
             targets = all_targets[idx].to(device)
-            if use_features:
+            if use_features and features is not None:
                 logits = model.head(features[idx].to(device))
             else:
                 x = to_unit(images[idx], device)

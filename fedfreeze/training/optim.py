@@ -36,7 +36,8 @@ def param_groups(model: GroupedNet, parts: Iterable[str], cfg: TrainConfig) -> l
     for part in model.parts:
         if part not in parts:
             continue
-        decay, no_decay = [], []
+        decay: list[torch.nn.Parameter] = []
+        no_decay: list[torch.nn.Parameter] = []
         for param in model.part_modules(part).parameters():
             if param.requires_grad:
                 (no_decay if param.ndim <= 1 else decay).append(param)

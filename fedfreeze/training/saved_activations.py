@@ -90,7 +90,7 @@ _BIT_VALUES = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
 def _memory_order(t: torch.Tensor) -> list[int]:
     """Dimensions from outermost to innermost in memory (channels-last tensors included)."""
-    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    return sorted(range(t.dim()), key=lambda d: (-t.stride()[d], d))
 
 
 def pack_bits(mask: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
