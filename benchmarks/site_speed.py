@@ -28,8 +28,8 @@ MODES = {
 def run_mode(mode: str, manifest: str, backbone: str, epochs: int, size: int, queue: mp.Queue) -> None:
     import numpy as np
     import torch
-
     from common import PeakRSS
+
     from fedfreeze.config import ModelConfig, TrainConfig
     from fedfreeze.data import load_image_set
     from fedfreeze.models.registry import build_model

@@ -57,7 +57,6 @@ LR = {"head": 1e-3, "layer4": 5e-4, "layer3": 2.5e-4, "layer2": 1e-4, "layer1": 
 def kermany_split(n_train: int, n_test: int, folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """Two manifests of Kermany images, half per class, with no patient in both."""
     import numpy as np
-
     from common import KERMANY
 
     rows = list(csv.DictReader((KERMANY / "manifest.csv").open()))
@@ -85,8 +84,8 @@ def kermany_split(n_train: int, n_test: int, folder: Path, seed: int = 0) -> tup
 def run_arm(arm: str, train_csv: str, test_csv: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     import numpy as np
     import torch
-
     from common import PeakRSS
+
     from fedfreeze.config import ModelConfig, TrainConfig
     from fedfreeze.data import load_image_set
     from fedfreeze.metrics import binary_metrics

@@ -18,8 +18,8 @@ from pydantic import Field
 from fedfreeze import __version__
 from fedfreeze.config import ModelConfig, Section, parse_config
 from fedfreeze.errors import CheckpointError
-from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.adapters import adapter_rank
+from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import Normalize, build_model
 
 CARD_FILE = "model.json"

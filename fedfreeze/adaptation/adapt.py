@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -163,7 +163,7 @@ def adapt_model(model_dir: str | Path, data_path: str | Path, out_dir: str | Pat
         lines.extend(_labelled_lines(fit, card.threshold))
     record["kind"] = "+".join(steps)
     record["fedfreeze_version"] = __version__
-    record["date_utc"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record["date_utc"] = datetime.now(UTC).isoformat(timespec="seconds")
     fields = {**card.model_dump(), "threshold": threshold, "adaptations": [*card.adaptations, record],
               "calibration": None if calibration is None else calibration.model_dump()}
     new_card: ModelCard = parse_config(fields, ModelCard, "the adapted model card")

@@ -99,7 +99,7 @@ class ImageSet:
         """Raise DataError when fewer than `min_classes` classes have at least one image."""
         self.require_nonempty(why)
         counts = self.class_counts()
-        present = [(name, n) for name, n in zip(self.class_names, counts) if n > 0]
+        present = [(name, n) for name, n in zip(self.class_names, counts, strict=False) if n > 0]
         if len(present) >= min_classes:
             return
         listed = ", ".join(f"{name!r} (n={n})" for name, n in present)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fedfreeze.data.imageset import UNLABELLED, ImageSet
 from fedfreeze.data.images import read_image, resize_square
+from fedfreeze.data.imageset import UNLABELLED, ImageSet
 from fedfreeze.data.labels import allowed_labels, parse_label
 from fedfreeze.errors import DataError
 

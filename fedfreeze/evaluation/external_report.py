@@ -59,7 +59,7 @@ def plot_scores(result: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     names = result.get("class_names") or ["class 0", "class 1"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for summary, color in zip(result["score_summary"], ("tab:blue", "tab:red")):
+    for summary, color in zip(result["score_summary"], ("tab:blue", "tab:red"), strict=False):
         edges, counts = summary["histogram_edges"], summary["histogram_counts"]
         label, name = summary["label"], names[summary["label"]]
         shown = f"label {label}" if name == str(label) else f"{name} (label {label})"

@@ -30,11 +30,10 @@ bytes but breaks with client sampling, failed rounds or a new site.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
-
-import logging
 
 from fedfreeze.config import ModelConfig
 from fedfreeze.federation.exchange import ExchangePlan, subset

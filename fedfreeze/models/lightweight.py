@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -168,7 +168,7 @@ class DynamicFreezer:
         sweep = self.sweep_steps()
         tiebreak = self.rng.permutation(len(self.units))
         keyed = [(-self.scores.get(u.key, math.inf), sweep.get(u.key, 0), int(t), i)
-                 for i, (u, t) in enumerate(zip(self.units, tiebreak))]
+                 for i, (u, t) in enumerate(zip(self.units, tiebreak, strict=False))]
         return [self.units[k[-1]] for k in sorted(keyed)]
 
     def choose(self, optimizer: torch.optim.Optimizer | None = None) -> list[FreezeUnit]:

@@ -18,7 +18,6 @@ from fedfreeze.evaluate import evaluate_model
 from fedfreeze.model_io import load_model, make_card, save_model
 from fedfreeze.models.registry import build_model
 from fedfreeze.training.engine import predict_scores
-
 from tests.adaptation.conftest import CLASSES, SIZE, STORED_THRESHOLD, write_rows
 
 

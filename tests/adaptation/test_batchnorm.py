@@ -14,7 +14,6 @@ from fedfreeze.cli import main
 from fedfreeze.config import ModelConfig
 from fedfreeze.models.registry import build_model
 from fedfreeze.training.engine import to_unit
-
 from tests.adaptation.conftest import write_rows
 
 RUNNING = ("running_mean", "running_var", "num_batches_tracked")

@@ -13,7 +13,6 @@ from scipy.optimize import minimize_scalar
 from fedfreeze.adaptation.prevalence import em_prevalence, estimate_prevalence, likelihood_prevalence, logit
 from fedfreeze.cli import main
 from fedfreeze.evaluate import evaluate_model
-
 from tests.adaptation.conftest import write_rows
 
 

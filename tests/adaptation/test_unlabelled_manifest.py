@@ -9,7 +9,6 @@ import torch
 
 from fedfreeze.data.dataset import UNLABELLED, load_image_set
 from fedfreeze.errors import DataError
-
 from tests.adaptation.conftest import CLASSES, write_rows
 
 

@@ -22,13 +22,13 @@ def test_shipped_train_split_numbers(kermany_train: ImageSet) -> None:
     assert kermany_train.num_classes == 2 and kermany_train.class_names == CLASSES
     assert kermany_train.sites is not None
     by_site = {site: [0, 0] for site in ("site-a", "site-b", "site-c")}
-    for site, label in zip(kermany_train.sites, kermany_train.labels.tolist()):
+    for site, label in zip(kermany_train.sites, kermany_train.labels.tolist(), strict=False):
         by_site[site][label] += 1
     assert {site: sum(n) for site, n in by_site.items()} == {"site-a": 120, "site-b": 100, "site-c": 80}
     assert all(min(counts) > 0 for counts in by_site.values())
     # Patients belong to one site, and grouping matters: some have several images.
     site_of: dict[str, set[str]] = {}
-    for patient, site in zip(kermany_train.patient_ids, kermany_train.sites):
+    for patient, site in zip(kermany_train.patient_ids, kermany_train.sites, strict=False):
         site_of.setdefault(patient, set()).add(site)
     assert all(len(sites) == 1 for sites in site_of.values())
     assert len(site_of) < len(kermany_train) - 40
@@ -106,7 +106,7 @@ def test_require_classes_and_nonempty(kermany_train: ImageSet) -> None:
     kermany_train.require_classes()
     kermany_train.require_nonempty()
     assert kermany_train.sites is not None
-    pairs = zip(kermany_train.sites, kermany_train.labels.tolist())
+    pairs = zip(kermany_train.sites, kermany_train.labels.tolist(), strict=False)
     site_c_normals = [i for i, (site, label) in enumerate(pairs) if site == "site-c" and label == 0]
     one_class = kermany_train.subset(site_c_normals)
     message = r"site 'site-c': only class 'normal' \(n=27\) present.*; AUROC needs both classes"

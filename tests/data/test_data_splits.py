@@ -31,11 +31,11 @@ def test_folds_are_patient_disjoint_and_cover_every_image(kermany_train: ImageSe
 def test_repeats_differ_and_seed_reproduces(kermany_train: ImageSet) -> None:
     first = patient_folds(kermany_train.labels, kermany_train.patient_ids, folds=4, repeats=2, seed=1)
     again = patient_folds(kermany_train.labels, kermany_train.patient_ids, folds=4, repeats=2, seed=1)
-    assert all(np.array_equal(a.test, b.test) for a, b in zip(first, again))
+    assert all(np.array_equal(a.test, b.test) for a, b in zip(first, again, strict=False))
     assert not np.array_equal(first[0].test, first[4].test)
     # repeat 1 with seed 1 is repeat 0 with seed 2
     shifted = patient_folds(kermany_train.labels, kermany_train.patient_ids, folds=4, repeats=1, seed=2)
-    assert all(np.array_equal(a.test, b.test) for a, b in zip(first[4:], shifted))
+    assert all(np.array_equal(a.test, b.test) for a, b in zip(first[4:], shifted, strict=False))
 
 
 def test_multi_image_patients_stay_together(kermany_train: ImageSet) -> None:

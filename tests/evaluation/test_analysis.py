@@ -36,7 +36,7 @@ def test_pooled_is_one_auroc_over_all_sites_not_a_mean(rng):
     # make site s2's scores much higher than s1's: each site alone ranks well, pooled less so
     for r in results["a"]:
         p = r["predictions"]
-        p["score"] = [s + (5.0 if site == "s2" else 0.0) for s, site in zip(p["score"], p["site"])]
+        p["score"] = [s + (5.0 if site == "s2" else 0.0) for s, site in zip(p["score"], p["site"], strict=False)]
     summary = analyze(results, [], threshold=0.5, replicates=200, confidence=0.95, seed=0)
     fold0 = results["a"][0]["predictions"]
     assert summary["folds"]["a"]["pooled"][0]["auroc"] == pytest.approx(auroc(np.array(fold0["label"]),

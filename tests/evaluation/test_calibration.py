@@ -53,7 +53,7 @@ def test_reliability_table_and_ece_equal_a_direct_loop(rng, bins):
     table = reliability_table(labels, scores, bins)
     assert len(table) == bins
     assert sum(row["count"] for row in table) == len(scores)
-    for row, (count, mean_score, frequency) in zip(table, expected):
+    for row, (count, mean_score, frequency) in zip(table, expected, strict=False):
         assert row["count"] == count
         if count:
             assert row["mean_score"] == pytest.approx(mean_score, abs=1e-12)

@@ -102,7 +102,7 @@ def test_threshold_analysis_rows(rng):
 def test_score_summary_per_class(rng):
     labels, scores, ids = _set(rng)
     summaries = external_validation(labels, scores, ids, 0.5, bootstrap=0)["score_summary"]
-    for summary, label in zip(summaries, (0, 1)):
+    for summary, label in zip(summaries, (0, 1), strict=False):
         mine = scores[labels == label]
         assert summary["label"] == label and summary["n"] == len(mine)
         assert summary["mean"] == pytest.approx(mine.mean())

@@ -61,7 +61,7 @@ def test_test_folds_are_balanced_with_one_image_per_patient(shipped, folds):
 def test_test_image_varies_between_repeats_but_not_between_calls(shipped, folds):
     labels, patients, sites = shipped
     again = experiment_folds(labels, patients, sites, folds=3, repeats=2, seed=5)
-    assert all(np.array_equal(a.test, b.test) and np.array_equal(a.train, b.train) for a, b in zip(folds, again))
+    assert all(np.array_equal(a.test, b.test) and np.array_equal(a.train, b.train) for a, b in zip(folds, again, strict=False))
     assert not np.array_equal(folds[0].test, folds[3].test)
     other_seed = experiment_folds(labels, patients, sites, folds=3, repeats=1, seed=6)
     assert not np.array_equal(folds[0].test, other_seed[0].test)

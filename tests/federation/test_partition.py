@@ -10,7 +10,7 @@ def data(n_patients=120, seed=0):
     patients = [f"p{i}" for i in range(n_patients)]
     labels_by_patient = rng.integers(0, 2, n_patients)
     images_per = rng.integers(1, 4, n_patients)
-    ids = [p for p, k in zip(patients, images_per) for _ in range(k)]
+    ids = [p for p, k in zip(patients, images_per, strict=False) for _ in range(k)]
     labels = np.array([labels_by_patient[int(p[1:])] for p in ids])
     return labels, ids
 
@@ -20,7 +20,7 @@ def test_every_patient_at_exactly_one_site(alpha):
     labels, ids = data()
     sites = assign_sites(labels, ids, 4, alpha=alpha, seed=1)
     owner = {}
-    for pid, site in zip(ids, sites):
+    for pid, site in zip(ids, sites, strict=False):
         assert owner.setdefault(pid, site) == site
     for site in range(4):
         assert set(labels[sites == site]) == {0, 1}

@@ -104,7 +104,7 @@ def test_the_first_merged_round_starts_from_the_merge_of_the_aggregated_dual_mod
     replies = [reply for _, reply in train_messages(audit, 2)]
     weights = np.array([int(r.content["metrics"]["num-examples"]) for r in replies], dtype=np.float64)
     keys = list(replies[0].content["arrays"].keys())
-    fedavg = {k: np.sum([w * r.content["arrays"][k].numpy() for w, r in zip(weights, replies)], axis=0) / weights.sum()
+    fedavg = {k: np.sum([w * r.content["arrays"][k].numpy() for w, r in zip(weights, replies, strict=False)], axis=0) / weights.sum()
               for k in keys}
     import torch
 

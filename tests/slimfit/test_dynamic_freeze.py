@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 
-import math
 import numpy as np
 import pytest
 import torch

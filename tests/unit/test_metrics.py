@@ -53,7 +53,7 @@ def test_numpy_metrics_equal_sklearn_on_random_scores_with_ties():
     from sklearn.metrics import balanced_accuracy_score, f1_score, roc_curve
 
     rng = np.random.default_rng(3)
-    for trial in range(20):
+    for _trial in range(20):
         n = int(rng.integers(5, 300))
         y = rng.integers(0, 2, n)
         y[:2] = [0, 1]
