@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from fedfreeze.config import DEFAULT_UNFREEZE, ModelConfig, Section, TrainConfig, parse_config, read_toml
+from fedfreeze.config import DEFAULT_FED_UNFREEZE, ModelConfig, Section, TrainConfig, parse_config, read_toml
 from fedfreeze.errors import ConfigError
 
 
@@ -24,7 +24,7 @@ class FederationConfig(Section):
 
     rounds: int = Field(8, ge=1)
     probe_rounds: int = Field(3, ge=0, description="rounds that train only the head")
-    unfreeze: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_UNFREEZE),
+    unfreeze: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_FED_UNFREEZE),
                                        description="fraction of the fine-tuning rounds before each group joins")
     method: Literal["unfreeze", "adapters", "both"] = "unfreeze"
     local_epochs: int = Field(1, ge=1, description="local epochs per fine-tuning round")
@@ -41,8 +41,10 @@ class FederationConfig(Section):
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of each site's patients kept for validation")
     score_bins: int = Field(200, ge=10, le=10_000)
     threshold: float | Literal["youden", "youden-mid", "target-sensitivity"] = Field(
-        "youden", description="rule that places the stored threshold on the pooled validation histograms "
-        "(youden-mid: the middle of the plateau where J is within threshold-tolerance of its maximum), or a number")
+        0.5, description="the stored threshold: a number (default 0.5, the Bayes threshold for balanced accuracy "
+        "of a model trained with class-balanced sampling; it beat Youden on shifted data, benchmarks/results/shift), "
+        "or a rule on the pooled validation histograms: youden, youden-mid (the middle of the plateau where J is "
+        "within threshold-tolerance of its maximum), target-sensitivity")
     threshold_tolerance: float = Field(0.02, ge=0.0, lt=1.0, description="youden-mid: how far below the best J "
                                        "a threshold still counts as on the plateau")
     target_sensitivity: float = Field(0.9, gt=0.0, le=1.0)

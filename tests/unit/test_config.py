@@ -9,7 +9,7 @@ def test_empty_file_gives_the_documented_defaults(tmp_path):
     path.write_text("")
     cfg = load_site_config(path)
     assert cfg.train.probe_epochs == 10 and cfg.train.unfreeze == {"layer4": 0.1, "layer3": 0.3, "layer2": 0.6}
-    assert cfg.train.lr == {"head": 1e-3, "layer4": 5e-4, "layer3": 2.5e-4, "layer2": 1e-4}
+    assert cfg.train.lr == {"head": 2e-4, "layer4": 1e-4, "layer3": 5e-5, "layer2": 2e-5}
     assert cfg.train.cutmix_prob == 0.5 and cfg.model.backbone == "efficientnet_lite0"
 
 

@@ -40,7 +40,7 @@ def test_every_field_of_every_table_is_listed_with_its_default(make_docs: Module
     # defaults are the models' own, written as TOML
     assert f"| `rounds` | integer, >= 1 | `{FederationConfig().rounds}` |" in text
     assert f"| `batch-size` | integer, >= 1 | `{TrainConfig().batch_size}` |" in text
-    assert '| `threshold` | number or one of `"youden"`, `"youden-mid"`, `"target-sensitivity"` | `"youden"` |' in text
+    assert '| `threshold` | number or one of `"youden"`, `"youden-mid"`, `"target-sensitivity"` | `0.5` |' in text
 
 
 def test_extra_descriptions_name_only_fields_without_their_own(make_docs: ModuleType) -> None:

@@ -11,7 +11,7 @@ def test_discriminative_learning_rates_per_part(lite0_random):
     apply_parts(lite0_random, {"head", "layer4", "layer3", "layer2"})
     groups = param_groups(lite0_random, {"head", "layer4", "layer3", "layer2"}, cfg)
     lrs = {g["part"]: g["lr"] for g in groups}
-    assert lrs == {"head": 1e-3, "layer4": 5e-4, "layer3": 2.5e-4, "layer2": 1e-4}
+    assert lrs == {"head": 2e-4, "layer4": 1e-4, "layer3": 5e-5, "layer2": 2e-5}
 
 
 def test_only_trainable_parameters_enter_and_1d_has_no_decay(lite0_random):
@@ -33,7 +33,7 @@ def test_adapters_use_adapter_lr(lite0_random):
     cfg = TrainConfig(adapter_lr=3e-3)
     apply_parts(lite0_random, {"head", "layer4.adapters"})
     lrs = {g["part"]: g["lr"] for g in param_groups(lite0_random, {"head", "layer4.adapters"}, cfg)}
-    assert lrs == {"head": 1e-3, "layer4.adapters": 3e-3}
+    assert lrs == {"head": 2e-4, "layer4.adapters": 3e-3}
 
 
 def test_missing_group_lr_is_named(lite0_random):
@@ -51,9 +51,9 @@ def test_one_cycle_peaks_at_each_groups_lr_and_ends_low(lite0_random):
             seen[g["part"]].append(g["lr"])
         opt.step()
         sched.step()
-    assert max(seen["head"]) == pytest.approx(1e-3)
-    assert max(seen["layer4"]) == pytest.approx(5e-4)
-    assert seen["head"][0] < 1e-4 and seen["head"][-1] < 1e-5
+    assert max(seen["head"]) == pytest.approx(2e-4)
+    assert max(seen["layer4"]) == pytest.approx(1e-4)
+    assert seen["head"][0] < 2e-5 and seen["head"][-1] < 2e-6
 
 
 def test_probe_uses_probe_lr_and_fine_tuning_the_head_lr(lite0_random):
@@ -62,4 +62,4 @@ def test_probe_uses_probe_lr_and_fine_tuning_the_head_lr(lite0_random):
     assert [g["lr"] for g in param_groups(lite0_random, {"head"}, cfg)] == [3e-3, 3e-3]
     apply_parts(lite0_random, {"head", "layer4"})
     lrs = {g["part"]: g["lr"] for g in param_groups(lite0_random, {"head", "layer4"}, cfg)}
-    assert lrs == {"head": 1e-3, "layer4": 5e-4}
+    assert lrs == {"head": 2e-4, "layer4": 1e-4}
