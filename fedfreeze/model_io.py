@@ -7,6 +7,7 @@ adapters, decision threshold, class names), with no pretrained checkpoint needed
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -102,6 +103,16 @@ def rebuild(card: ModelCard) -> GroupedNet:
     cfg = card.model.model_copy(update={"weights": "none"})
     model, _ = build_model(cfg, card.adapter_groups, card.adapter_rank)
     return model
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file (a model folder's ``weights.pt``), read in 1 MiB blocks: what an adaptation
+    record names its source by."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

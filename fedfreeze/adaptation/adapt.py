@@ -29,7 +29,6 @@ source card already held is respected and composed with.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,7 +45,15 @@ from fedfreeze.adaptation.recalibration import Recalibration, Rule, compose, rec
 from fedfreeze.config import parse_config
 from fedfreeze.data.dataset import ImageSet, load_image_set
 from fedfreeze.errors import ConfigError, DataError
-from fedfreeze.model_io import WEIGHTS_FILE, ModelCard, ScoreCalibration, load_model, model_scores, save_model
+from fedfreeze.model_io import (
+    WEIGHTS_FILE,
+    ModelCard,
+    ScoreCalibration,
+    file_sha256,
+    load_model,
+    model_scores,
+    save_model,
+)
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.training.engine import resolve_device
 
@@ -104,14 +111,6 @@ class AdaptResult:
     lines: list[str] = field(default_factory=list)  # what changed, for the terminal
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def adapt_model(model_dir: str | Path, data_path: str | Path, out_dir: str | Path,
                 options: AdaptOptions | None = None, *, progress: bool = False) -> AdaptResult:
     """Adapt the model in ``model_dir`` to the site whose images are at ``data_path``; write ``out_dir``."""
@@ -134,7 +133,7 @@ def adapt_model(model_dir: str | Path, data_path: str | Path, out_dir: str | Pat
     record: dict[str, Any] = {
         "kind": "",
         "source_model": str(model_dir.resolve()),
-        "source_weights_sha256": sha256_of(model_dir / WEIGHTS_FILE),
+        "source_weights_sha256": file_sha256(model_dir / WEIGHTS_FILE),
         "data": str(Path(data_path).resolve()),
         "n_images": len(data),
         "n_patients": len(set(data.patient_ids)),

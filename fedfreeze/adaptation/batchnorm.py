@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fedfreeze.errors import DataError
-from fedfreeze.training.engine import EVAL_BATCH, to_unit
+from fedfreeze.training.engine import EVAL_BATCH, average_bn_stats
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -35,27 +35,12 @@ def reestimate_all_bn(model: nn.Module, images: torch.Tensor, device: torch.devi
     if len(images) < 2:
         raise DataError(f"re-estimating BatchNorm statistics needs at least 2 images, got {len(images)}")
     modes = {m: m.training for m in model.modules()}
-    momenta = [m.momentum for m in layers]
-    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in layers]
-    starts = list(range(0, len(images), batch))
-    if len(starts) > 1 and len(images) - starts[-1] == 1:
-        starts.pop()  # a last batch of one image joins the one before (BatchNorm needs two values)
     try:
         nn.Module.train(model, False)  # plain eval for every module, whatever the model's own train() keeps
         for m in layers:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches below
             m.train(True)
-        for i, start in enumerate(starts):
-            end = starts[i + 1] if i + 1 < len(starts) else len(images)
-            model(to_unit(images[start:end], device))
-    except BaseException:
-        for m, state in zip(layers, saved, strict=True):
-            m.load_state_dict(state)
-        raise
+        average_bn_stats(model, layers, images, device, batch)
     finally:
-        for m, momentum in zip(layers, momenta, strict=True):
-            m.momentum = momentum
         for module, mode in modes.items():
             module.training = mode
     return len(layers)

@@ -25,7 +25,6 @@ Rules (one source per setting):
 from __future__ import annotations
 
 import copy
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 
 from fedfreeze.config import SiteConfig
 from fedfreeze.errors import ConfigError
-from fedfreeze.model_io import WEIGHTS_FILE, ModelCard, load_model
+from fedfreeze.model_io import WEIGHTS_FILE, ModelCard, file_sha256, load_model
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.training.engine import model_adapter_groups
 from fedfreeze.training.schedule import check_groups
@@ -43,14 +42,6 @@ MUST_MATCH = ("backbone", "input_size", "in_channels", "num_classes")
 
 def _kebab(name: str) -> str:
     return name.replace("_", "-")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -218,8 +218,16 @@ def reestimate_bn_stats(model: GroupedNet, images: torch.Tensor, device: torch.d
     (Lite0's momentum 0.01 keeps 89 % of it after 12 steps; even 0.1 keeps 28 %).
     """
     layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
-    if not layers:
-        return
+    if layers:
+        average_bn_stats(model, layers, images, device, batch)
+
+
+@torch.no_grad()
+def average_bn_stats(model: torch.nn.Module, layers: list[torch.nn.modules.batchnorm._BatchNorm],
+                     images: torch.Tensor, device: torch.device, batch: int) -> None:
+    """Reset ``layers`` (in training mode) and set their running statistics to the cumulative average over
+    the batches of ``images``; a failed pass leaves the statistics as they were. The one implementation
+    behind the engine's re-estimation and AdaBN (``fedfreeze.adaptation.batchnorm``)."""
     momenta = [m.momentum for m in layers]
     saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in layers]
     starts = list(range(0, len(images), batch))
@@ -234,7 +242,7 @@ def reestimate_bn_stats(model: GroupedNet, images: torch.Tensor, device: torch.d
             model(to_unit(images[start:end], device))
     except BaseException:
         for m, state in zip(layers, saved, strict=True):
-            m.load_state_dict(state)  # a failed pass leaves the trained statistics as they were
+            m.load_state_dict(state)  # a failed pass leaves the statistics as they were
         raise
     finally:
         for m, momentum in zip(layers, momenta, strict=True):
