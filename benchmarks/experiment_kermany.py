@@ -68,8 +68,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="which patients are drawn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     parser.add_argument("--out", type=Path, default=HERE.parent / "runs" / "experiment-kermany")
-    parser.add_argument("--results", default=str(HERE / "results" / "experiment-kermany"),
-                        help="where the report is copied ('' : not copied)")
+    parser.add_argument(
+        "--results",
+        default=str(HERE / "results" / "experiment-kermany"),
+        help="where the report is copied ('' : not copied)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -79,16 +82,17 @@ def main() -> None:
     from fedfreeze.evaluation.experiment import run_experiment
 
     torch.set_num_threads(args.threads)
-    manifest = make_manifest(args.out / "data" / "manifest.csv", args.sites, args.per_class, args.max_images,
-                             args.seed)
+    manifest = make_manifest(args.out / "data" / "manifest.csv", args.sites, args.per_class, args.max_images, args.seed)
     exp = load_experiment(args.config, data_override=manifest)
     command = "python benchmarks/experiment_kermany.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     started = time.perf_counter()
     summary = run_experiment(exp, args.out / "run", progress=True, command=command.strip())
     wall = time.perf_counter() - started
     print_summary(summary, args.out / "run")
-    print(f"wall time of this invocation: {wall / 60:.1f} min; training time of all folds and arms: "
-          f"{summary['seconds']['training_total'] / 60:.1f} min")
+    print(
+        f"wall time of this invocation: {wall / 60:.1f} min; training time of all folds and arms: "
+        f"{summary['seconds']['training_total'] / 60:.1f} min"
+    )
     if args.results:
         results = Path(args.results)
         results.mkdir(parents=True, exist_ok=True)
@@ -99,11 +103,20 @@ def main() -> None:
         record = results / "run.json"
         previous = json.loads(record.read_text()) if record.is_file() else {}
         invocations = previous.get("invocations", []) + [{"wall_seconds": wall, "trained": summary["trained_now"]}]
-        record.write_text(json.dumps({
-            "command": command.strip(), "threads": args.threads, "invocations": invocations,
-            "training_seconds_all_results": summary["seconds"]["training_total"],
-            "data": summary["data"], "folds_finished": summary["folds_finished"],
-        }, indent=1) + "\n")
+        record.write_text(
+            json.dumps(
+                {
+                    "command": command.strip(),
+                    "threads": args.threads,
+                    "invocations": invocations,
+                    "training_seconds_all_results": summary["seconds"]["training_total"],
+                    "data": summary["data"],
+                    "folds_finished": summary["folds_finished"],
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         print(f"report copied to {results}")
 
 

@@ -134,12 +134,16 @@ def run_arm(name: str, config: Path, sites: list[Path], out: Path) -> dict:
     from fedfreeze.federation.flower_server import run_federation
     from fedfreeze.federation.local_grid import LocalGrid
 
-    nodes = {i + 1: {"data-path": str(folder), "site-name": folder.name, "state-dir": str(out / "state" / folder.name)}
-             for i, folder in enumerate(sites)}
+    nodes = {
+        i + 1: {"data-path": str(folder), "site-name": folder.name, "state-dir": str(out / "state" / folder.name)}
+        for i, folder in enumerate(sites)
+    }
     run_config = {"config": str(config), "out-dir": str(out)}
     started = time.perf_counter()
-    run_federation(LocalGrid(client_app, nodes, run_config),
-                   Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    run_federation(
+        LocalGrid(client_app, nodes, run_config),
+        Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config),
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["wall_seconds"] = time.perf_counter() - started
     return metrics
@@ -182,17 +186,23 @@ def main() -> None:
         print(json.dumps(results[name]), flush=True)
 
     full = results.get("full")
-    print(f"\n{args.sites} sites x {args.per_site} Kermany images, {args.rounds} rounds "
-          f"({args.probe_rounds} probe for the fedfreeze arms), {args.size} px, EfficientNet-Lite0; "
-          f"held-out test: {args.test} images of other patients")
-    print(f"{'arm':<10} {'uplink MB':>10} {'vs full':>8} {'probe round B':>14} {'vs full':>9} {'s/round':>8} "
-          f"{'pooled AUROC':>13} {'test AUROC':>11}")
+    print(
+        f"\n{args.sites} sites x {args.per_site} Kermany images, {args.rounds} rounds "
+        f"({args.probe_rounds} probe for the fedfreeze arms), {args.size} px, EfficientNet-Lite0; "
+        f"held-out test: {args.test} images of other patients"
+    )
+    print(
+        f"{'arm':<10} {'uplink MB':>10} {'vs full':>8} {'probe round B':>14} {'vs full':>9} {'s/round':>8} "
+        f"{'pooled AUROC':>13} {'test AUROC':>11}"
+    )
     for name, r in results.items():
         probe_bytes = r["uplink_per_round"][0]
         ratio = f"{full['uplink_bytes'] / r['uplink_bytes']:.1f}x" if full else "-"
         probe_ratio = f"{full['uplink_per_round'][0] / probe_bytes:.0f}x" if full else "-"
-        print(f"{name:<10} {r['uplink_bytes'] / 1e6:>10.2f} {ratio:>8} {probe_bytes:>14,} {probe_ratio:>9} "
-              f"{r['seconds_per_round']:>8.1f} {r['pooled_val_auroc']:>13.4f} {r['test_auroc']:>11.4f}")
+        print(
+            f"{name:<10} {r['uplink_bytes'] / 1e6:>10.2f} {ratio:>8} {probe_bytes:>14,} {probe_ratio:>9} "
+            f"{r['seconds_per_round']:>8.1f} {r['pooled_val_auroc']:>13.4f} {r['test_auroc']:>11.4f}"
+        )
     (root / "results.json").write_text(json.dumps(results, indent=2))
     print(f"(outputs in {root})")
 

@@ -117,10 +117,18 @@ def train_plain(model, images, labels, cfg, *, epochs: int, augmented: bool, rng
     steps = n // batch
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.dual.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.dual.lr)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.dual.lr, total_steps=steps * epochs,
-                                                    pct_start=0.3, anneal_strategy="cos", cycle_momentum=False)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.dual.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.dual.lr,
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=cfg.dual.lr,
+        total_steps=steps * epochs,
+        pct_start=0.3,
+        anneal_strategy="cos",
+        cycle_momentum=False,
+    )
     targets_all = targets_for(labels, model.num_classes)
     for epoch in range(epochs):
         start, losses = time.perf_counter(), []
@@ -136,8 +144,10 @@ def train_plain(model, images, labels, cfg, *, epochs: int, augmented: bool, rng
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-        print(f"    epoch {epoch}: loss {np.mean(losses):.4f}, {time.perf_counter() - start:.0f} s (load {load()})",
-              flush=True)
+        print(
+            f"    epoch {epoch}: loss {np.mean(losses):.4f}, {time.perf_counter() - start:.0f} s (load {load()})",
+            flush=True,
+        )
 
 
 def run_central(args: argparse.Namespace) -> dict:
@@ -157,9 +167,12 @@ def run_central(args: argparse.Namespace) -> dict:
     if args.limit:
         train = train.subset(np.arange(args.limit))
     total_epochs = cfg.train.dual.epochs + cfg.train.probe_epochs + cfg.train.epochs
-    print(f"{args.dataset}: {len(train)} training and {len(test)} test images; dual {cfg.train.dual.epochs} + "
-          f"probe {cfg.train.probe_epochs} + fine-tuning {cfg.train.epochs} epochs; plain arms {total_epochs} epochs; "
-          f"{torch.get_num_threads()} thread(s)", flush=True)
+    print(
+        f"{args.dataset}: {len(train)} training and {len(test)} test images; dual {cfg.train.dual.epochs} + "
+        f"probe {cfg.train.probe_epochs} + fine-tuning {cfg.train.epochs} epochs; plain arms {total_epochs} epochs; "
+        f"{torch.get_num_threads()} thread(s)",
+        flush=True,
+    )
     device = torch.device("cpu")
     results = {}
     for arm in args.arms.split(","):
@@ -168,16 +181,29 @@ def run_central(args: argparse.Namespace) -> dict:
         print(f"  {arm} (load {load()})", flush=True)
         started = time.perf_counter()
         if arm == "dual":
-            def show(log) -> None:
-                print(f"    epoch {log.epoch} [{getattr(log, 'stage', '')}] {'+'.join(log.parts)}: loss {log.loss:.4f}, "
-                      f"{log.seconds:.0f} s (load {load()})", flush=True)
 
-            model, _ = fit_dual(build_dual(cfg.model), train.images, train.labels, cfg.train, rng=rng,
-                                device=device, on_epoch=show)
+            def show(log) -> None:
+                print(
+                    f"    epoch {log.epoch} [{getattr(log, 'stage', '')}] {'+'.join(log.parts)}: loss {log.loss:.4f}, "
+                    f"{log.seconds:.0f} s (load {load()})",
+                    flush=True,
+                )
+
+            model, _ = fit_dual(
+                build_dual(cfg.model), train.images, train.labels, cfg.train, rng=rng, device=device, on_epoch=show
+            )
         elif arm in ("plain", "plain-aug"):
             model, _ = build_model(cfg.model)
-            train_plain(model, train.images, train.labels, cfg.train, epochs=total_epochs,
-                        augmented=arm == "plain-aug", rng=rng, device=device)
+            train_plain(
+                model,
+                train.images,
+                train.labels,
+                cfg.train,
+                epochs=total_epochs,
+                augmented=arm == "plain-aug",
+                rng=rng,
+                device=device,
+            )
         else:
             raise SystemExit(f"unknown arm {arm!r}: dual, plain or plain-aug")
         seconds = time.perf_counter() - started
@@ -195,12 +221,16 @@ def run_central(args: argparse.Namespace) -> dict:
         }
         print(f"  {arm}: {json.dumps(results[arm])}", flush=True)
     print(f"\n{args.dataset} test accuracy ({len(test)} images), {torch.get_num_threads()} thread(s):")
-    print(f"{'arm':<10} {'accuracy':>9} {'params':>7} {'bytes':>7} {'file':>7} {'train s':>8} "
-          f"{'ms/img b1':>10} {'ms/img b256':>12}")
+    print(
+        f"{'arm':<10} {'accuracy':>9} {'params':>7} {'bytes':>7} {'file':>7} {'train s':>8} "
+        f"{'ms/img b1':>10} {'ms/img b256':>12}"
+    )
     for arm, r in results.items():
-        print(f"{arm:<10} {r['test_accuracy']:>9.4f} {r['parameters']:>7,} {r['state_bytes']:>7,} "
-              f"{r['weights_file_bytes']:>7,} {r['train_seconds']:>8.0f} {r['latency_ms_batch1']:>10.3f} "
-              f"{r['latency_ms_batch256']:>12.4f}")
+        print(
+            f"{arm:<10} {r['test_accuracy']:>9.4f} {r['parameters']:>7,} {r['state_bytes']:>7,} "
+            f"{r['weights_file_bytes']:>7,} {r['train_seconds']:>8.0f} {r['latency_ms_batch1']:>10.3f} "
+            f"{r['latency_ms_batch256']:>12.4f}"
+        )
     if "dual" in results:
         for arm in ("plain", "plain-aug"):
             if arm in results:
@@ -228,30 +258,49 @@ def run_federated(args: argparse.Namespace) -> dict:
     summary = write_sites(train, index, root / "sites", as_manifest=False)
     for site in summary:
         print(f"  {site['site']}: {site['images']} images, class counts {site['class_counts']}")
-    nodes = {i + 1: {"data-path": str(root / "sites" / f"site-{i}" / "data"), "site-name": f"site-{i}",
-                     "state-dir": str(root / "state" / f"site-{i}")} for i in range(args.sites)}
+    nodes = {
+        i + 1: {
+            "data-path": str(root / "sites" / f"site-{i}" / "data"),
+            "site-name": f"site-{i}",
+            "state-dir": str(root / "state" / f"site-{i}"),
+        }
+        for i in range(args.sites)
+    }
     run_config = {"config": str(args.config or FED_CONFIG), "out-dir": str(root / "out"), "resume": args.resume}
     for key in ("rounds", "dual-rounds", "probe-rounds"):
         value = getattr(args, key.replace("-", "_"))
         if value is not None:
             run_config[f"federation.{key}"] = value
     run_config["federation.min-sites"] = args.sites
-    print(f"{args.dataset}: {args.sites} sites, Dirichlet alpha {args.alpha}, config {run_config['config']}, "
-          f"{torch.get_num_threads()} thread(s), load {load()}", flush=True)
+    print(
+        f"{args.dataset}: {args.sites} sites, Dirichlet alpha {args.alpha}, config {run_config['config']}, "
+        f"{torch.get_num_threads()} thread(s), load {load()}",
+        flush=True,
+    )
     started = time.perf_counter()
-    run_federation(LocalGrid(client_app, nodes, run_config),
-                   Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    run_federation(
+        LocalGrid(client_app, nodes, run_config),
+        Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config),
+    )
     seconds = time.perf_counter() - started
     metrics = json.loads((root / "out" / "metrics.json").read_text())
     for r in metrics["rounds"]:
         pooled = r["pooled"]["at_threshold_used"]
-        print(f"  round {r['round']} {'+'.join(r['parts'])}: pooled val accuracy of the model before it "
-              f"{pooled['accuracy']:.4f}, down {r['bytes_down']:,} B, up {r['bytes_up']:,} B, {r['round_seconds']:.0f} s")
+        print(
+            f"  round {r['round']} {'+'.join(r['parts'])}: pooled val accuracy of the model before it "
+            f"{pooled['accuracy']:.4f}, down {r['bytes_down']:,} B, up {r['bytes_up']:,} B, {r['round_seconds']:.0f} s"
+        )
     result = evaluate_model(metrics["model"], SHARED / args.dataset, split="test")
-    out = {"test_accuracy": result["accuracy"], "balanced_accuracy": result["balanced_accuracy"],
-           "rounds": metrics["completed_rounds"], "wall_seconds": seconds,
-           "bytes_down": sum(r["bytes_down"] for r in metrics["rounds"]),
-           "bytes_up": sum(r["bytes_up"] for r in metrics["rounds"]), "load_after": load(), "out": str(root)}
+    out = {
+        "test_accuracy": result["accuracy"],
+        "balanced_accuracy": result["balanced_accuracy"],
+        "rounds": metrics["completed_rounds"],
+        "wall_seconds": seconds,
+        "bytes_down": sum(r["bytes_down"] for r in metrics["rounds"]),
+        "bytes_up": sum(r["bytes_up"] for r in metrics["rounds"]),
+        "load_after": load(),
+        "out": str(root),
+    }
     print(f"{args.dataset}, {args.sites} sites (alpha {args.alpha}): {json.dumps(out)}")
     return out
 
@@ -278,8 +327,22 @@ def run_simulate(args: argparse.Namespace) -> dict:
             config_text = _set_federation_key(config_text, key, value)
         config = root / f"fed-{sites}.toml"
         config.write_text(config_text)
-        cmd = [sys.executable, "-m", "fedfreeze", "simulate", "--config", str(config), "--out", str(out),
-               "--data", str(data), "--sites", str(sites), "--cpus-per-site", str(args.cpus_per_site)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fedfreeze",
+            "simulate",
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--data",
+            str(data),
+            "--sites",
+            str(sites),
+            "--cpus-per-site",
+            str(args.cpus_per_site),
+        ]
         if args.alpha is not None:
             cmd += ["--alpha", str(args.alpha)]
         print(f"$ {' '.join(cmd)}   (load {load()})", flush=True)
@@ -293,18 +356,25 @@ def run_simulate(args: argparse.Namespace) -> dict:
         metrics = json.loads((out / "metrics.json").read_text())
         test = evaluate_model(metrics["model"], SHARED / args.dataset, split="test")
         rounds = metrics["rounds"]
-        results[sites] = {"wall_seconds": seconds, "federation_seconds": metrics["totals"]["seconds"],
-                          "first_round_seconds": rounds[0]["round_seconds"],
-                          "later_round_seconds": float(np.mean([r["round_seconds"] for r in rounds[1:]])),
-                          "site_train_seconds": float(np.mean([s.get("train_seconds", 0.0) for r in rounds
-                                                               for s in r["sites"]])),
-                          "test_accuracy": test["accuracy"], "load_after": load()}
+        results[sites] = {
+            "wall_seconds": seconds,
+            "federation_seconds": metrics["totals"]["seconds"],
+            "first_round_seconds": rounds[0]["round_seconds"],
+            "later_round_seconds": float(np.mean([r["round_seconds"] for r in rounds[1:]])),
+            "site_train_seconds": float(np.mean([s.get("train_seconds", 0.0) for r in rounds for s in r["sites"]])),
+            "test_accuracy": test["accuracy"],
+            "load_after": load(),
+        }
         print(f"  {sites} sites: {json.dumps(results[sites])}", flush=True)
-    print(f"\nfedfreeze simulate, {args.images} {args.dataset} training images split over N sites, {args.rounds} rounds:")
+    print(
+        f"\nfedfreeze simulate, {args.images} {args.dataset} training images split over N sites, {args.rounds} rounds:"
+    )
     print(f"{'sites':>5} {'wall s':>7} {'fed s':>6} {'round 1 s':>9} {'later round s':>13} {'test acc':>8}")
     for sites, r in results.items():
-        print(f"{sites:>5} {r['wall_seconds']:>7.0f} {r['federation_seconds']:>6.0f} {r['first_round_seconds']:>9.1f} "
-              f"{r['later_round_seconds']:>13.1f} {r['test_accuracy']:>8.4f}")
+        print(
+            f"{sites:>5} {r['wall_seconds']:>7.0f} {r['federation_seconds']:>6.0f} {r['first_round_seconds']:>9.1f} "
+            f"{r['later_round_seconds']:>13.1f} {r['test_accuracy']:>8.4f}"
+        )
     return results
 
 
@@ -349,8 +419,12 @@ def main() -> None:
     fed.add_argument("--resume", action="store_true")
     sim = sub.choices["simulate"]
     sim.add_argument("--sites", dest="sites_list", default="10,25,50")
-    sim.add_argument("--alpha", type=float, default=None, help="default: IID (50 sites leave too few digits of a "
-                     "class per site for a Dirichlet split)")
+    sim.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="default: IID (50 sites leave too few digits of a class per site for a Dirichlet split)",
+    )
     sim.add_argument("--images", type=int, default=12000)
     sim.add_argument("--val-fraction", type=float, default=0.1)
     sim.add_argument("--cpus-per-site", type=int, default=1)

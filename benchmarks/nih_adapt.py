@@ -87,21 +87,31 @@ def split_nih(work: Path, seed: int, labelled: int) -> dict[str, Any]:
         return path
 
     work.mkdir(parents=True, exist_ok=True)
-    files = {"pool": write("pool.csv", pool), "pool_unlabelled": write("pool-unlabelled.csv", pool, False),
-             "few": write("few.csv", set(few)), "evaluation": write("evaluation.csv", held)}
+    files = {
+        "pool": write("pool.csv", pool),
+        "pool_unlabelled": write("pool-unlabelled.csv", pool, False),
+        "few": write("few.csv", set(few)),
+        "evaluation": write("evaluation.csv", held),
+    }
     counts = {name: sum(1 for _ in csv.DictReader(path.open())) for name, path in files.items()}
-    return {"files": {k: str(v) for k, v in files.items()}, "images": counts,
-            "patients": {"pool": len(pool), "evaluation": len(held), "few": len(few)}}
+    return {
+        "files": {k: str(v) for k, v in files.items()},
+        "images": counts,
+        "patients": {"pool": len(pool), "evaluation": len(held), "few": len(few)},
+    }
 
 
 def run(args: list[str], log_file: Path) -> subprocess.CompletedProcess[str]:
     """One fedfreeze command, its output kept; a refusal (exit 2) is a result, not a crash."""
     started = time.perf_counter()
-    done = subprocess.run([*FEDFREEZE, *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    done = subprocess.run(
+        [*FEDFREEZE, *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     with log_file.open("a") as handle:
-        handle.write(f"$ fedfreeze {' '.join(args)}\n(exit {done.returncode}, {time.perf_counter() - started:.0f} s)\n"
-                     f"{done.stdout}\n{done.stderr}\n")
+        handle.write(
+            f"$ fedfreeze {' '.join(args)}\n(exit {done.returncode}, {time.perf_counter() - started:.0f} s)\n"
+            f"{done.stdout}\n{done.stderr}\n"
+        )
     return done
 
 
@@ -142,61 +152,110 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: refused: {note}")
             return
         result = evaluate(folder, files["evaluation"], commands)
-        arms[name] = {"uses": uses, "model": str(folder), "note": note, "auroc": result["auroc"],
-                      "balanced_accuracy": result["balanced_accuracy"], "sensitivity": result["sensitivity"],
-                      "specificity": result["specificity"], "threshold": result["threshold"], "n": result["n"],
-                      "ci": {k: result["ci"][k] for k in ("auroc", "balanced_accuracy")},
-                      "brier": result["calibration"]["brier"], "ece": result["calibration"]["ece"]}
-        log(f"{name}: AUROC {result['auroc']:.3f} {result['ci']['auroc']}, balanced accuracy "
-            f"{result['balanced_accuracy']:.3f} {result['ci']['balanced_accuracy']}")
+        arms[name] = {
+            "uses": uses,
+            "model": str(folder),
+            "note": note,
+            "auroc": result["auroc"],
+            "balanced_accuracy": result["balanced_accuracy"],
+            "sensitivity": result["sensitivity"],
+            "specificity": result["specificity"],
+            "threshold": result["threshold"],
+            "n": result["n"],
+            "ci": {k: result["ci"][k] for k in ("auroc", "balanced_accuracy")},
+            "brier": result["calibration"]["brier"],
+            "ece": result["calibration"]["ece"],
+        }
+        log(
+            f"{name}: AUROC {result['auroc']:.3f} {result['ci']['auroc']}, balanced accuracy "
+            f"{result['balanced_accuracy']:.3f} {result['ci']['balanced_accuracy']}"
+        )
 
     def adapt(name: str, source: Path, data: str, extra: list[str], uses: str) -> Path | None:
         target = work / name
         done = run(["adapt", "--model", str(source), "--data", data, "--out", str(target), "--quiet", *extra], commands)
         if done.returncode != 0:
-            arm(name, None, uses, done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "exit "
-                f"{done.returncode}")
+            arm(
+                name,
+                None,
+                uses,
+                done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}",
+            )
             return None
         arm(name, target, uses)
         return target
 
     arm("as is", args.model, "nothing")
-    adabn = adapt("adapt: AdaBN", args.model, files["pool_unlabelled"], ["--bn", "reestimate", "--prevalence", "none"],
-                  "pool images, no labels")
-    adapt("adapt: EM prevalence", args.model, files["pool_unlabelled"], ["--prevalence", "em"],
-          "pool images, no labels")
-    adapt("adapt: AdaBN, then temperature + Youden", adabn or args.model, files["few"],
-          ["--labels", "use", "--calibrate", "temperature", "--threshold-rule", "youden"],
-          f"AdaBN on the pool, then {split['patients']['few']} labelled patients")
+    adabn = adapt(
+        "adapt: AdaBN",
+        args.model,
+        files["pool_unlabelled"],
+        ["--bn", "reestimate", "--prevalence", "none"],
+        "pool images, no labels",
+    )
+    adapt(
+        "adapt: EM prevalence", args.model, files["pool_unlabelled"], ["--prevalence", "em"], "pool images, no labels"
+    )
+    adapt(
+        "adapt: AdaBN, then temperature + Youden",
+        adabn or args.model,
+        files["few"],
+        ["--labels", "use", "--calibrate", "temperature", "--threshold-rule", "youden"],
+        f"AdaBN on the pool, then {split['patients']['few']} labelled patients",
+    )
     config = work / "site.toml"
     site_toml = SITE_TOML.format(size=size)
     if args.quick:
-        site_toml = site_toml.replace("probe-epochs = 10", "probe-epochs = 2").replace("epochs = 6", "epochs = 1") \
+        site_toml = (
+            site_toml.replace("probe-epochs = 10", "probe-epochs = 2")
+            .replace("epochs = 6", "epochs = 1")
             .replace("folds = 3", "folds = 2")
+        )
     config.write_text(site_toml)
     cv: dict[str, Any] = {}
-    for name, init in (("site-train --init (federated start)", args.model),
-                       ("site-train from ImageNet", None)):
+    for name, init in (("site-train --init (federated start)", args.model), ("site-train from ImageNet", None)):
         if init is None and args.skip_imagenet:
             continue
         target = work / ("site-train" + ("-init" if init else "-imagenet"))
         extra = ["--init", str(init)] if init else []
         log(f"{name}: cross-validating on the labelled pool ...")
-        done = run(["site-train", "--config", str(config), "--data", files["pool"], "--out", str(target), "--quiet",
-                    *extra], commands)
+        done = run(
+            ["site-train", "--config", str(config), "--data", files["pool"], "--out", str(target), "--quiet", *extra],
+            commands,
+        )
         if done.returncode != 0:
             raise SystemExit(f"{name} failed: {done.stderr.strip()}")
         report = json.loads((target / "metrics.json").read_text())
-        cv[name] = {"summary": report["summary"], "comparison": report.get("comparison"),
-                    "baseline": (report.get("baseline") or {}).get("summary")}
+        cv[name] = {
+            "summary": report["summary"],
+            "comparison": report.get("comparison"),
+            "baseline": (report.get("baseline") or {}).get("summary"),
+        }
         arm(name, target, f"the labelled pool ({split['patients']['pool']} patients)")
-    results = {"split": split, "model": str(args.model), "model_card": card, "site_config": site_toml, "quick": args.quick,
-               "arms": arms, "cross_validation": cv}
+    results = {
+        "split": split,
+        "model": str(args.model),
+        "model_card": card,
+        "site_config": site_toml,
+        "quick": args.quick,
+        "arms": arms,
+        "cross_validation": cv,
+    }
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "table.md").write_text(markdown(results))
-    (out / "run.json").write_text(json.dumps({
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "git": git_state(), "machine": machine(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "seconds": time.perf_counter() - started}, indent=1) + "\n")
+    (out / "run.json").write_text(
+        json.dumps(
+            {
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "git": git_state(),
+                "machine": machine(),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "seconds": time.perf_counter() - started,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print((out / "table.md").read_text())
     return 0
 
@@ -218,15 +277,20 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | {a['uses']} | refused: {a['refused']} | | | | |")
             continue
         ci_a, ci_b = a["ci"]["auroc"], a["ci"]["balanced_accuracy"]
-        lines.append(f"| {name} | {a['uses']} | {a['auroc']:.3f} [{ci_a[0]:.3f}, {ci_a[1]:.3f}] | "
-                     f"{a['balanced_accuracy']:.3f} [{ci_b[0]:.3f}, {ci_b[1]:.3f}] | "
-                     f"{a['sensitivity']:.2f} / {a['specificity']:.2f} | {a['brier']:.3f} | {a['ece']:.3f} |")
+        lines.append(
+            f"| {name} | {a['uses']} | {a['auroc']:.3f} [{ci_a[0]:.3f}, {ci_a[1]:.3f}] | "
+            f"{a['balanced_accuracy']:.3f} [{ci_b[0]:.3f}, {ci_b[1]:.3f}] | "
+            f"{a['sensitivity']:.2f} / {a['specificity']:.2f} | {a['brier']:.3f} | {a['ece']:.3f} |"
+        )
     init = results["cross_validation"].get("site-train --init (federated start)", {})
     comparison = (init.get("comparison") or {}).get("delong")
     if comparison:
-        lines += ["", "Inside the pool, on the same cross-validation folds: site-train --init against the model "
-                  f"as it is: AUROC {comparison.get('auc_a', float('nan')):.3f} vs {comparison.get('auc_b', float('nan')):.3f}, "
-                  f"difference {comparison.get('difference', float('nan')):+.3f}, DeLong p = {comparison.get('p_value', float('nan')):.3g}."]
+        lines += [
+            "",
+            "Inside the pool, on the same cross-validation folds: site-train --init against the model "
+            f"as it is: AUROC {comparison.get('auc_a', float('nan')):.3f} vs {comparison.get('auc_b', float('nan')):.3f}, "
+            f"difference {comparison.get('difference', float('nan')):+.3f}, DeLong p = {comparison.get('p_value', float('nan')):.3g}.",
+        ]
     return "\n".join(lines) + "\n"
 
 

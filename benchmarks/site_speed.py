@@ -51,10 +51,26 @@ def run_mode(mode: str, manifest: str, backbone: str, epochs: int, size: int, qu
             start = time.perf_counter()
             features = FeatureCache().features(model, data.images, device)
             extract_s = time.perf_counter() - start
-        logs = train_phase(model, data.images, data.labels, parts, cfg, epochs=epochs,
-                           rng=np.random.default_rng(0), device=device, features=features)
-    queue.put({"mode": mode, "epoch_s": float(np.mean([log.seconds for log in logs])),
-               "extract_s": extract_s, "peak_mb": mem.added_mb, "n": len(data)})
+        logs = train_phase(
+            model,
+            data.images,
+            data.labels,
+            parts,
+            cfg,
+            epochs=epochs,
+            rng=np.random.default_rng(0),
+            device=device,
+            features=features,
+        )
+    queue.put(
+        {
+            "mode": mode,
+            "epoch_s": float(np.mean([log.seconds for log in logs])),
+            "extract_s": extract_s,
+            "peak_mb": mem.added_mb,
+            "n": len(data),
+        }
+    )
 
 
 def main() -> None:
@@ -82,14 +98,20 @@ def main() -> None:
         print(f"  measured {mode}: {results[mode]['epoch_s']:.2f} s/epoch", flush=True)
 
     full = results["full fine-tuning"]
-    print(f"\n{args.backbone}, {full['n']} Kermany images at {args.size} px, batch 32, {args.epochs} epochs per mode, CPU")
+    print(
+        f"\n{args.backbone}, {full['n']} Kermany images at {args.size} px, batch 32, {args.epochs} epochs per mode, CPU"
+    )
     print(f"{'mode':<32} {'s/epoch':>9} {'speed-up':>9} {'peak MB':>9} {'memory ratio':>13}")
     for mode, r in results.items():
-        print(f"{mode:<32} {r['epoch_s']:>9.3f} {full['epoch_s'] / r['epoch_s']:>8.1f}x {r['peak_mb']:>9.0f} "
-              f"{full['peak_mb'] / max(r['peak_mb'], 1e-9):>12.1f}x")
+        print(
+            f"{mode:<32} {r['epoch_s']:>9.3f} {full['epoch_s'] / r['epoch_s']:>8.1f}x {r['peak_mb']:>9.0f} "
+            f"{full['peak_mb'] / max(r['peak_mb'], 1e-9):>12.1f}x"
+        )
     probe = results["linear probe (cached features)"]
-    print(f"(the probe's one-time feature extraction took {probe['extract_s']:.1f} s, "
-          f"{probe['extract_s'] / full['epoch_s']:.2f} full fine-tuning epochs)")
+    print(
+        f"(the probe's one-time feature extraction took {probe['extract_s']:.1f} s, "
+        f"{probe['extract_s'] / full['epoch_s']:.2f} full fine-tuning epochs)"
+    )
     if args.json:
         args.json.write_text(json.dumps({"backbone": args.backbone, "size": args.size, "results": results}, indent=2))
 

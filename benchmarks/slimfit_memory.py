@@ -106,8 +106,16 @@ def run_arm(arm: str, train_csv: str, test_csv: str, args: argparse.Namespace, q
     parts = frozenset(model.parts)
     device = torch.device("cpu")
     with PeakRSS() as mem, SavedTensorMeter(model.parameters()) as saved:
-        logs = train_phase(model, train.images, train.labels, parts, cfg, epochs=args.epochs,
-                           rng=np.random.default_rng(0), device=device)
+        logs = train_phase(
+            model,
+            train.images,
+            train.labels,
+            parts,
+            cfg,
+            epochs=args.epochs,
+            rng=np.random.default_rng(0),
+            device=device,
+        )
     steps = sum(len(train) // args.batch for _ in logs)
     seconds = sum(log.seconds for log in logs)
     scores = predict_scores(model, test.images, device)
@@ -115,18 +123,30 @@ def run_arm(arm: str, train_csv: str, test_csv: str, args: argparse.Namespace, q
     metrics = binary_metrics(labels, scores, 0.5)
     # the planner's estimate of this configuration (measured after training: it allocates too)
     choice = candidate_choices(cfg, len(train))[0]
-    profile = profile_phase(model, parts, cfg, to_unit(train.images[:2], device),
-                            [choice.storage] if choice.rate is None else [])
+    profile = profile_phase(
+        model, parts, cfg, to_unit(train.images[:2], device), [choice.storage] if choice.rate is None else []
+    )
     estimate = profile.estimate(choice, drop_optimizer_state=cfg.dynamic_freeze.optimizer_state == "drop")
-    queue.put({
-        "arm": arm, "config": ARMS[arm], "peak_mb": mem.added_mb, "saved_mb": saved.peak / 1e6,
-        "estimate_mb": estimate["total"] - estimate["weights"], "estimate": estimate,
-        "s_per_step": seconds / max(steps, 1), "accuracy": (metrics["tp"] + metrics["tn"]) / metrics["n"],
-        "balanced_accuracy": metrics["balanced_accuracy"], "auroc": metrics["auroc"], "n_test": metrics["n"],
-        "n_train": len(train), "losses": [log.loss for log in logs],
-        "trained_tensors": [len(log.trained) for log in logs], "freezing": logs[-1].freezing,
-        "threads": torch.get_num_threads(),
-    })
+    queue.put(
+        {
+            "arm": arm,
+            "config": ARMS[arm],
+            "peak_mb": mem.added_mb,
+            "saved_mb": saved.peak / 1e6,
+            "estimate_mb": estimate["total"] - estimate["weights"],
+            "estimate": estimate,
+            "s_per_step": seconds / max(steps, 1),
+            "accuracy": (metrics["tp"] + metrics["tn"]) / metrics["n"],
+            "balanced_accuracy": metrics["balanced_accuracy"],
+            "auroc": metrics["auroc"],
+            "n_test": metrics["n"],
+            "n_train": len(train),
+            "losses": [log.loss for log in logs],
+            "trained_tensors": [len(log.trained) for log in logs],
+            "freezing": logs[-1].freezing,
+            "threads": torch.get_num_threads(),
+        }
+    )
 
 
 def main() -> None:
@@ -138,16 +158,28 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--bn-stats", default="frozen", choices=["frozen", "update", "auto"],
-                        help="BatchNorm statistics while training: frozen (fine-tuning a pretrained backbone, "
-                        "what bn-stats = auto does with pretrained weights), update (batch statistics, what auto "
-                        "does from random weights), auto")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per arm (0: torch's default); 1 avoids OpenMP spinning on a shared CPU")
-    parser.add_argument("--malloc", choices=["mmap-1m", "default"], default="mmap-1m",
-                        help="mmap-1m: glibc serves every allocation of 1 MiB or more with its own mapping and "
-                        "returns it when freed, so resident memory follows what is allocated; default: glibc as is "
-                        "(freed activation memory may stay in its heap)")
+    parser.add_argument(
+        "--bn-stats",
+        default="frozen",
+        choices=["frozen", "update", "auto"],
+        help="BatchNorm statistics while training: frozen (fine-tuning a pretrained backbone, "
+        "what bn-stats = auto does with pretrained weights), update (batch statistics, what auto "
+        "does from random weights), auto",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per arm (0: torch's default); 1 avoids OpenMP spinning on a shared CPU",
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=["mmap-1m", "default"],
+        default="mmap-1m",
+        help="mmap-1m: glibc serves every allocation of 1 MiB or more with its own mapping and "
+        "returns it when freed, so resident memory follows what is allocated; default: glibc as is "
+        "(freed activation memory may stay in its heap)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     if args.malloc == "mmap-1m":
@@ -170,25 +202,34 @@ def main() -> None:
             raise SystemExit(f"{arm}: the benchmark process failed (exit {proc.exitcode})")
         results[arm] = queue.get(timeout=10)
         r = results[arm]
-        print(f"  {arm}: peak {r['peak_mb']:.0f} MB, saved {r['saved_mb']:.0f} MB, accuracy {r['accuracy']:.4f}, "
-              f"{r['s_per_step']:.2f} s/step, {time.perf_counter() - started:.0f} s, load {os.getloadavg()[0]:.2f}",
-              flush=True)
+        print(
+            f"  {arm}: peak {r['peak_mb']:.0f} MB, saved {r['saved_mb']:.0f} MB, accuracy {r['accuracy']:.4f}, "
+            f"{r['s_per_step']:.2f} s/step, {time.perf_counter() - started:.0f} s, load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
 
     base = results.get("full", next(iter(results.values())))
     weights = "ImageNet (package)" if args.backbone == "efficientnet_lite0" else "random (no pretrained ResNet-50 here)"
-    print(f"\n{args.backbone} at {args.size} px, weights {weights}; {base['n_train']} training images, batch "
-          f"{args.batch}, {args.epochs} epochs, every group trainable; {base['n_test']} held-out images of other "
-          f"patients; BatchNorm statistics {args.bn_stats}; CPU, {base['threads']} threads, malloc {args.malloc}, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    print(f"{'arm':<11} {'peak MB':>8} {'ratio':>6} {'saved MB':>9} {'ratio':>6} {'estimate':>9} {'s/step':>7} "
-          f"{'accuracy':>9} {'bal.acc':>8} {'AUROC':>7}")
+    print(
+        f"\n{args.backbone} at {args.size} px, weights {weights}; {base['n_train']} training images, batch "
+        f"{args.batch}, {args.epochs} epochs, every group trainable; {base['n_test']} held-out images of other "
+        f"patients; BatchNorm statistics {args.bn_stats}; CPU, {base['threads']} threads, malloc {args.malloc}, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"{'arm':<11} {'peak MB':>8} {'ratio':>6} {'saved MB':>9} {'ratio':>6} {'estimate':>9} {'s/step':>7} "
+        f"{'accuracy':>9} {'bal.acc':>8} {'AUROC':>7}"
+    )
     for arm, r in results.items():
-        print(f"{arm:<11} {r['peak_mb']:>8.0f} {base['peak_mb'] / max(r['peak_mb'], 1e-9):>5.2f}x "
-              f"{r['saved_mb']:>9.0f} {base['saved_mb'] / max(r['saved_mb'], 1e-9):>5.1f}x {r['estimate_mb']:>9.0f} "
-              f"{r['s_per_step']:>7.2f} {100 * r['accuracy']:>8.2f}% {r['balanced_accuracy']:>8.4f} {r['auroc']:>7.4f}")
+        print(
+            f"{arm:<11} {r['peak_mb']:>8.0f} {base['peak_mb'] / max(r['peak_mb'], 1e-9):>5.2f}x "
+            f"{r['saved_mb']:>9.0f} {base['saved_mb'] / max(r['saved_mb'], 1e-9):>5.1f}x {r['estimate_mb']:>9.0f} "
+            f"{r['s_per_step']:>7.2f} {100 * r['accuracy']:>8.2f}% {r['balanced_accuracy']:>8.4f} {r['auroc']:>7.4f}"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
-                                        indent=2))
+        args.json.write_text(
+            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

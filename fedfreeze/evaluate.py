@@ -61,8 +61,9 @@ def evaluate_model(
     about = {"model": str(model_dir), "data": str(data_path), "backbone": cfg.backbone}
     if not binary:
         return {**classification_metrics(data.labels.numpy(), scores, card.threshold), **about}
-    result = external_validation(data.labels.numpy(), scores, data.patient_ids, card.threshold,
-                                 bootstrap=bootstrap, seed=seed)
+    result = external_validation(
+        data.labels.numpy(), scores, data.patient_ids, card.threshold, bootstrap=bootstrap, seed=seed
+    )
     card_calibration = card.calibration.model_dump(by_alias=True) if card.calibration is not None else None
     return {**result, **about, "class_names": list(card.class_names), "score_calibration": card_calibration}
 
@@ -71,8 +72,10 @@ def single_class_message(result: dict[str, Any]) -> str:
     """The one line that says why AUROC and balanced accuracy are missing: which file, which class."""
     label = result["single_class"]
     name = result["class_names"][label] if "class_names" in result else str(label)
-    return (f"{result['data']}: only class {name!r} (label {label}, n={result['n']}) is present, so AUROC and "
-            f"balanced accuracy are undefined (they need both classes); the defined figures are printed")
+    return (
+        f"{result['data']}: only class {name!r} (label {label}, n={result['n']}) is present, so AUROC and "
+        f"balanced accuracy are undefined (they need both classes); the defined figures are printed"
+    )
 
 
 def format_text(result: dict[str, Any]) -> str:
@@ -86,24 +89,33 @@ def format_text(result: dict[str, Any]) -> str:
     if calibration is not None:
         lines.append(_metric_line("brier", calibration["brier"], ci.get("brier")))
         lines.append(_metric_line("ece", calibration["ece"], ci.get("ece")))
-        lines.append(f"{'mean_score':<18} {calibration['mean_score']:.4f}  "
-                     f"(observed positive rate {calibration['observed_positive_rate']:.4f})")
+        lines.append(
+            f"{'mean_score':<18} {calibration['mean_score']:.4f}  "
+            f"(observed positive rate {calibration['observed_positive_rate']:.4f})"
+        )
     if "threshold" in result:
         lines.append(f"{'threshold':<18} {result['threshold']:.4f}  (the model's stored threshold)")
     if "n_patients" in result:
-        lines.append(f"{'n':<18} {result['n']}  ({result['n_patients']} patients, {result['n_positive']} positive, "
-                     f"{result['n_negative']} negative)")
+        lines.append(
+            f"{'n':<18} {result['n']}  ({result['n_patients']} patients, {result['n_positive']} positive, "
+            f"{result['n_negative']} negative)"
+        )
     elif "n" in result:
         lines.append(f"{'n':<18} {result['n']}")
     if ci:
-        lines.append(f"intervals: {ci['confidence']:.0%} {ci['method']}, {ci['replicates']} replicates, "
-                     f"seed {ci['seed']}")
+        lines.append(
+            f"intervals: {ci['confidence']:.0%} {ci['method']}, {ci['replicates']} replicates, seed {ci['seed']}"
+        )
     if "thresholds" in result:
-        lines.append("threshold analysis (the Youden row is diagnostic only, not for choosing a threshold: "
-                     "it is fitted to the data it is scored on):")
+        lines.append(
+            "threshold analysis (the Youden row is diagnostic only, not for choosing a threshold: "
+            "it is fitted to the data it is scored on):"
+        )
         for row in result["thresholds"]["rows"]:
-            lines.append(f"  {row['name']:<20} t={row['threshold']:.4f}  sensitivity {_fmt(row['sensitivity'])}  "
-                         f"specificity {_fmt(row['specificity'])}  balanced_accuracy {_fmt(row['balanced_accuracy'])}")
+            lines.append(
+                f"  {row['name']:<20} t={row['threshold']:.4f}  sensitivity {_fmt(row['sensitivity'])}  "
+                f"specificity {_fmt(row['specificity'])}  balanced_accuracy {_fmt(row['balanced_accuracy'])}"
+            )
     return "\n".join(lines)
 
 
@@ -111,8 +123,10 @@ def require_binary_model(model_dir: str | Path, what: str) -> None:
     """Calibration, score plots and intervals exist for binary models only: say so before scoring."""
     card = read_card(model_dir)
     if card.model.num_classes != 2:
-        raise DataError(f"{what} needs a binary model; {model_dir} has {card.model.num_classes} classes "
-                        f"(run without {what} for its contract metrics)")
+        raise DataError(
+            f"{what} needs a binary model; {model_dir} has {card.model.num_classes} classes "
+            f"(run without {what} for its contract metrics)"
+        )
 
 
 def _metric_line(key: str, value: float | None, interval: list[float] | None) -> str:

@@ -58,18 +58,18 @@ class ModelCard(Section):
     fedfreeze_version: str = __version__
     notes: dict[str, Any] = Field(default_factory=dict)
     calibration: ScoreCalibration | None = Field(
-        None, description="binary models: a recalibration applied to every score before the threshold")
+        None, description="binary models: a recalibration applied to every score before the threshold"
+    )
     adaptations: list[dict[str, Any]] = Field(
-        default_factory=list, description="what was adapted after training, from which model, in order")
+        default_factory=list, description="what was adapted after training, from which model, in order"
+    )
 
 
 def make_card(model: GroupedNet, cfg: ModelConfig, **fields: Any) -> ModelCard:
     """A card for ``model``, recording the normalisation it actually uses and its adapters."""
     norm = model.normalize
     assert isinstance(norm, Normalize), "every registry model normalises its input"
-    resolved = cfg.model_copy(
-        update={"mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}
-    )
+    resolved = cfg.model_copy(update={"mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()})
     adapters = list(model.adapters.keys())
     rank = adapter_rank(model.adapters[adapters[0]]) if adapters else 8
     class_names = fields.pop("class_names", None) or cfg.class_names or [str(i) for i in range(cfg.num_classes)]
@@ -121,10 +121,13 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file; all mean the same here
-        raise CheckpointError(f"{path} is not a readable fedfreeze weights file (corrupt, truncated or another "
-                              f"format): {type(err).__name__}: {_first_line(err)}") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
+        raise CheckpointError(
+            f"{path} is not a readable fedfreeze weights file (corrupt, truncated or another "
+            f"format): {type(err).__name__}: {_first_line(err)}"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise CheckpointError(f"{path} does not hold a state dict of named tensors (got {type(state).__name__})")
     return state
 
@@ -146,8 +149,9 @@ def load_model(folder: str | Path) -> tuple[GroupedNet, ModelCard]:
     try:
         result = model.load_state_dict(state, strict=False)
     except (RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path} cannot be loaded into the model {CARD_FILE} describes: "
-                              f"{_first_line(err)}") from None
+        raise CheckpointError(
+            f"{path} cannot be loaded into the model {CARD_FILE} describes: {_first_line(err)}"
+        ) from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{path} does not match {CARD_FILE}: missing {result.missing_keys[:5]}, "

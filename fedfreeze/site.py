@@ -84,9 +84,16 @@ def train_on(
             torch.manual_seed(seed)
             dual_model = build_dual(cfg.model)
             check_groups(cfg.train.unfreeze, list(dual_model.groups))
-            merged, dual_logs = fit_dual(dual_model, images, labels, cfg.train, rng=np.random.default_rng(seed),
-                                         device=device, features=lambda m: cache.features(m, images, device),
-                                         on_epoch=on_epoch)
+            merged, dual_logs = fit_dual(
+                dual_model,
+                images,
+                labels,
+                cfg.train,
+                rng=np.random.default_rng(seed),
+                device=device,
+                features=lambda m: cache.features(m, images, device),
+                on_epoch=on_epoch,
+            )
             return merged, list(dual_logs)
         if init is None:
             model = new_model(cfg, seed)
@@ -95,8 +102,16 @@ def train_on(
             model = init.start_model()
         needs_features = cfg.train.probe_epochs > 0 and not cfg.train.probe_augment
         feats = cache.features(model, data.images, device)[indices] if needs_features else None
-        logs = fit(model, images, labels, cfg.train, rng=np.random.default_rng(seed), device=device,
-                   probe_features=feats, on_epoch=on_epoch)
+        logs = fit(
+            model,
+            images,
+            labels,
+            cfg.train,
+            rng=np.random.default_rng(seed),
+            device=device,
+            probe_features=feats,
+            on_epoch=on_epoch,
+        )
     return model, logs
 
 
@@ -114,8 +129,10 @@ def site_train(
     ``init`` (a model folder) start from it and compare the adapted models with it."""
     start = None if init is None else load_init(init, cfg)  # a mismatch stops before any image loads
     if start is not None and cfg.model.num_classes != 2:
-        raise ConfigError(f"model.num-classes: --init compares the adapted models with {start.folder} by "
-                          f"DeLong's test on AUROC, which needs a binary task, got {cfg.model.num_classes}")
+        raise ConfigError(
+            f"model.num-classes: --init compares the adapted models with {start.folder} by "
+            f"DeLong's test on AUROC, which needs a binary task, got {cfg.model.num_classes}"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -145,17 +162,29 @@ def site_train(
     for number, fold in enumerate(tqdm(folds, desc="folds", unit="fold", disable=not progress)):
         label = f"repeat {fold.repeat + 1} fold {fold.fold + 1}/{cfg.cv.folds}"
         model, logs = train_on(
-            cfg, data, fold.train, seed=cfg.train.seed + number, device=dev, cache=cache,
-            bar_label=label, progress=progress, init=start,
+            cfg,
+            data,
+            fold.train,
+            seed=cfg.train.seed + number,
+            device=dev,
+            cache=cache,
+            bar_label=label,
+            progress=progress,
+            init=start,
         )
         scores = predict_scores(model, data.images[fold.test], dev)
         metrics = classification_metrics(data.labels[fold.test].numpy(), scores, cfg.cv.threshold)
-        fold_results.append({
-            "repeat": fold.repeat, "fold": fold.fold, "n_train": int(len(fold.train)),
-            "n_test": int(len(fold.test)), **metrics,
-            "train_seconds": float(sum(log.seconds for log in logs)),
-            "epochs": [log.record() for log in logs],
-        })
+        fold_results.append(
+            {
+                "repeat": fold.repeat,
+                "fold": fold.fold,
+                "n_train": int(len(fold.train)),
+                "n_test": int(len(fold.test)),
+                **metrics,
+                "train_seconds": float(sum(log.seconds for log in logs)),
+                "epochs": [log.record() for log in logs],
+            }
+        )
         if number == 0:
             memory = memory_plans(cfg, logs, progress=progress)
         for i, score in zip(fold.test, scores, strict=True):
@@ -163,13 +192,28 @@ def site_train(
         if start is not None and init_scores is not None:  # (both or neither)
             y_test = data.labels[fold.test].numpy()
             base = classification_metrics(y_test, init_scores[fold.test], start.card.threshold)
-            baseline_folds.append({"repeat": fold.repeat, "fold": fold.fold, "n_test": int(len(fold.test)),
-                                   "threshold": start.card.threshold, **base})
-            paired.append(FoldScores(labels=y_test, scores_a=np.asarray(scores), scores_b=init_scores[fold.test],
-                                     case_ids=[data.patient_ids[i] for i in fold.test]))
+            baseline_folds.append(
+                {
+                    "repeat": fold.repeat,
+                    "fold": fold.fold,
+                    "n_test": int(len(fold.test)),
+                    "threshold": start.card.threshold,
+                    **base,
+                }
+            )
+            paired.append(
+                FoldScores(
+                    labels=y_test,
+                    scores_a=np.asarray(scores),
+                    scores_b=init_scores[fold.test],
+                    case_ids=[data.patient_ids[i] for i in fold.test],
+                )
+            )
         if progress:
-            tqdm.write(f"{label}: AUROC {metrics['auroc']:.3f}  balanced acc {metrics['balanced_accuracy']:.3f}  "
-                       f"F1 {metrics['f1']:.3f}")
+            tqdm.write(
+                f"{label}: AUROC {metrics['auroc']:.3f}  balanced acc {metrics['balanced_accuracy']:.3f}  "
+                f"F1 {metrics['f1']:.3f}"
+            )
 
     summary = summarize(fold_results)
     report: dict[str, Any] = {
@@ -183,25 +227,40 @@ def site_train(
         "memory": memory,
     }
     if start is not None:
-        report["init"] = {"model": str(start.folder), "weights_sha256": start.weights_sha256,
-                          "threshold": start.card.threshold,
-                          "calibration": None if start.card.calibration is None else start.card.calibration.method,
-                          "new_adapter_groups": list(start.new_adapter_groups)}
+        report["init"] = {
+            "model": str(start.folder),
+            "weights_sha256": start.weights_sha256,
+            "threshold": start.card.threshold,
+            "calibration": None if start.card.calibration is None else start.card.calibration.method,
+            "new_adapter_groups": list(start.new_adapter_groups),
+        }
         report["baseline"] = {"folds": baseline_folds, "summary": summarize(baseline_folds)}
-        report["comparison"] = compare_with_init(fold_results, baseline_folds, paired, cfg.cv.threshold,
-                                                 start.card.threshold)
+        report["comparison"] = compare_with_init(
+            fold_results, baseline_folds, paired, cfg.cv.threshold, start.card.threshold
+        )
     threshold = choose_model_threshold(cfg, data, oof_rows)
     report["model_threshold"] = threshold
     if cfg.cv.refit:
         everything = np.arange(len(data))
         model, logs = train_on(
-            cfg, data, everything, seed=cfg.train.seed + len(folds), device=dev, cache=cache,
-            bar_label="refit on all data", progress=progress, init=start,
+            cfg,
+            data,
+            everything,
+            seed=cfg.train.seed + len(folds),
+            device=dev,
+            cache=cache,
+            bar_label="refit on all data",
+            progress=progress,
+            init=start,
         )
         if start is None:
             card = make_card(
-                model, cfg.model, threshold=threshold["value"], class_names=data.class_names,
-                trained_by="fedfreeze site-train", notes={"data": str(data_path), "n_images": len(data)},
+                model,
+                cfg.model,
+                threshold=threshold["value"],
+                class_names=data.class_names,
+                trained_by="fedfreeze site-train",
+                notes={"data": str(data_path), "n_images": len(data)},
             )
         else:
             card = adapted_card(model, start, cfg, report, threshold["value"], data.class_names)
@@ -218,8 +277,13 @@ def site_train(
     return report
 
 
-def compare_with_init(adapted: list[dict[str, Any]], baseline: list[dict[str, Any]], paired: list[FoldScores],
-                      adapted_threshold: float, init_threshold: float) -> dict[str, Any]:
+def compare_with_init(
+    adapted: list[dict[str, Any]],
+    baseline: list[dict[str, Any]],
+    paired: list[FoldScores],
+    adapted_threshold: float,
+    init_threshold: float,
+) -> dict[str, Any]:
     """The adapted fold models against the un-adapted init model on the same test folds: DeLong's
     test on the mean AUROC over folds (``a`` = adapted, ``b`` = init), and each metric's paired
     fold differences (adapted minus init; thresholded metrics at each model's own threshold)."""
@@ -233,14 +297,26 @@ def compare_with_init(adapted: list[dict[str, Any]], baseline: list[dict[str, An
             "difference_mean": float(diffs.mean()),
             "difference_std": float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0,
         }
-    return {"delong": delong.to_dict(), "differences": differences,
-            "thresholds": {"adapted": adapted_threshold, "init": init_threshold,
-                           "rule": "each model at its own threshold: the adapted fold models at cv.threshold, "
-                                   "the init model at its card's threshold (its calibration applied)"}}
+    return {
+        "delong": delong.to_dict(),
+        "differences": differences,
+        "thresholds": {
+            "adapted": adapted_threshold,
+            "init": init_threshold,
+            "rule": "each model at its own threshold: the adapted fold models at cv.threshold, "
+            "the init model at its card's threshold (its calibration applied)",
+        },
+    }
 
 
-def adapted_card(model: GroupedNet, start: InitModel, cfg: SiteConfig, report: dict[str, Any], threshold: float,
-                 class_names: list[str]) -> ModelCard:
+def adapted_card(
+    model: GroupedNet,
+    start: InitModel,
+    cfg: SiteConfig,
+    report: dict[str, Any],
+    threshold: float,
+    class_names: list[str],
+) -> ModelCard:
     """The refit model's card: the init model's architecture and lineage, with this adaptation
     appended to its earlier ones. Its calibration is not carried over: it was fitted to the init
     model's scores, not to the adapted model's."""
@@ -251,14 +327,22 @@ def adapted_card(model: GroupedNet, start: InitModel, cfg: SiteConfig, report: d
         "data": report["data"],
         "n_images": report["n_images"],
         "n_patients": report["n_patients"],
-        "cv": {"folds": cfg.cv.folds, "repeats": cfg.cv.repeats, "adapted": report["summary"],
-               "init": report["baseline"]["summary"]},
+        "cv": {
+            "folds": cfg.cv.folds,
+            "repeats": cfg.cv.repeats,
+            "adapted": report["summary"],
+            "init": report["baseline"]["summary"],
+        },
         "comparison_p": report["comparison"]["delong"]["p_value"],
         "auroc_difference": report["comparison"]["delong"]["difference"],
     }
     model_cfg = start.card.model.model_copy(update={"dropout": cfg.model.dropout})
     return make_card(
-        model, model_cfg, threshold=threshold, class_names=class_names, trained_by="fedfreeze site-train --init",
+        model,
+        model_cfg,
+        threshold=threshold,
+        class_names=class_names,
+        trained_by="fedfreeze site-train --init",
         pretrained_format=start.card.pretrained_format,
         notes={"data": report["data"], "n_images": report["n_images"], "init": str(start.folder)},
         adaptations=[*start.card.adaptations, record],
@@ -274,20 +358,26 @@ def format_comparison(report: dict[str, Any]) -> str:
     def cell(summary: dict[str, Any], key: str) -> str:
         return f"{summary[key]['mean']:.3f} ± {summary[key]['std']:.3f}"
 
-    lines = [f"  {'model':<26} {'AUROC':<15} {'balanced acc':<15} threshold",
-             f"  {'init (as given)':<26} {cell(base, 'auroc'):<15} {cell(base, 'balanced_accuracy'):<15} "
-             f"{th['init']:.3f} (its card)",
-             f"  {'adapted (site-train)':<26} {cell(adapted, 'auroc'):<15} {cell(adapted, 'balanced_accuracy'):<15} "
-             f"{th['adapted']:.3f} (cv.threshold)"]
+    lines = [
+        f"  {'model':<26} {'AUROC':<15} {'balanced acc':<15} threshold",
+        f"  {'init (as given)':<26} {cell(base, 'auroc'):<15} {cell(base, 'balanced_accuracy'):<15} "
+        f"{th['init']:.3f} (its card)",
+        f"  {'adapted (site-train)':<26} {cell(adapted, 'auroc'):<15} {cell(adapted, 'balanced_accuracy'):<15} "
+        f"{th['adapted']:.3f} (cv.threshold)",
+    ]
     d, p = delong["difference"], delong["p_value"]
     ci = f"{delong['confidence']:.0%} CI {delong['ci_low']:+.3f} to {delong['ci_high']:+.3f}"
     ba = diffs["balanced_accuracy"]["difference_mean"]
     if p < 0.05:
-        verdict = (f"adapting {'helped' if d > 0 else 'hurt'} on these patients: mean fold AUROC "
-                   f"{'higher' if d > 0 else 'lower'} by {abs(d):.3f} ({ci}, DeLong p = {p:.3g})")
+        verdict = (
+            f"adapting {'helped' if d > 0 else 'hurt'} on these patients: mean fold AUROC "
+            f"{'higher' if d > 0 else 'lower'} by {abs(d):.3f} ({ci}, DeLong p = {p:.3g})"
+        )
     else:
-        verdict = (f"adapting did not significantly change AUROC: difference {d:+.3f} ({ci}, DeLong p = {p:.3g}); "
-                   "the test cannot tell the two apart on these folds")
+        verdict = (
+            f"adapting did not significantly change AUROC: difference {d:+.3f} ({ci}, DeLong p = {p:.3g}); "
+            "the test cannot tell the two apart on these folds"
+        )
     lines.append(f"{verdict}; balanced accuracy difference {ba:+.3f} (each at its own threshold)")
     return "\n".join(lines)
 
@@ -301,8 +391,10 @@ def memory_plans(cfg: SiteConfig, logs: list[EpochLog], *, progress: bool = Fals
         for p in phases:
             rate = "schedule" if p["rate"] is None else f"dynamic freezing rate {p['rate']:g}"
             estimate = "" if p["estimate_mb"] is None else f", estimate {p['estimate_mb']['total']:.0f} MB"
-            tqdm.write(f"memory budget {budget:g} MB, phase {'+'.join(p['parts'])}: batch {p['batch_size']}, "
-                       f"{rate}, activation storage {p['storage']}{estimate}")
+            tqdm.write(
+                f"memory budget {budget:g} MB, phase {'+'.join(p['parts'])}: batch {p['batch_size']}, "
+                f"{rate}, activation storage {p['storage']}{estimate}"
+            )
     return {"freezing": cfg.train.freezing, "max_train_memory_mb": budget, "phases": phases}
 
 
@@ -323,12 +415,20 @@ def choose_model_threshold(
     else:
         value, rule = float(cfg.cv.model_threshold), "configured"
     oof = classification_metrics(labels, scores, value)
-    return {"value": value, "rule": rule, "out_of_fold_at_threshold": oof,
-            "out_of_fold_at_fold_threshold": classification_metrics(labels, scores, cfg.cv.threshold)}
+    return {
+        "value": value,
+        "rule": rule,
+        "out_of_fold_at_threshold": oof,
+        "out_of_fold_at_fold_threshold": classification_metrics(labels, scores, cfg.cv.threshold),
+    }
 
 
-def _write_predictions(path: Path, rows: list[tuple[int, int, str, int, Any]], class_names: list[str],
-                       init_rows: list[tuple[str, float]] | None = None) -> None:
+def _write_predictions(
+    path: Path,
+    rows: list[tuple[int, int, str, int, Any]],
+    class_names: list[str],
+    init_rows: list[tuple[str, float]] | None = None,
+) -> None:
     """Out-of-fold scores of every case (kept at the site: they never leave it); with ``--init``
     also each case's patient and the un-adapted init model's score (calibrated, as it would be used)."""
     import csv
@@ -350,6 +450,11 @@ def _write_predictions(path: Path, rows: list[tuple[int, int, str, int, Any]], c
 
 def format_summary(summary: dict[str, dict[str, float]]) -> str:
     """``AUROC 0.912 ± 0.031`` lines for the terminal."""
-    names = {"auroc": "AUROC", "balanced_accuracy": "balanced accuracy", "f1": "F1",
-             "sensitivity": "sensitivity", "specificity": "specificity"}
+    names = {
+        "auroc": "AUROC",
+        "balanced_accuracy": "balanced accuracy",
+        "f1": "F1",
+        "sensitivity": "sensitivity",
+        "specificity": "specificity",
+    }
     return "\n".join(f"  {names[k]:<18} {v['mean']:.3f} ± {v['std']:.3f}" for k, v in summary.items() if k in names)

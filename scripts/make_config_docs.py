@@ -63,7 +63,7 @@ EXTRA_DESCRIPTIONS: dict[str, str] = {
     "train.lr": "peak learning rate per group (AdamW, one-cycle); needs a `head` entry",
     "train.adapter-lr": "peak learning rate of the adapters",
     "train.weight-decay": "a number, or a table per group (`default` for groups not named); biases and norm "
-                          "weights get none",
+    "weights get none",
     "train.batch-size": "images per step",
     "train.cutmix-prob": "chance that a fine-tuning batch is mixed with CutMix (never during the probe)",
     "train.cutmix-alpha": "CutMix's mixing fraction is drawn from Beta(cutmix-alpha, cutmix-alpha)",
@@ -80,15 +80,19 @@ EXTRA_DESCRIPTIONS: dict[str, str] = {
     "federation.fraction-train": "share of the connected sites sampled for each round",
     "federation.score-bins": "bins of the score histograms each site sends (uniform in logit space)",
     "federation.target-sensitivity": "threshold = 'target-sensitivity': the highest threshold whose pooled "
-                                     "sensitivity reaches this",
+    "sensitivity reaches this",
     "federation.dp-noise-multiplier": "noise multiplier of Flower's DP wrappers (dp = 'client' or 'server')",
     "federation.dp-delta": "delta of the (epsilon, delta) budget reported every round",
     "federation.out-dir": "the coordinator's output folder (metrics, model, checkpoint)",
     "federation.seed": "random seed, sent to every site with the round's orders (validation split, training)",
 }
 
-BOUNDS = ((annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"),
-          (annotated_types.Le, "le", "<="), (annotated_types.Lt, "lt", "<"))
+BOUNDS = (
+    (annotated_types.Ge, "ge", ">="),
+    (annotated_types.Gt, "gt", ">"),
+    (annotated_types.Le, "le", "<="),
+    (annotated_types.Lt, "lt", "<"),
+)
 
 
 def key_of(name: str, info: FieldInfo) -> str:
@@ -169,8 +173,10 @@ def description_of(table: str, key: str, info: FieldInfo) -> str:
     if not text and inspect.isclass(info.annotation) and issubclass(info.annotation, BaseModel):
         text = f"the table `[{table}.{key}]`: {docstring(info.annotation)}"
     if not text:
-        raise ValueError(f"make_config_docs: {table}.{key} has no description: give the field one "
-                         "(Field(description=...)) or add it to EXTRA_DESCRIPTIONS")
+        raise ValueError(
+            f"make_config_docs: {table}.{key} has no description: give the field one "
+            "(Field(description=...)) or add it to EXTRA_DESCRIPTIONS"
+        )
     return text
 
 
@@ -198,7 +204,7 @@ def render() -> str:
         "",
         "Every key is optional: an empty file is a valid configuration. Keys are kebab-case; an unknown key",
         "or a bad value is rejected with the table, the key and the value named. Rules that tie several",
-        "keys together (for example `federation.patience` needs `federation.export = \"best\"`) are checked",
+        'keys together (for example `federation.patience` needs `federation.export = "best"`) are checked',
         "too; the pages that explain each feature describe them.",
         "",
         "A site's `site.toml` holds `[model]`, `[train]` and `[cv]`",
@@ -212,8 +218,11 @@ def render() -> str:
         lines += [f"## [{table}]", "", f"{docstring(model)} In {files}.", ""]
         if table == "train":
             refused = ", ".join(f"`{k}` (use `federation.{v}`)" for k, v in SITE_SCHEDULE_KEYS.items())
-            lines += ["A federation's schedule counts rounds, so a `fed.toml` that sets one of these `[train]` keys "
-                      f"is refused: {refused}.", ""]
+            lines += [
+                "A federation's schedule counts rounds, so a `fed.toml` that sets one of these `[train]` keys "
+                f"is refused: {refused}.",
+                "",
+            ]
         lines += ["| key | type | default | description |", "|---|---|---|---|"]
         for name, info in model.model_fields.items():
             key = key_of(name, info)
@@ -221,16 +230,18 @@ def render() -> str:
             limits = bounds_text(info)
             if limits:
                 kind += f", {limits}"
-            lines.append(f"| `{key}` | {cell(kind)} | {cell(default_text(info))} | "
-                         f"{cell(description_of(table, key, info))} |")
+            lines.append(
+                f"| `{key}` | {cell(kind)} | {cell(default_text(info))} | {cell(description_of(table, key, info))} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
 def unused_descriptions() -> list[str]:
     """Entries of ``EXTRA_DESCRIPTIONS`` that name no field, or a field that has its own description."""
-    fields = {f"{table}.{key_of(name, info)}": info
-              for table, model, _ in TABLES for name, info in model.model_fields.items()}
+    fields = {
+        f"{table}.{key_of(name, info)}": info for table, model, _ in TABLES for name, info in model.model_fields.items()
+    }
     return [k for k in EXTRA_DESCRIPTIONS if k not in fields or fields[k].description]
 
 
@@ -240,15 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stale = unused_descriptions()
     if stale:
-        print(f"make_config_docs: EXTRA_DESCRIPTIONS entries that name no field without a description: {stale}",
-              file=sys.stderr)
+        print(
+            f"make_config_docs: EXTRA_DESCRIPTIONS entries that name no field without a description: {stale}",
+            file=sys.stderr,
+        )
         return 1
     text = render()
     if args.check:
         current = OUTPUT.read_text(encoding="utf-8") if OUTPUT.is_file() else ""
         if current != text:
-            print(f"{OUTPUT.relative_to(ROOT)} is out of date: run .venv/bin/python scripts/make_config_docs.py",
-                  file=sys.stderr)
+            print(
+                f"{OUTPUT.relative_to(ROOT)} is out of date: run .venv/bin/python scripts/make_config_docs.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)

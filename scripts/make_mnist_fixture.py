@@ -45,8 +45,10 @@ def main() -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(OUT, **arrays)
     digest = hashlib.sha256(OUT.read_bytes()).hexdigest()[:16]
-    print(f"{OUT}: {OUT.stat().st_size:,} bytes, sha256 {digest}, "
-          + ", ".join(f"{k} {v.shape}" for k, v in arrays.items()))
+    print(
+        f"{OUT}: {OUT.stat().st_size:,} bytes, sha256 {digest}, "
+        + ", ".join(f"{k} {v.shape}" for k, v in arrays.items())
+    )
 
 
 if __name__ == "__main__":

@@ -97,8 +97,11 @@ class AdaptOptions:
 
 
 UNLABELLED_OPTIONS = {"prevalence": "--prevalence", "train_prior": "--train-prior", "objective": "--objective"}
-LABELLED_OPTIONS = {"calibrate": "--calibrate", "threshold_rule": "--threshold-rule",
-                    "target_sensitivity": "--target-sensitivity"}
+LABELLED_OPTIONS = {
+    "calibrate": "--calibrate",
+    "threshold_rule": "--threshold-rule",
+    "target_sensitivity": "--target-sensitivity",
+}
 
 
 @dataclass
@@ -111,8 +114,14 @@ class AdaptResult:
     lines: list[str] = field(default_factory=list)  # what changed, for the terminal
 
 
-def adapt_model(model_dir: str | Path, data_path: str | Path, out_dir: str | Path,
-                options: AdaptOptions | None = None, *, progress: bool = False) -> AdaptResult:
+def adapt_model(
+    model_dir: str | Path,
+    data_path: str | Path,
+    out_dir: str | Path,
+    options: AdaptOptions | None = None,
+    *,
+    progress: bool = False,
+) -> AdaptResult:
     """Adapt the model in ``model_dir`` to the site whose images are at ``data_path``; write ``out_dir``."""
     options = options or AdaptOptions()
     options.check()
@@ -121,9 +130,16 @@ def adapt_model(model_dir: str | Path, data_path: str | Path, out_dir: str | Pat
         raise ConfigError(f"--out {out} is the source model folder: write the adapted model to a new folder")
     model, card = load_model(model_dir)
     cfg = card.model
-    data = load_image_set(data_path, image_size=cfg.input_size, channels=cfg.in_channels, split=options.split,
-                          class_names=card.class_names, num_classes=cfg.num_classes, progress=progress,
-                          labels="optional")
+    data = load_image_set(
+        data_path,
+        image_size=cfg.input_size,
+        channels=cfg.in_channels,
+        split=options.split,
+        class_names=card.class_names,
+        num_classes=cfg.num_classes,
+        progress=progress,
+        labels="optional",
+    )
     data.require_nonempty(f"adapt needs the site's images, and {data_path} lists none")
     labelled = _use_labels(options, data, data_path)
     _check_mode(options, labelled, cfg.num_classes, model_dir)
@@ -139,14 +155,17 @@ def adapt_model(model_dir: str | Path, data_path: str | Path, out_dir: str | Pat
         "n_patients": len(set(data.patient_ids)),
         "labels_used": labelled,
     }
-    lines = [f"adapt: {len(data)} images of {record['n_patients']} patients from {data_path} "
-             f"({'labels used' if labelled else 'no labels used'})"]
+    lines = [
+        f"adapt: {len(data)} images of {record['n_patients']} patients from {data_path} "
+        f"({'labels used' if labelled else 'no labels used'})"
+    ]
     if options.bn == "reestimate":
         layers = reestimate_all_bn(model, data.images, device)
         steps.append("batchnorm-statistics")
         record["batchnorm"] = {"reestimated": True, "layers": layers, "n_images": len(data)}
-        lines.append(f"BatchNorm statistics: re-estimated in all {layers} layers on the site's images "
-                     "(every weight unchanged)")
+        lines.append(
+            f"BatchNorm statistics: re-estimated in all {layers} layers on the site's images (every weight unchanged)"
+        )
     else:
         record["batchnorm"] = {"reestimated": False}
 
@@ -163,16 +182,21 @@ def adapt_model(model_dir: str | Path, data_path: str | Path, out_dir: str | Pat
     record["kind"] = "+".join(steps)
     record["fedfreeze_version"] = __version__
     record["date_utc"] = datetime.now(UTC).isoformat(timespec="seconds")
-    fields = {**card.model_dump(), "threshold": threshold, "adaptations": [*card.adaptations, record],
-              "calibration": None if calibration is None else calibration.model_dump()}
+    fields = {
+        **card.model_dump(),
+        "threshold": threshold,
+        "adaptations": [*card.adaptations, record],
+        "calibration": None if calibration is None else calibration.model_dump(),
+    }
     new_card: ModelCard = parse_config(fields, ModelCard, "the adapted model card")
 
     save_model(out, model, new_card)
     if options.bn == "keep":
         shutil.copyfile(model_dir / WEIGHTS_FILE, out / WEIGHTS_FILE)  # bit-identical weights, same sha256
     lines.append(f"model:   {out}  (score it with: fedfreeze evaluate --model {out} --data ...)")
-    return AdaptResult(out=out, record=record, threshold_before=card.threshold, threshold_after=threshold,
-                       card=new_card, lines=lines)
+    return AdaptResult(
+        out=out, record=record, threshold_before=card.threshold, threshold_after=threshold, card=new_card, lines=lines
+    )
 
 
 def _use_labels(options: AdaptOptions, data: ImageSet, data_path: str | Path) -> bool:
@@ -186,8 +210,11 @@ def _check_mode(options: AdaptOptions, labelled: bool, num_classes: int, model_d
     other = UNLABELLED_OPTIONS if labelled else LABELLED_OPTIONS
     given = [flag for name, flag in other.items() if getattr(options, name) is not None]
     if given:
-        why = "the labelled cases are used (--labels ignore to adapt without them)" if labelled else \
-            "no labels are used (the data has no label column, or --labels ignore)"
+        why = (
+            "the labelled cases are used (--labels ignore to adapt without them)"
+            if labelled
+            else "no labels are used (the data has no label column, or --labels ignore)"
+        )
         raise ConfigError(f"{', '.join(given)} do(es) not apply here: {why}")
     binary_steps = labelled or (options.prevalence or "em") == "em"
     if num_classes != 2 and binary_steps:
@@ -200,17 +227,30 @@ def _check_mode(options: AdaptOptions, labelled: bool, num_classes: int, model_d
         raise ConfigError("nothing to adapt: --bn keep and --prevalence none (choose --bn reestimate, or EM)")
 
 
-def _prevalence_step(model: GroupedNet, card: ModelCard, data: ImageSet, options: AdaptOptions,
-                     device: torch.device, record: dict[str, Any], lines: list[str]
-                     ) -> tuple[ScoreCalibration, float]:
+def _prevalence_step(
+    model: GroupedNet,
+    card: ModelCard,
+    data: ImageSet,
+    options: AdaptOptions,
+    device: torch.device,
+    record: dict[str, Any],
+    lines: list[str],
+) -> tuple[ScoreCalibration, float]:
     train_prior = options.train_prior if options.train_prior is not None else 0.5
     objective = options.objective or "balanced-accuracy"
     scores = model_scores(model, card, data.images, device)
-    estimate = estimate_prevalence(scores, data.patient_ids, train_prior, replicates=options.replicates,
-                                   confidence=options.confidence, seed=options.seed)
+    estimate = estimate_prevalence(
+        scores,
+        data.patient_ids,
+        train_prior,
+        replicates=options.replicates,
+        confidence=options.confidence,
+        seed=options.seed,
+    )
     if not EDGE <= estimate.prevalence <= 1 - EDGE:
-        after_bn = " (re-estimated BatchNorm statistics move with the site's class mix)" \
-            if options.bn == "reestimate" else ""
+        after_bn = (
+            " (re-estimated BatchNorm statistics move with the site's class mix)" if options.bn == "reestimate" else ""
+        )
         raise DataError(
             f"EM puts the prevalence of {card.class_names[1]!r} at {estimate.prevalence:.4f}, the edge of [0, 1]: "
             f"either {record['data']} holds (almost) one class only, or the model's scores there are not posteriors "
@@ -218,8 +258,13 @@ def _prevalence_step(model: GroupedNet, card: ModelCard, data: ImageSet, options
             "would set every score to 0 or 1, so none is stored (use --prevalence none, or labels)"
         )
     delta = prior_shift(estimate.prevalence, train_prior)
-    calibration = compose(card.calibration, 1.0, delta, "platt",
-                          fitted_on=f"prior shift to the EM prevalence {estimate.prevalence:.4f} of {record['data']}")
+    calibration = compose(
+        card.calibration,
+        1.0,
+        delta,
+        "platt",
+        fitted_on=f"prior shift to the EM prevalence {estimate.prevalence:.4f} of {record['data']}",
+    )
     if objective == "accuracy":
         threshold = 0.5
         rule = "0.5 on the prior-corrected posterior: the Bayes rule for accuracy at the site's prevalence"
@@ -228,8 +273,11 @@ def _prevalence_step(model: GroupedNet, card: ModelCard, data: ImageSet, options
         rule = "mapped through the prior shift: balanced accuracy's Bayes decision does not depend on prevalence"
     threshold = float(np.clip(threshold, THRESHOLD_CLIP, 1 - THRESHOLD_CLIP))
     record["prevalence"] = estimate.record()
-    record["calibration"] = {"method": "prior shift (platt, a = 1)", "logit_shift": delta,
-                             "card_calibration": calibration.model_dump()}
+    record["calibration"] = {
+        "method": "prior shift (platt, a = 1)",
+        "logit_shift": delta,
+        "card_calibration": calibration.model_dump(),
+    }
     record["threshold"] = {"objective": objective, "rule": rule, "before": card.threshold, "after": threshold}
     positive = card.class_names[1]
     pct = f"{options.confidence:.0%}"
@@ -242,27 +290,49 @@ def _prevalence_step(model: GroupedNet, card: ModelCard, data: ImageSet, options
         f"calibration: scores shifted by {delta:+.3f} on the logit scale, so they are posteriors at the site's "
         f"prevalence (stored as platt a = {calibration.a:.4g}, b = {calibration.b:+.4g})",
         f"threshold: {card.threshold:.4f} -> {threshold:.4f} ({objective}: "
-        + ("every decision unchanged)" if objective == "balanced-accuracy" else
-           "the Bayes rule for accuracy at this prevalence; decisions change)"),
+        + (
+            "every decision unchanged)"
+            if objective == "balanced-accuracy"
+            else "the Bayes rule for accuracy at this prevalence; decisions change)"
+        ),
     ]
     return calibration, threshold
 
 
-def _labelled_step(model: GroupedNet, card: ModelCard, data: ImageSet, options: AdaptOptions,
-                   device: torch.device, record: dict[str, Any], data_path: str | Path
-                   ) -> tuple[ScoreCalibration | None, float, Recalibration]:
+def _labelled_step(
+    model: GroupedNet,
+    card: ModelCard,
+    data: ImageSet,
+    options: AdaptOptions,
+    device: torch.device,
+    record: dict[str, Any],
+    data_path: str | Path,
+) -> tuple[ScoreCalibration | None, float, Recalibration]:
     data.require_classes(2, why="recalibration and threshold choice need labelled cases of both classes")
     method = options.calibrate or "temperature"
     rule = options.threshold_rule or "youden"
     target = options.target_sensitivity if options.target_sensitivity is not None else 0.9
     scores = model_scores(model, card, data.images, device)
-    fit = recalibrate(scores, data.labels.numpy(), data.patient_ids, method=method, rule=rule,
-                      target_sensitivity=target, replicates=options.replicates, confidence=options.confidence,
-                      seed=options.seed)
+    fit = recalibrate(
+        scores,
+        data.labels.numpy(),
+        data.patient_ids,
+        method=method,
+        rule=rule,
+        target_sensitivity=target,
+        replicates=options.replicates,
+        confidence=options.confidence,
+        seed=options.seed,
+    )
     calibration = card.calibration
     if method != "none":
-        calibration = compose(card.calibration, fit.a, fit.b, method,
-                              fitted_on=f"{fit.n_images} labelled images of {fit.n_patients} patients in {data_path}")
+        calibration = compose(
+            card.calibration,
+            fit.a,
+            fit.b,
+            method,
+            fitted_on=f"{fit.n_images} labelled images of {fit.n_patients} patients in {data_path}",
+        )
     record["recalibration"] = fit.record()
     record["calibration"] = None if calibration is None else {"card_calibration": calibration.model_dump()}
     record["threshold"] = {"rule": rule, "before": card.threshold, "after": fit.threshold}
@@ -273,12 +343,16 @@ def _labelled_lines(fit: Recalibration, before: float) -> list[str]:
     pct = f"{fit.confidence:.0%}"
     lines = []
     if fit.calibration == "temperature":
-        lines.append(f"calibration: temperature scaling a = 1/T = {fit.a:.3f} ({pct} CI {fit.a_ci[0]:.3f}-"
-                     f"{fit.a_ci[1]:.3f}); log loss {fit.log_loss_before:.3f} -> {fit.log_loss_after:.3f}")
+        lines.append(
+            f"calibration: temperature scaling a = 1/T = {fit.a:.3f} ({pct} CI {fit.a_ci[0]:.3f}-"
+            f"{fit.a_ci[1]:.3f}); log loss {fit.log_loss_before:.3f} -> {fit.log_loss_after:.3f}"
+        )
     elif fit.calibration == "platt":
-        lines.append(f"calibration: Platt scaling a = {fit.a:.3f} ({pct} CI {fit.a_ci[0]:.3f}-{fit.a_ci[1]:.3f}), "
-                     f"b = {fit.b:+.3f} ({pct} CI {fit.b_ci[0]:+.3f} to {fit.b_ci[1]:+.3f}); "
-                     f"log loss {fit.log_loss_before:.3f} -> {fit.log_loss_after:.3f}")
+        lines.append(
+            f"calibration: Platt scaling a = {fit.a:.3f} ({pct} CI {fit.a_ci[0]:.3f}-{fit.a_ci[1]:.3f}), "
+            f"b = {fit.b:+.3f} ({pct} CI {fit.b_ci[0]:+.3f} to {fit.b_ci[1]:+.3f}); "
+            f"log loss {fit.log_loss_before:.3f} -> {fit.log_loss_after:.3f}"
+        )
     else:
         lines.append("calibration: unchanged (--calibrate none)")
     rule = "Youden's J" if fit.rule == "youden" else f"target sensitivity {fit.target_sensitivity:g}"
@@ -291,8 +365,11 @@ def _labelled_lines(fit: Recalibration, before: float) -> list[str]:
         f"{fit.out_of_bootstrap_sensitivity:.3f} ({pct} {fit.out_of_bootstrap_sensitivity_ci[0]:.3f}-"
         f"{fit.out_of_bootstrap_sensitivity_ci[1]:.3f}), specificity {fit.out_of_bootstrap_specificity:.3f} "
         f"({pct} {fit.out_of_bootstrap_specificity_ci[0]:.3f}-{fit.out_of_bootstrap_specificity_ci[1]:.3f})"
-        + (f"; the calibration could not be fitted in {fit.failed_replicates} of {fit.replicates} replicates"
-           if fit.failed_replicates else ""),
+        + (
+            f"; the calibration could not be fitted in {fit.failed_replicates} of {fit.replicates} replicates"
+            if fit.failed_replicates
+            else ""
+        ),
         "note: figures on the cases used for fitting are optimistic; judge the adapted model with "
         "fedfreeze evaluate on other patients of this site",
     ]

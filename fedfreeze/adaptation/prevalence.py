@@ -123,8 +123,11 @@ class PrevalenceEstimate:
     mean_score: float  # the mean of the scores before the shift, for comparison
 
     def record(self) -> dict[str, Any]:
-        return {**asdict(self), "method": "EM (Saerens, Latinne & Decaestecker 2002)",
-                "interval": "percentile, patient-level bootstrap"}
+        return {
+            **asdict(self),
+            "method": "EM (Saerens, Latinne & Decaestecker 2002)",
+            "interval": "percentile, patient-level bootstrap",
+        }
 
 
 def estimate_prevalence(
@@ -147,7 +150,16 @@ def estimate_prevalence(
     weights = bootstrap_weights(np.zeros(n_patients, dtype=int), replicates, seed)[:, units]
     low, high = percentile_interval(likelihood_prevalence(scores, weights, train_prior), confidence)
     return PrevalenceEstimate(
-        prevalence=fit.prevalence, ci_low=low, ci_high=high, confidence=confidence, train_prior=train_prior,
-        em_iterations=fit.iterations, em_converged=fit.converged, replicates=replicates, seed=seed,
-        n_images=len(scores), n_patients=n_patients, mean_score=float(scores.mean()),
+        prevalence=fit.prevalence,
+        ci_low=low,
+        ci_high=high,
+        confidence=confidence,
+        train_prior=train_prior,
+        em_iterations=fit.iterations,
+        em_converged=fit.converged,
+        replicates=replicates,
+        seed=seed,
+        n_images=len(scores),
+        n_patients=n_patients,
+        mean_score=float(scores.mean()),
     )

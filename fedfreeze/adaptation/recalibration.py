@@ -31,8 +31,7 @@ Rule = Literal["youden", "target-sensitivity"]
 THRESHOLD_CLIP = 1e-6
 
 
-def log_loss(z: np.ndarray, y: np.ndarray, a: float = 1.0, b: float = 0.0,
-             weights: np.ndarray | None = None) -> float:
+def log_loss(z: np.ndarray, y: np.ndarray, a: float = 1.0, b: float = 0.0, weights: np.ndarray | None = None) -> float:
     """Mean (weighted) negative log-likelihood of labels ``y`` under ``sigmoid(a * z + b)``."""
     z, y = np.asarray(z, dtype=np.float64), np.asarray(y, dtype=np.float64)
     w = np.ones_like(z) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -40,8 +39,9 @@ def log_loss(z: np.ndarray, y: np.ndarray, a: float = 1.0, b: float = 0.0,
     return float((w * losses).sum() / w.sum())
 
 
-def fit_calibration(z: np.ndarray, y: np.ndarray, method: Method,
-                    weights: np.ndarray | None = None) -> tuple[float, float]:
+def fit_calibration(
+    z: np.ndarray, y: np.ndarray, method: Method, weights: np.ndarray | None = None
+) -> tuple[float, float]:
     """``(a, b)`` minimising the log loss of ``y`` on ``sigmoid(a * z + b)``; ``b = 0`` for temperature.
 
     Raises DataError when no finite fit exists (the scores separate the labelled cases) or when the
@@ -102,8 +102,7 @@ def has_finite_fit(z: np.ndarray, y: np.ndarray, method: Method, weights: np.nda
     return bool((margin < 0).any() and (margin > 0).any())
 
 
-def compose(existing: ScoreCalibration | None, a: float, b: float, method: Method,
-            fitted_on: str) -> ScoreCalibration:
+def compose(existing: ScoreCalibration | None, a: float, b: float, method: Method, fitted_on: str) -> ScoreCalibration:
     """The card calibration equal to applying ``sigmoid(a * z + b)`` after ``existing`` (a logit map
     after a logit map: ``a * (a0 * z + b0) + b``), so it applies to the model's raw scores."""
     a0, b0 = (existing.a, existing.b) if existing is not None else (1.0, 0.0)
@@ -112,8 +111,13 @@ def compose(existing: ScoreCalibration | None, a: float, b: float, method: Metho
     return ScoreCalibration(method=kind, a=new_a, b=new_b, fitted_on=fitted_on)
 
 
-def choose_threshold(scores: np.ndarray, labels: np.ndarray, rule: Rule, target_sensitivity: float = 0.9,
-                     weights: np.ndarray | None = None) -> float:
+def choose_threshold(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    rule: Rule,
+    target_sensitivity: float = 0.9,
+    weights: np.ndarray | None = None,
+) -> float:
     """The decision threshold (a case is positive when its score >= threshold) chosen by ``rule``.
 
     ``youden``: maximise sensitivity + specificity - 1, the highest such threshold on ties (as
@@ -142,8 +146,9 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, rule: Rule, target_
     return float(np.clip(thresholds[best], THRESHOLD_CLIP, 1 - THRESHOLD_CLIP))
 
 
-def sensitivity_specificity(scores: np.ndarray, labels: np.ndarray, threshold: float,
-                            mask: np.ndarray | None = None) -> tuple[float, float]:
+def sensitivity_specificity(
+    scores: np.ndarray, labels: np.ndarray, threshold: float, mask: np.ndarray | None = None
+) -> tuple[float, float]:
     """At ``threshold``, over the cases in ``mask`` (all by default); NaN for a class absent there."""
     s, y = np.asarray(scores), np.asarray(labels).astype(bool)
     m = np.ones_like(y) if mask is None else np.asarray(mask, dtype=bool)
@@ -184,8 +189,11 @@ class Recalibration:
     n_positive: int
 
     def record(self) -> dict[str, Any]:
-        return {**asdict(self), "interval": "percentile, patient-level bootstrap stratified by class",
-                "fitted_figures_are_optimistic": True}
+        return {
+            **asdict(self),
+            "interval": "percentile, patient-level bootstrap stratified by class",
+            "fitted_figures_are_optimistic": True,
+        }
 
 
 def recalibrate(
@@ -205,8 +213,7 @@ def recalibrate(
     z = logit(scores)
     y = np.asarray(labels).astype(int)
     if len(np.unique(y)) < 2:
-        raise DataError(f"recalibration needs labelled cases of both classes, got only class {int(y[0])} "
-                        f"(n={len(y)})")
+        raise DataError(f"recalibration needs labelled cases of both classes, got only class {int(y[0])} (n={len(y)})")
     a, b = fit_calibration(z, y, method) if method != "none" else (1.0, 0.0)
     calibrated = 1.0 / (1.0 + np.exp(-(a * z + b)))
     threshold = choose_threshold(calibrated, y, rule, target_sensitivity)
@@ -232,17 +239,28 @@ def recalibrate(
         return percentile_interval(values, confidence)
 
     return Recalibration(
-        calibration=method, a=a, b=b,
+        calibration=method,
+        a=a,
+        b=b,
         a_ci=interval(a_reps) if method != "none" else (1.0, 1.0),
         b_ci=interval(b_reps) if method == "platt" else (0.0, 0.0),
-        log_loss_before=log_loss(z, y), log_loss_after=log_loss(z, y, a, b),
-        rule=rule, target_sensitivity=target_sensitivity if rule == "target-sensitivity" else None,
-        threshold=threshold, threshold_ci=interval(t_reps),
-        fitted_sensitivity=fitted_sens, fitted_specificity=fitted_spec,
+        log_loss_before=log_loss(z, y),
+        log_loss_after=log_loss(z, y, a, b),
+        rule=rule,
+        target_sensitivity=target_sensitivity if rule == "target-sensitivity" else None,
+        threshold=threshold,
+        threshold_ci=interval(t_reps),
+        fitted_sensitivity=fitted_sens,
+        fitted_specificity=fitted_spec,
         out_of_bootstrap_sensitivity=float(np.nanmean(sens_reps)) if np.isfinite(sens_reps).any() else float("nan"),
         out_of_bootstrap_sensitivity_ci=interval(sens_reps),
         out_of_bootstrap_specificity=float(np.nanmean(spec_reps)) if np.isfinite(spec_reps).any() else float("nan"),
         out_of_bootstrap_specificity_ci=interval(spec_reps),
-        failed_replicates=failed, replicates=replicates, confidence=confidence, seed=seed,
-        n_images=len(y), n_patients=n_patients, n_positive=int(y.sum()),
+        failed_replicates=failed,
+        replicates=replicates,
+        confidence=confidence,
+        seed=seed,
+        n_images=len(y),
+        n_patients=n_patients,
+        n_positive=int(y.sum()),
     )

@@ -48,9 +48,7 @@ class ManifestRow:
     site: str | None
 
 
-def read_manifest(
-    manifest: Path, class_names: Sequence[str], *, labels: LabelPolicy = "required"
-) -> list[ManifestRow]:
+def read_manifest(manifest: Path, class_names: Sequence[str], *, labels: LabelPolicy = "required") -> list[ManifestRow]:
     """Parse and check every row: columns, empty cells, labels, duplicate and missing files.
 
     ``labels="optional"`` accepts a manifest without a `label` column (every row's label is None);

@@ -83,8 +83,15 @@ def corrected_t_test(differences: Sequence[float], test_train_ratio: float) -> d
 class Analysis:
     """Every arm's fold results, the shared bootstrap weights, and the summaries built from them."""
 
-    def __init__(self, results: dict[str, list[dict[str, Any]]], *, threshold: float, replicates: int,
-                 confidence: float, seed: int) -> None:
+    def __init__(
+        self,
+        results: dict[str, list[dict[str, Any]]],
+        *,
+        threshold: float,
+        replicates: int,
+        confidence: float,
+        seed: int,
+    ) -> None:
         self.results = {arm: sorted(rs, key=fold_key) for arm, rs in results.items() if rs}
         if not self.results:
             raise DataError("no finished folds to analyse yet")
@@ -125,8 +132,9 @@ class Analysis:
     def _boot(self, arm: str, scope: str, folds: set[tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
         key = (arm, scope, tuple(sorted(folds)) if folds is not None else ())
         if key not in self._replicates:
-            self._replicates[key] = fold_mean_replicates(self._fold_cases(arm, scope, folds), self.weights,
-                                                         self.threshold)
+            self._replicates[key] = fold_mean_replicates(
+                self._fold_cases(arm, scope, folds), self.weights, self.threshold
+            )
         return self._replicates[key]
 
     def fold_metrics(self, arm: str, scope: str) -> list[dict[str, Any]]:
@@ -136,8 +144,14 @@ class Analysis:
             if len(set(c["label"].tolist())) < 2:
                 continue
             m = binary_metrics(c["label"], c["score"], self.threshold)
-            rows.append({"repeat": r["repeat"], "fold": r["fold"], **m,
-                         "n_train": int(sum(r["n_train"].values()) if scope == POOLED else r["n_train"].get(scope, 0))})
+            rows.append(
+                {
+                    "repeat": r["repeat"],
+                    "fold": r["fold"],
+                    **m,
+                    "n_train": int(sum(r["n_train"].values()) if scope == POOLED else r["n_train"].get(scope, 0)),
+                }
+            )
         return rows
 
     # ------------------------------------------------------------------ per arm
@@ -150,8 +164,12 @@ class Analysis:
                 low, high = percentile_interval(boot[key], self.confidence)
                 summary[key].update({"ci_low": low, "ci_high": high})
         n_test = [r["n"] for r in rows]
-        return {"folds": len(rows), "metrics": summary, "n_test_per_fold": float(np.mean(n_test)) if n_test else 0.0,
-                "n_test_total": int(sum(n_test))}
+        return {
+            "folds": len(rows),
+            "metrics": summary,
+            "n_test_per_fold": float(np.mean(n_test)) if n_test else 0.0,
+            "n_test_total": int(sum(n_test)),
+        }
 
     # ------------------------------------------------------------------ comparisons
     def compare(self, first: str, second: str, scope: str) -> dict[str, Any] | None:
@@ -167,10 +185,13 @@ class Analysis:
             a = _cases(by_fold_a[key], None if scope == POOLED else scope)
             b = _cases(by_fold_b[key], None if scope == POOLED else scope)
             order_a, order_b = np.lexsort((a["source"], a["site"])), np.lexsort((b["source"], b["site"]))
-            if (list(a["source"][order_a]) != list(b["source"][order_b])
-                    or list(a["site"][order_a]) != list(b["site"][order_b])):
-                raise DataError(f"arms {first!r} and {second!r} were tested on different cases in repeat "
-                                f"{key[0] + 1} fold {key[1] + 1}: their results come from different fold plans")
+            if list(a["source"][order_a]) != list(b["source"][order_b]) or list(a["site"][order_a]) != list(
+                b["site"][order_b]
+            ):
+                raise DataError(
+                    f"arms {first!r} and {second!r} were tested on different cases in repeat "
+                    f"{key[0] + 1} fold {key[1] + 1}: their results come from different fold plans"
+                )
             labels = a["label"][order_a]
             if len(set(labels.tolist())) < 2:
                 continue
@@ -182,15 +203,21 @@ class Analysis:
             mb = binary_metrics(labels, sb, self.threshold)
             for k in METRICS:
                 diffs[k].append(ma[k] - mb[k])
-            n_train = (sum(by_fold_a[key]["n_train"].values()) if scope == POOLED
-                       else by_fold_a[key]["n_train"].get(scope, 0))
+            n_train = (
+                sum(by_fold_a[key]["n_train"].values()) if scope == POOLED else by_fold_a[key]["n_train"].get(scope, 0)
+            )
             ratios.append(len(labels) / max(n_train, 1))
         if not delong_folds:
             return None
         boot_a, boot_b = self._boot(first, scope, used), self._boot(second, scope, used)
-        out: dict[str, Any] = {"first": first, "second": second, "scope": scope, "folds": len(delong_folds),
-                               "delong": delong_test_over_folds(delong_folds, confidence=self.confidence).to_dict(),
-                               "metrics": {}}
+        out: dict[str, Any] = {
+            "first": first,
+            "second": second,
+            "scope": scope,
+            "folds": len(delong_folds),
+            "delong": delong_test_over_folds(delong_folds, confidence=self.confidence).to_dict(),
+            "metrics": {},
+        }
         ratio = float(np.mean(ratios))
         for k in METRICS:
             observed = float(np.mean(diffs[k]))
@@ -198,25 +225,46 @@ class Analysis:
             low, high = percentile_interval(replicates, self.confidence)
             out["metrics"][k] = {
                 "difference": observed,
-                "bootstrap": {"ci_low": low, "ci_high": high, "p_value": paired_p_value(observed, replicates),
-                              "replicates": self.replicates, "test": BOOTSTRAP_NAME},
+                "bootstrap": {
+                    "ci_low": low,
+                    "ci_high": high,
+                    "p_value": paired_p_value(observed, replicates),
+                    "replicates": self.replicates,
+                    "test": BOOTSTRAP_NAME,
+                },
                 "corrected_t": corrected_t_test(diffs[k], ratio),
             }
         return out
 
 
-def analyze(results: dict[str, list[dict[str, Any]]], comparisons: Sequence[tuple[str, str]], *,
-            threshold: float, replicates: int, confidence: float, seed: int) -> dict[str, Any]:
+def analyze(
+    results: dict[str, list[dict[str, Any]]],
+    comparisons: Sequence[tuple[str, str]],
+    *,
+    threshold: float,
+    replicates: int,
+    confidence: float,
+    seed: int,
+) -> dict[str, Any]:
     """Summaries per arm and scope, and every requested comparison per scope, as one JSON-able dict."""
     analysis = Analysis(results, threshold=threshold, replicates=replicates, confidence=confidence, seed=seed)
     arms = {arm: {scope: analysis.arm_summary(arm, scope) for scope in analysis.scopes()} for arm in analysis.results}
-    fold_rows = {arm: {scope: analysis.fold_metrics(arm, scope) for scope in analysis.scopes()}
-                 for arm in analysis.results}
+    fold_rows = {
+        arm: {scope: analysis.fold_metrics(arm, scope) for scope in analysis.scopes()} for arm in analysis.results
+    }
     compared = []
     for first, second in comparisons:
         if first in analysis.results and second in analysis.results:
             per_scope = {scope: analysis.compare(first, second, scope) for scope in analysis.scopes()}
-            compared.append({"first": first, "second": second,
-                             "scopes": {k: v for k, v in per_scope.items() if v is not None}})
-    return {"threshold": threshold, "confidence": confidence, "bootstrap_replicates": replicates,
-            "sites": analysis.sites, "arms": arms, "folds": fold_rows, "comparisons": compared}
+            compared.append(
+                {"first": first, "second": second, "scopes": {k: v for k, v in per_scope.items() if v is not None}}
+            )
+    return {
+        "threshold": threshold,
+        "confidence": confidence,
+        "bootstrap_replicates": replicates,
+        "sites": analysis.sites,
+        "arms": arms,
+        "folds": fold_rows,
+        "comparisons": compared,
+    }

@@ -80,8 +80,7 @@ def weighted_metrics(case: FoldCases, weights: np.ndarray, threshold: float) -> 
     }
 
 
-def fold_mean_replicates(folds: Sequence[FoldCases], weights: np.ndarray, threshold: float
-                         ) -> dict[str, np.ndarray]:
+def fold_mean_replicates(folds: Sequence[FoldCases], weights: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
     """Each metric's mean over folds, per replicate (``[B]``); folds undefined in a replicate are skipped."""
     per_fold = [weighted_metrics(fold, weights, threshold) for fold in folds]
     if not per_fold:

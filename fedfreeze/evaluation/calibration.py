@@ -55,8 +55,9 @@ def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, bins: int
     return float(weighted_ece(labels, scores, np.ones((1, len(labels))), bins)[0])
 
 
-def reliability_table(labels: np.ndarray, scores: np.ndarray,
-                      bins: int = ECE_BINS) -> list[dict[str, float | int | None]]:
+def reliability_table(
+    labels: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS
+) -> list[dict[str, float | int | None]]:
     """One row per bin (empty bins included, their means ``None``): the data of a reliability diagram."""
     labels, scores = _check(labels, scores)
     edges = bin_edges(bins)
@@ -65,14 +66,16 @@ def reliability_table(labels: np.ndarray, scores: np.ndarray,
     for k in range(bins):
         inside = index == k
         count = int(inside.sum())
-        rows.append({
-            "bin": k,
-            "lower": float(edges[k]),
-            "upper": float(edges[k + 1]),
-            "count": count,
-            "mean_score": float(scores[inside].mean()) if count else None,
-            "observed_frequency": float(labels[inside].mean()) if count else None,
-        })
+        rows.append(
+            {
+                "bin": k,
+                "lower": float(edges[k]),
+                "upper": float(edges[k + 1]),
+                "count": count,
+                "mean_score": float(scores[inside].mean()) if count else None,
+                "observed_frequency": float(labels[inside].mean()) if count else None,
+            }
+        )
     return rows
 
 

@@ -22,15 +22,18 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     exp = load_experiment(args.config, data_override=args.data)
     command = "fedfreeze " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
-    summary = run_experiment(exp, args.out, device=args.device, progress=not args.quiet,
-                             train=not args.report_only, command=command)
+    summary = run_experiment(
+        exp, args.out, device=args.device, progress=not args.quiet, train=not args.report_only, command=command
+    )
     print_summary(summary, Path(args.out))
     return 0
 
 
 def print_summary(summary: dict, out: Path) -> None:
-    print(f"\nexperiment: {len(summary['arms'])} arm(s), folds finished "
-          + ", ".join(f"{a} {n}/{summary['folds_planned']}" for a, n in summary["folds_finished"].items()))
+    print(
+        f"\nexperiment: {len(summary['arms'])} arm(s), folds finished "
+        + ", ".join(f"{a} {n}/{summary['folds_planned']}" for a, n in summary["folds_finished"].items())
+    )
     print(f"pooled over sites, mean ± SD over folds ({summary['confidence']:.0%} bootstrap CI):")
     for arm, scopes in summary["arms"].items():
         m = scopes[POOLED]["metrics"]
@@ -42,6 +45,8 @@ def print_summary(summary: dict, out: Path) -> None:
         if pooled:
             d = pooled["delong"]
             b = pooled["metrics"]["auroc"]["bootstrap"]
-            print(f"  {comp['first']} - {comp['second']}: AUROC {d['difference']:+.3f}, DeLong {p_text(d['p_value'])}, "
-                  f"paired bootstrap {p_text(b['p_value'], b['replicates'])}")
+            print(
+                f"  {comp['first']} - {comp['second']}: AUROC {d['difference']:+.3f}, DeLong {p_text(d['p_value'])}, "
+                f"paired bootstrap {p_text(b['p_value'], b['replicates'])}"
+            )
     print(f"report: {out / REPORT_FILE}")

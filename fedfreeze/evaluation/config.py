@@ -52,8 +52,11 @@ class ExperimentSettings(Section):
     """The protocol every arm shares: data, folds, statistics."""
 
     data: str = Field(description="manifest CSV (path,label[,patient_id][,site]); relative to the config file")
-    sites: int = Field(0, ge=0, description="0: the manifest's site column (one site without it); "
-                                            "N: patients dealt at random to N sites")
+    sites: int = Field(
+        0,
+        ge=0,
+        description="0: the manifest's site column (one site without it); N: patients dealt at random to N sites",
+    )
     folds: int = Field(5, ge=2)
     repeats: int = Field(1, ge=1)
     seed: int = 0
@@ -63,7 +66,8 @@ class ExperimentSettings(Section):
     bootstrap: int = Field(2000, ge=100, description="bootstrap replicates")
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     comparisons: list[tuple[str, str]] | None = Field(
-        None, description="pairs of arms to compare (first minus second); default: every pair")
+        None, description="pairs of arms to compare (first minus second); default: every pair"
+    )
 
 
 class ArmSpec(Section):
@@ -95,7 +99,7 @@ class ExperimentFile(Section):
     @classmethod
     def _arm_names(cls, value: dict[str, ArmSpec]) -> dict[str, ArmSpec]:
         if not value:
-            raise ValueError("needs at least one arm, e.g. [arms.pretrained] with mode = \"federated\"")
+            raise ValueError('needs at least one arm, e.g. [arms.pretrained] with mode = "federated"')
         for name in value:
             if not ARM_NAME.match(name):
                 raise ValueError(f"arm name {name!r} should use letters, digits, '-', '_' or '.' only")
@@ -142,7 +146,7 @@ class Experiment:
         if self.settings.comparisons is not None:
             return [tuple(pair) for pair in self.settings.comparisons]  # type: ignore[misc]
         names = list(self.arms)
-        return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+        return [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
 
     def protocol(self) -> dict[str, Any]:
         """What decides the folds: results made under another protocol cannot be mixed in."""
@@ -150,8 +154,9 @@ class Experiment:
         return {"data": str(self.data_path), **{k: getattr(self.settings, k) for k in keys}}
 
 
-def parse_experiment(data: dict[str, Any], source: str, base_dir: Path | None = None,
-                     data_override: str | Path | None = None) -> Experiment:
+def parse_experiment(
+    data: dict[str, Any], source: str, base_dir: Path | None = None, data_override: str | Path | None = None
+) -> Experiment:
     """Validate an experiment dict; every arm becomes a full, validated federation config."""
     from fedfreeze.federation.config import FedConfig
 
@@ -178,5 +183,5 @@ def load_experiment(path: str | Path, data_override: str | Path | None = None) -
     if data_override is not None:
         data.setdefault("experiment", {}).setdefault("data", str(data_override))
     if "experiment" not in data or not isinstance(data["experiment"], dict):
-        raise ConfigError(f"{path}: needs an [experiment] table (with at least data = \"manifest.csv\")")
+        raise ConfigError(f'{path}: needs an [experiment] table (with at least data = "manifest.csv")')
     return parse_experiment(data, str(path), base_dir=path.parent, data_override=data_override)

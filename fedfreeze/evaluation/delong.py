@@ -33,8 +33,10 @@ from fedfreeze.errors import DataError
 from fedfreeze.metrics import midranks
 
 DELONG_NAME = "DeLong's test for two correlated AUROCs (DeLong et al. 1988), two-sided"
-DELONG_FOLDS_NAME = ("DeLong's test on the mean AUROC over folds (placements summed per patient "
-                     "over the folds that tested it), two-sided")
+DELONG_FOLDS_NAME = (
+    "DeLong's test on the mean AUROC over folds (placements summed per patient "
+    "over the folds that tested it), two-sided"
+)
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,9 @@ class DeLongResult:
         return asdict(self)
 
 
-def _split(labels: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float], what: str
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _split(
+    labels: np.ndarray | Sequence[int], scores: np.ndarray | Sequence[float], what: str
+) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(labels)
     s = np.asarray(scores, dtype=float)
     if y.ndim != 1 or s.shape != y.shape:
@@ -99,8 +102,7 @@ def delong_variance(labels: np.ndarray | Sequence[int], scores: np.ndarray | Seq
     return p.auc, float(np.var(p.v10, ddof=1) / len(p.v10) + np.var(p.v01, ddof=1) / len(p.v01))
 
 
-def _result(auc_a: float, auc_b: float, variance: float, confidence: float, m: int, n: int, test: str
-            ) -> DeLongResult:
+def _result(auc_a: float, auc_b: float, variance: float, confidence: float, m: int, n: int, test: str) -> DeLongResult:
     from scipy.stats import norm
 
     diff = auc_a - auc_b
@@ -112,13 +114,29 @@ def _result(auc_a: float, auc_b: float, variance: float, confidence: float, m: i
         z = diff / se
         p = float(2.0 * norm.sf(abs(z)))
     half = float(norm.ppf(0.5 + confidence / 2.0)) * se
-    return DeLongResult(auc_a=auc_a, auc_b=auc_b, difference=diff, se=se, z=float(z), p_value=p,
-                        ci_low=diff - half, ci_high=diff + half, confidence=confidence,
-                        n_positive=m, n_negative=n, test=test)
+    return DeLongResult(
+        auc_a=auc_a,
+        auc_b=auc_b,
+        difference=diff,
+        se=se,
+        z=float(z),
+        p_value=p,
+        ci_low=diff - half,
+        ci_high=diff + half,
+        confidence=confidence,
+        n_positive=m,
+        n_negative=n,
+        test=test,
+    )
 
 
-def delong_test(labels: np.ndarray | Sequence[int], scores_a: np.ndarray | Sequence[float],
-                scores_b: np.ndarray | Sequence[float], *, confidence: float = 0.95) -> DeLongResult:
+def delong_test(
+    labels: np.ndarray | Sequence[int],
+    scores_a: np.ndarray | Sequence[float],
+    scores_b: np.ndarray | Sequence[float],
+    *,
+    confidence: float = 0.95,
+) -> DeLongResult:
     """DeLong's paired test of ``AUROC(a) - AUROC(b)`` on the same cases (what pROC's ``roc.test`` does)."""
     a = placements(labels, scores_a)
     b = placements(labels, scores_b)

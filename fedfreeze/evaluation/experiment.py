@@ -73,9 +73,14 @@ class ExperimentData:
     def images(self, model_cfg: Any) -> ImageSet:
         key = (model_cfg.input_size, model_cfg.in_channels, tuple(model_cfg.class_names or ()), model_cfg.num_classes)
         if key not in self._sets:
-            data = load_image_set(self.exp.data_path, image_size=model_cfg.input_size, channels=model_cfg.in_channels,
-                                  class_names=model_cfg.class_names, num_classes=model_cfg.num_classes,
-                                  progress=self.progress)
+            data = load_image_set(
+                self.exp.data_path,
+                image_size=model_cfg.input_size,
+                channels=model_cfg.in_channels,
+                class_names=model_cfg.class_names,
+                num_classes=model_cfg.num_classes,
+                progress=self.progress,
+            )
             data.require_classes(2, why="the experiment's AUROC needs both classes")
             if self._sets:
                 ref = next(iter(self._sets.values()))
@@ -89,8 +94,14 @@ class ExperimentData:
         if n > 0:
             from fedfreeze.federation.partition import assign_sites  # plain NumPy: no Flower import
 
-            index = assign_sites(self.labels, self.patient_ids, n, alpha=None, seed=self.exp.settings.seed,
-                                 min_per_class=self.exp.settings.folds)
+            index = assign_sites(
+                self.labels,
+                self.patient_ids,
+                n,
+                alpha=None,
+                seed=self.exp.settings.seed,
+                min_per_class=self.exp.settings.folds,
+            )
             return [f"site-{i + 1}" for i in index.tolist()]
         if base.sites is not None:
             return list(base.sites)
@@ -100,23 +111,37 @@ class ExperimentData:
         sites = {}
         for site in sorted(set(self.sites)):
             rows = [i for i, s in enumerate(self.sites) if s == site]
-            sites[site] = {"images": len(rows), "patients": len({self.patient_ids[i] for i in rows}),
-                           "class_counts": [int(np.sum(self.labels[rows] == c)) for c in range(len(self.class_names))]}
-        return {"path": str(self.exp.data_path), "images": len(self.labels),
-                "patients": len(set(self.patient_ids)), "class_names": self.class_names, "sites": sites}
+            sites[site] = {
+                "images": len(rows),
+                "patients": len({self.patient_ids[i] for i in rows}),
+                "class_counts": [int(np.sum(self.labels[rows] == c)) for c in range(len(self.class_names))],
+            }
+        return {
+            "path": str(self.exp.data_path),
+            "images": len(self.labels),
+            "patients": len(set(self.patient_ids)),
+            "class_names": self.class_names,
+            "sites": sites,
+        }
 
 
 def _check_arms(exp: Experiment, n_sites: int, sources_are_files: bool) -> None:
     for arm in exp.arms.values():
         if arm.mode == "federated" and not sources_are_files:
-            raise ConfigError(f"{exp.source}: arms.{arm.name}: federated arms give each site a manifest of its "
-                              f"training images, so experiment.data should be a manifest CSV, got {exp.data_path}")
+            raise ConfigError(
+                f"{exp.source}: arms.{arm.name}: federated arms give each site a manifest of its "
+                f"training images, so experiment.data should be a manifest CSV, got {exp.data_path}"
+            )
         if arm.cfg.model.num_classes != 2:
-            raise ConfigError(f"{exp.source}: arms.{arm.name}.model.num-classes: the experiment compares binary "
-                              f"classifiers (AUROC, DeLong), got {arm.cfg.model.num_classes}")
+            raise ConfigError(
+                f"{exp.source}: arms.{arm.name}.model.num-classes: the experiment compares binary "
+                f"classifiers (AUROC, DeLong), got {arm.cfg.model.num_classes}"
+            )
         if arm.mode == "federated" and n_sites < arm.cfg.federation.min_sites:
-            raise ConfigError(f"{exp.source}: arms.{arm.name}: a federation of {n_sites} site(s) cannot reach "
-                              f"federation.min-sites = {arm.cfg.federation.min_sites}")
+            raise ConfigError(
+                f"{exp.source}: arms.{arm.name}: a federation of {n_sites} site(s) cannot reach "
+                f"federation.min-sites = {arm.cfg.federation.min_sites}"
+            )
 
 
 def _check_state(exp: Experiment, out: Path, data_info: dict[str, Any]) -> None:
@@ -126,12 +151,16 @@ def _check_state(exp: Experiment, out: Path, data_info: dict[str, Any]) -> None:
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved.get("protocol") != json.loads(json.dumps(state["protocol"])) or saved.get("data") != json.loads(
-                json.dumps(state["data"])):
-            raise ConfigError(f"{out} holds an experiment with another protocol or data (see {path}); "
-                              "use a new --out, or the same [experiment] data, sites, folds, repeats, seed, "
-                              "balance-test and test-images")
-    write_atomic(path, json.dumps({**state, "arms": {a.name: a.fingerprint() for a in exp.arms.values()}},
-                                  indent=1) + "\n")
+            json.dumps(state["data"])
+        ):
+            raise ConfigError(
+                f"{out} holds an experiment with another protocol or data (see {path}); "
+                "use a new --out, or the same [experiment] data, sites, folds, repeats, seed, "
+                "balance-test and test-images"
+            )
+    write_atomic(
+        path, json.dumps({**state, "arms": {a.name: a.fingerprint() for a in exp.arms.values()}}, indent=1) + "\n"
+    )
 
 
 def _write_folds(out: Path, folds: list[ExperimentFold], data: ExperimentData) -> None:
@@ -140,9 +169,19 @@ def _write_folds(out: Path, folds: list[ExperimentFold], data: ExperimentData) -
         for site, split in fold.sites.items():
             for role, index in (("train", split.train), ("test", split.test)):
                 for i in index.tolist():
-                    rows.append(",".join([str(fold.repeat + 1), str(fold.fold + 1), site, role,
-                                          _csv_field(data.patient_ids[i]), str(int(data.labels[i])),
-                                          _csv_field(data.sources[i])]))
+                    rows.append(
+                        ",".join(
+                            [
+                                str(fold.repeat + 1),
+                                str(fold.fold + 1),
+                                site,
+                                role,
+                                _csv_field(data.patient_ids[i]),
+                                str(int(data.labels[i])),
+                                _csv_field(data.sources[i]),
+                            ]
+                        )
+                    )
     write_atomic(out / FOLDS_FILE, "\n".join(rows) + "\n")
 
 
@@ -160,8 +199,10 @@ def load_result(path: Path, arm: Arm, *, check: bool = True) -> dict[str, Any] |
         return None
     result = json.loads(path.read_text(encoding="utf-8"))
     if check and result.get("fingerprint") != arm.fingerprint():
-        raise ConfigError(f"{path} was made with other settings for arm {arm.name!r}; use a new --out, or delete "
-                          f"{path.parent.parent}/*/{arm.name}.json to run that arm again")
+        raise ConfigError(
+            f"{path} was made with other settings for arm {arm.name!r}; use a new --out, or delete "
+            f"{path.parent.parent}/*/{arm.name}.json to run that arm again"
+        )
     return result
 
 
@@ -173,8 +214,9 @@ def _site_cfg(arm: Arm, seed: int) -> SiteConfig:
     return SiteConfig(model=arm.cfg.model, train=arm.cfg.train.model_copy(update={"seed": arm.cfg.train.seed + seed}))
 
 
-def _train_local(arm: Arm, fold: ExperimentFold, data: ExperimentData, seed: int, device: Any, cache: Any,
-                 progress: bool) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _train_local(
+    arm: Arm, fold: ExperimentFold, data: ExperimentData, seed: int, device: Any, cache: Any, progress: bool
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Site-alone or pooled training; returns each site's test scores and what training did."""
     from fedfreeze.site import train_on
     from fedfreeze.training.engine import predict_scores
@@ -188,8 +230,16 @@ def _train_local(arm: Arm, fold: ExperimentFold, data: ExperimentData, seed: int
     else:
         groups = {POOLED_KEY: fold.train}
     for name, train_index in groups.items():
-        model, epoch_logs = train_on(cfg, images, train_index, seed=cfg.train.seed, device=device, cache=cache,
-                                     bar_label=f"{fold.name} {arm.name} {name}", progress=progress)
+        model, epoch_logs = train_on(
+            cfg,
+            images,
+            train_index,
+            seed=cfg.train.seed,
+            device=device,
+            cache=cache,
+            bar_label=f"{fold.name} {arm.name} {name}",
+            progress=progress,
+        )
         logs[name] = [{"epoch": e.epoch, "parts": e.parts, "loss": e.loss, "seconds": e.seconds} for e in epoch_logs]
         tested = fold.sites.items() if arm.mode == "pooled" else [(name, fold.sites[name])]
         for site, split in tested:
@@ -197,48 +247,79 @@ def _train_local(arm: Arm, fold: ExperimentFold, data: ExperimentData, seed: int
     return scores, {"epochs": logs}
 
 
-def _train_federated(arm: Arm, fold: ExperimentFold, data: ExperimentData, seed: int, device: Any, device_name: str,
-                     work: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _train_federated(
+    arm: Arm, fold: ExperimentFold, data: ExperimentData, seed: int, device: Any, device_name: str, work: Path
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """One federation over the sites' training folds, then the global model scores each test fold."""
     from fedfreeze.federation.inprocess import run_in_process
     from fedfreeze.model_io import load_model
     from fedfreeze.training.engine import predict_scores
 
-    cfg = arm.cfg.model_copy(update={
-        "federation": arm.cfg.federation.model_copy(update={"seed": arm.cfg.federation.seed + seed}),
-        "train": arm.cfg.train.model_copy(update={"seed": arm.cfg.train.seed + seed}),
-    })
+    cfg = arm.cfg.model_copy(
+        update={
+            "federation": arm.cfg.federation.model_copy(update={"seed": arm.cfg.federation.seed + seed}),
+            "train": arm.cfg.train.model_copy(update={"seed": arm.cfg.train.seed + seed}),
+        }
+    )
     sites = {}
     for site, split in fold.sites.items():
         folder = work / "sites" / site
         lines = ["path,label,patient_id"]
         for i in split.train.tolist():
-            lines.append(",".join([_csv_field(str(Path(data.sources[i]).resolve())), str(int(data.labels[i])),
-                                   _csv_field(data.patient_ids[i])]))
+            lines.append(
+                ",".join(
+                    [
+                        _csv_field(str(Path(data.sources[i]).resolve())),
+                        str(int(data.labels[i])),
+                        _csv_field(data.patient_ids[i]),
+                    ]
+                )
+            )
         write_atomic(folder / "manifest.csv", "\n".join(lines) + "\n")
         sites[site] = folder
     metrics = run_in_process(cfg, work / "federation", sites, work / "state", resume=True, device=device_name)
     if metrics.get("status") != "completed":
-        raise FedfreezeError(f"{fold.name} arm {arm.name}: the federation {metrics.get('status')}: "
-                             f"{metrics.get('reason')}")
+        raise FedfreezeError(
+            f"{fold.name} arm {arm.name}: the federation {metrics.get('status')}: {metrics.get('reason')}"
+        )
     model, card = load_model(metrics["model"])
     images = data.images(cfg.model)
     scores = {site: predict_scores(model, images.images[split.test], device) for site, split in fold.sites.items()}
     rounds = []
     for record in [*metrics["rounds"], metrics["final"]]:
         pooled = (record.get("pooled") or {}).get("at_threshold_used") or {}
-        rounds.append({
-            "round": record["round"], "parts": record["parts"], "evaluated_model": record.get("evaluated_model", ""),
-            "val_auroc": pooled.get("auroc"), "val_balanced_accuracy": pooled.get("balanced_accuracy"),
-            "val_f1": pooled.get("f1"), "val_n": pooled.get("n"), "bytes_up": record.get("bytes_up", 0),
-            "round_seconds": record.get("round_seconds", 0.0),
-        })
-    return scores, {"rounds": rounds, "model_threshold": card.threshold,
-                    "bytes_up": metrics["totals"]["bytes_up"], "bytes_down": metrics["totals"]["bytes_down"]}
+        rounds.append(
+            {
+                "round": record["round"],
+                "parts": record["parts"],
+                "evaluated_model": record.get("evaluated_model", ""),
+                "val_auroc": pooled.get("auroc"),
+                "val_balanced_accuracy": pooled.get("balanced_accuracy"),
+                "val_f1": pooled.get("f1"),
+                "val_n": pooled.get("n"),
+                "bytes_up": record.get("bytes_up", 0),
+                "round_seconds": record.get("round_seconds", 0.0),
+            }
+        )
+    return scores, {
+        "rounds": rounds,
+        "model_threshold": card.threshold,
+        "bytes_up": metrics["totals"]["bytes_up"],
+        "bytes_down": metrics["totals"]["bytes_down"],
+    }
 
 
-def run_fold_arm(arm: Arm, fold: ExperimentFold, data: ExperimentData, *, seed: int, device_name: str,
-                 cache: Any, work: Path, progress: bool) -> dict[str, Any]:
+def run_fold_arm(
+    arm: Arm,
+    fold: ExperimentFold,
+    data: ExperimentData,
+    *,
+    seed: int,
+    device_name: str,
+    cache: Any,
+    work: Path,
+    progress: bool,
+) -> dict[str, Any]:
     """Train ``arm`` on ``fold`` and return its result record (every test prediction included)."""
     from fedfreeze.training.engine import resolve_device
 
@@ -257,8 +338,12 @@ def run_fold_arm(arm: Arm, fold: ExperimentFold, data: ExperimentData, *, seed: 
             predictions["label"].append(int(data.labels[i]))
             predictions["score"].append(float(score))
     return {
-        "arm": arm.name, "mode": arm.mode, "fingerprint": arm.fingerprint(),
-        "repeat": fold.repeat, "fold": fold.fold, "seed": seed,
+        "arm": arm.name,
+        "mode": arm.mode,
+        "fingerprint": arm.fingerprint(),
+        "repeat": fold.repeat,
+        "fold": fold.fold,
+        "seed": seed,
         "n_train": {site: len(split.train) for site, split in fold.sites.items()},
         "n_test": {site: len(split.test) for site, split in fold.sites.items()},
         "seconds": time.perf_counter() - started,
@@ -268,8 +353,16 @@ def run_fold_arm(arm: Arm, fold: ExperimentFold, data: ExperimentData, *, seed: 
 
 
 # ---------------------------------------------------------------------- the whole experiment
-def run_experiment(exp: Experiment, out_dir: str | Path, *, device: str = "auto", progress: bool = True,
-                   train: bool = True, stop_after: int | None = None, command: str | None = None) -> dict[str, Any]:
+def run_experiment(
+    exp: Experiment,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+    train: bool = True,
+    stop_after: int | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
     """Run every (fold, arm) not finished yet, then write the analysis and the report.
 
     ``train=False`` only (re)writes the report from the finished results. ``stop_after`` stops
@@ -287,8 +380,16 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *, device: str = "auto"
     _check_arms(exp, len(data_info["sites"]), all(Path(s).is_file() for s in data.sources))
     _check_state(exp, out, data_info)
     s = exp.settings
-    folds = experiment_folds(data.labels, data.patient_ids, data.sites, folds=s.folds, repeats=s.repeats,
-                             seed=s.seed, balance_test=s.balance_test, test_images=s.test_images)
+    folds = experiment_folds(
+        data.labels,
+        data.patient_ids,
+        data.sites,
+        folds=s.folds,
+        repeats=s.repeats,
+        seed=s.seed,
+        balance_test=s.balance_test,
+        test_images=s.test_images,
+    )
     _write_folds(out, folds, data)
 
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in exp.arms}
@@ -302,8 +403,9 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *, device: str = "auto"
             if result is None and train:
                 seed = fold.repeat * s.folds + fold.fold
                 work = out / WORK_DIR / fold.name / arm.name
-                result = run_fold_arm(arm, fold, data, seed=seed, device_name=device, cache=cache, work=work,
-                                      progress=progress)
+                result = run_fold_arm(
+                    arm, fold, data, seed=seed, device_name=device, cache=cache, work=work, progress=progress
+                )
                 write_atomic(path, json.dumps(result) + "\n")
                 shutil.rmtree(work, ignore_errors=True)  # the federation's model, checkpoint and caches
                 done_now += 1
@@ -315,8 +417,9 @@ def run_experiment(exp: Experiment, out_dir: str | Path, *, device: str = "auto"
             if stop_after is not None and done_now >= stop_after and number + 1 < len(tasks):
                 raise ExperimentInterrupted(f"stopped after {done_now} new result(s), as asked")
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-    summary = write_outputs(exp, out, results, data_info, folds_planned=len(folds),
-                            seconds=time.perf_counter() - started, command=command)
+    summary = write_outputs(
+        exp, out, results, data_info, folds_planned=len(folds), seconds=time.perf_counter() - started, command=command
+    )
     summary["trained_now"] = done_now
     return summary
 
@@ -329,27 +432,46 @@ def _headline(result: dict[str, Any], threshold: float) -> str:
     return f"pooled AUROC {m['auroc']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f} (n={m['n']})"
 
 
-def write_outputs(exp: Experiment, out: Path, results: dict[str, list[dict[str, Any]]], data_info: dict[str, Any],
-                  *, folds_planned: int, seconds: float, command: str | None) -> dict[str, Any]:
+def write_outputs(
+    exp: Experiment,
+    out: Path,
+    results: dict[str, list[dict[str, Any]]],
+    data_info: dict[str, Any],
+    *,
+    folds_planned: int,
+    seconds: float,
+    command: str | None,
+) -> dict[str, Any]:
     """``summary.json``, ``predictions.csv``, ``report.md`` and the figures, from the finished results."""
     from fedfreeze.evaluation.analysis import analyze
     from fedfreeze.evaluation.report import write_report
 
     s = exp.settings
-    summary = analyze(results, exp.comparisons(), threshold=s.threshold, replicates=s.bootstrap,
-                      confidence=s.confidence, seed=s.seed)
-    summary.update({
-        "data": data_info,
-        "protocol": exp.protocol(),
-        "arms_config": {a.name: {"mode": a.mode, "description": a.description,
-                                 "config": a.cfg.model_dump(mode="json", by_alias=True)} for a in exp.arms.values()},
-        "cost": {name: _cost(rs) for name, rs in results.items()},
-        "folds_planned": folds_planned,
-        "folds_finished": {name: len(rs) for name, rs in results.items()},
-        "seconds": {"this_run": seconds,
-                    "training_total": sum(r["seconds"] for rs in results.values() for r in rs)},
-        "command": command,
-    })
+    summary = analyze(
+        results, exp.comparisons(), threshold=s.threshold, replicates=s.bootstrap, confidence=s.confidence, seed=s.seed
+    )
+    summary.update(
+        {
+            "data": data_info,
+            "protocol": exp.protocol(),
+            "arms_config": {
+                a.name: {
+                    "mode": a.mode,
+                    "description": a.description,
+                    "config": a.cfg.model_dump(mode="json", by_alias=True),
+                }
+                for a in exp.arms.values()
+            },
+            "cost": {name: _cost(rs) for name, rs in results.items()},
+            "folds_planned": folds_planned,
+            "folds_finished": {name: len(rs) for name, rs in results.items()},
+            "seconds": {
+                "this_run": seconds,
+                "training_total": sum(r["seconds"] for rs in results.values() for r in rs),
+            },
+            "command": command,
+        }
+    )
     write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     _write_predictions(out / PREDICTIONS_FILE, results)
     write_report(out, exp, summary, results)
@@ -377,7 +499,8 @@ def _write_predictions(path: Path, results: dict[str, list[dict[str, Any]]]) -> 
     for arm, rs in results.items():
         for r in rs:
             p = r["predictions"]
-            for site, pid, source, label, score in zip(p["site"], p["patient_id"], p["source"], p["label"],
-                                                       p["score"], strict=True):
+            for site, pid, source, label, score in zip(
+                p["site"], p["patient_id"], p["source"], p["label"], p["score"], strict=True
+            ):
                 writer.writerow([arm, r["repeat"] + 1, r["fold"] + 1, site, pid, source, label, f"{score:.6f}"])
     write_atomic(path, buffer.getvalue())

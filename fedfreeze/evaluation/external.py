@@ -38,8 +38,10 @@ from fedfreeze.metrics import METRIC_KEYS, binary_metrics, youden_threshold
 
 CI_KEYS = (*METRIC_KEYS, "brier", "ece")
 CI_METHOD = "patient-level bootstrap, stratified by class (patients drawn with replacement), percentile interval"
-YOUDEN_NOTE = ("diagnostic only, not for choosing a threshold: it is fitted to the data it is scored on, "
-               "so its figures are optimistic")
+YOUDEN_NOTE = (
+    "diagnostic only, not for choosing a threshold: it is fitted to the data it is scored on, "
+    "so its figures are optimistic"
+)
 HISTOGRAM_BINS = 20
 
 
@@ -92,9 +94,10 @@ def external_validation(
 
 def threshold_analysis(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, Any]:
     """Metrics at the stored threshold, at 0.5 and at this set's own Youden threshold (diagnostic only)."""
-    rows = [{"name": "stored", "note": "the model's threshold, the one it is used with",
-             **_threshold_row(y, s, threshold)},
-            {"name": "0.5", "note": "the untuned default", **_threshold_row(y, s, 0.5)}]
+    rows = [
+        {"name": "stored", "note": "the model's threshold, the one it is used with", **_threshold_row(y, s, threshold)},
+        {"name": "0.5", "note": "the untuned default", **_threshold_row(y, s, 0.5)},
+    ]
     if len(set(y.tolist())) == 2:
         best = youden_threshold(y, s)
         rows.append({"name": "youden_on_this_set", "note": YOUDEN_NOTE, **_threshold_row(y, s, best)})
@@ -104,14 +107,25 @@ def threshold_analysis(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[s
 def score_summary(values: np.ndarray, label: int) -> dict[str, Any]:
     """Distribution of one class's scores: moments, quartiles and a 20-bin histogram on [0, 1]."""
     counts, edges = np.histogram(values, bins=HISTOGRAM_BINS, range=(0.0, 1.0))
-    row: dict[str, Any] = {"label": int(label), "n": int(len(values)),
-                           "histogram_edges": edges.tolist(), "histogram_counts": counts.tolist()}
+    row: dict[str, Any] = {
+        "label": int(label),
+        "n": int(len(values)),
+        "histogram_edges": edges.tolist(),
+        "histogram_counts": counts.tolist(),
+    }
     if len(values) == 0:
         return {**row, **{key: None for key in ("mean", "std", "min", "q25", "median", "q75", "max")}}
     q25, median, q75 = np.quantile(values, [0.25, 0.5, 0.75])
-    return {**row, "mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            "min": float(values.min()), "q25": float(q25), "median": float(median), "q75": float(q75),
-            "max": float(values.max())}
+    return {
+        **row,
+        "mean": float(values.mean()),
+        "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        "min": float(values.min()),
+        "q25": float(q25),
+        "median": float(median),
+        "q75": float(q75),
+        "max": float(values.max()),
+    }
 
 
 def patient_strata(labels: np.ndarray, units: np.ndarray, n_units: int) -> np.ndarray:
@@ -123,8 +137,9 @@ def patient_strata(labels: np.ndarray, units: np.ndarray, n_units: int) -> np.nd
     return np.where(has_pos & has_neg, "mixed", np.where(has_pos, "1", "0"))
 
 
-def _bootstrap_ci(y: np.ndarray, s: np.ndarray, units: np.ndarray, threshold: float,
-                  replicates: int, confidence: float, seed: int) -> dict[str, Any]:
+def _bootstrap_ci(
+    y: np.ndarray, s: np.ndarray, units: np.ndarray, threshold: float, replicates: int, confidence: float, seed: int
+) -> dict[str, Any]:
     n_units = int(units.max()) + 1
     weights = bootstrap_weights(patient_strata(y, units, n_units), replicates, seed)  # [B, patients]
     metrics = weighted_metrics(FoldCases(units=units, labels=y, scores=s), weights, threshold)
@@ -143,27 +158,42 @@ def _metrics_at(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, Any
     if len(set(y.tolist())) == 2:
         return binary_metrics(y, s, threshold)
     row = _threshold_row(y, s, threshold)
-    return {"auroc": None, **{k: row[k] for k in ("balanced_accuracy", "f1", "sensitivity", "specificity")},
-            "threshold": float(threshold), "n": int(len(y)), **{k: row[k] for k in ("tp", "fp", "tn", "fn")}}
+    return {
+        "auroc": None,
+        **{k: row[k] for k in ("balanced_accuracy", "f1", "sensitivity", "specificity")},
+        "threshold": float(threshold),
+        "n": int(len(y)),
+        **{k: row[k] for k in ("tp", "fp", "tn", "fn")},
+    }
 
 
 def _threshold_row(y: np.ndarray, s: np.ndarray, threshold: float) -> dict[str, Any]:
     """Threshold-dependent metrics; a ratio with no cases in its denominator is ``None``."""
     if len(set(y.tolist())) == 2:
         full = binary_metrics(y, s, threshold)
-        return {k: full[k] for k in ("threshold", "sensitivity", "specificity", "balanced_accuracy", "f1",
-                                     "tp", "fp", "tn", "fn")}
+        return {
+            k: full[k]
+            for k in ("threshold", "sensitivity", "specificity", "balanced_accuracy", "f1", "tp", "fp", "tn", "fn")
+        }
     positive, predicted = y == 1, s >= threshold
     tp, fn = int(np.sum(predicted & positive)), int(np.sum(~predicted & positive))
     fp, tn = int(np.sum(predicted & ~positive)), int(np.sum(~predicted & ~positive))
-    return {"threshold": float(threshold),
-            "sensitivity": tp / (tp + fn) if tp + fn else None,
-            "specificity": tn / (tn + fp) if tn + fp else None,
-            "balanced_accuracy": None, "f1": None, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    return {
+        "threshold": float(threshold),
+        "sensitivity": tp / (tp + fn) if tp + fn else None,
+        "specificity": tn / (tn + fp) if tn + fp else None,
+        "balanced_accuracy": None,
+        "f1": None,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
 
 
-def _check_inputs(labels: Any, scores: Any, patient_ids: Any, threshold: float, bootstrap: int,
-                  confidence: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check_inputs(
+    labels: Any, scores: Any, patient_ids: Any, threshold: float, bootstrap: int, confidence: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     s = np.asarray(scores, dtype=float)
     y = np.asarray(labels)
     patients = np.asarray([str(p) for p in patient_ids])
@@ -172,15 +202,18 @@ def _check_inputs(labels: Any, scores: Any, patient_ids: Any, threshold: float, 
     if len(s) == 0:
         raise DataError("external validation needs labelled cases, got none")
     if y.shape != s.shape or patients.shape != s.shape:
-        raise DataError(f"external validation needs one label and one patient id per score: got {y.shape} labels, "
-                        f"{patients.shape} patient ids for {s.shape} scores")
+        raise DataError(
+            f"external validation needs one label and one patient id per score: got {y.shape} labels, "
+            f"{patients.shape} patient ids for {s.shape} scores"
+        )
     if not np.all(np.isin(y, (0, 1))):
         raise DataError(f"external validation needs binary labels 0/1, got {sorted(set(y.tolist()))}")
     outside = ~(np.isfinite(s) & (s >= 0) & (s <= 1))
     if outside.any():
         first = int(np.flatnonzero(outside)[0])
-        raise DataError(f"external validation needs scores in [0, 1] (probabilities), got {float(s[first])} "
-                        f"at case {first}")
+        raise DataError(
+            f"external validation needs scores in [0, 1] (probabilities), got {float(s[first])} at case {first}"
+        )
     if not 0.0 < threshold < 1.0:
         raise DataError(f"threshold should be in (0, 1), got {threshold}")
     if bootstrap < 0:

@@ -35,9 +35,14 @@ def plot_reliability(result: dict[str, Any], path: Path) -> None:
     counts = [r["count"] for r in rows]
     biggest = max(counts) if counts else 1
     ax.plot([r["mean_score"] for r in rows], [r["observed_frequency"] for r in rows], color="tab:blue")
-    ax.scatter([r["mean_score"] for r in rows], [r["observed_frequency"] for r in rows],
-               s=[20 + 180 * c / biggest for c in counts], color="tab:blue", zorder=3,
-               label=f"bins (ECE {calibration['ece']:.3f}, Brier {calibration['brier']:.3f})")
+    ax.scatter(
+        [r["mean_score"] for r in rows],
+        [r["observed_frequency"] for r in rows],
+        s=[20 + 180 * c / biggest for c in counts],
+        color="tab:blue",
+        zorder=3,
+        label=f"bins (ECE {calibration['ece']:.3f}, Brier {calibration['brier']:.3f})",
+    )
     ax.set_xlim(0, 1)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("observed positive frequency")
@@ -45,8 +50,12 @@ def plot_reliability(result: dict[str, Any], path: Path) -> None:
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     every = calibration["reliability"]
-    ax_count.bar([(r["lower"] + r["upper"]) / 2 for r in every], [r["count"] for r in every],
-                 width=[0.9 * (r["upper"] - r["lower"]) for r in every], color="tab:grey")
+    ax_count.bar(
+        [(r["lower"] + r["upper"]) / 2 for r in every],
+        [r["count"] for r in every],
+        width=[0.9 * (r["upper"] - r["lower"]) for r in every],
+        color="tab:grey",
+    )
     ax_count.set_xlabel("mean score in bin")
     ax_count.set_ylabel("cases")
     fig.tight_layout()

@@ -96,8 +96,10 @@ def experiment_folds(
     for site in site_names:
         for pid in images_of[site]:
             if pid in owners:
-                raise DataError(f"patient {pid!r} has images at sites {owners[pid]!r} and {site!r}; "
-                                "a patient must belong to one site")
+                raise DataError(
+                    f"patient {pid!r} has images at sites {owners[pid]!r} and {site!r}; "
+                    "a patient must belong to one site"
+                )
             owners[pid] = site
 
     result = [ExperimentFold(repeat=r, fold=k) for r in range(repeats) for k in range(folds)]
@@ -111,8 +113,16 @@ def experiment_folds(
     return result
 
 
-def _site_repeat(y: np.ndarray, patients: list[str], images_of: dict[str, list[int]], site: str, folds: int,
-                 rng: np.random.Generator, balance_test: bool, test_images: TestImages) -> list[SiteSplit]:
+def _site_repeat(
+    y: np.ndarray,
+    patients: list[str],
+    images_of: dict[str, list[int]],
+    site: str,
+    folds: int,
+    rng: np.random.Generator,
+    balance_test: bool,
+    test_images: TestImages,
+) -> list[SiteSplit]:
     if test_images == "one-per-patient":
         test_image = {pid: int(rng.choice(images_of[pid])) for pid in patients}
         patient_class = {pid: int(y[test_image[pid]]) for pid in patients}
@@ -122,8 +132,10 @@ def _site_repeat(y: np.ndarray, patients: list[str], images_of: dict[str, list[i
     counts = {c: sum(1 for p in patients if patient_class[p] == c) for c in classes}
     if len(classes) < 2 or min(counts.values()) < folds:
         shown = ", ".join(f"class {c}: {n}" for c, n in counts.items())
-        raise DataError(f"site {site!r}: {folds} test folds need at least {folds} patients of each of two "
-                        f"classes, but patients per class are {shown}; use fewer folds or more data")
+        raise DataError(
+            f"site {site!r}: {folds} test folds need at least {folds} patients of each of two "
+            f"classes, but patients per class are {shown}; use fewer folds or more data"
+        )
     fold_of: dict[str, int] = {}
     start = 0
     for c in classes:
@@ -145,6 +157,9 @@ def _site_repeat(y: np.ndarray, patients: list[str], images_of: dict[str, list[i
             test = [test_image[p] for p in tested]
         else:
             test = [i for p in tested for i in images_of[p]]
-        splits.append(SiteSplit(site=site, train=np.array(sorted(train), dtype=np.int64),
-                                test=np.array(sorted(test), dtype=np.int64)))
+        splits.append(
+            SiteSplit(
+                site=site, train=np.array(sorted(train), dtype=np.int64), test=np.array(sorted(test), dtype=np.int64)
+            )
+        )
     return splits

@@ -24,8 +24,10 @@ class FederationConfig(Section):
 
     rounds: int = Field(8, ge=1)
     probe_rounds: int = Field(3, ge=0, description="rounds that train only the head")
-    unfreeze: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_FED_UNFREEZE),
-                                       description="fraction of the fine-tuning rounds before each group joins")
+    unfreeze: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_FED_UNFREEZE),
+        description="fraction of the fine-tuning rounds before each group joins",
+    )
     method: Literal["unfreeze", "adapters", "both"] = "unfreeze"
     local_epochs: int = Field(1, ge=1, description="local epochs per fine-tuning round")
     probe_local_epochs: int = Field(5, ge=1, description="local epochs per probe round (on cached features)")
@@ -41,27 +43,48 @@ class FederationConfig(Section):
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of each site's patients kept for validation")
     score_bins: int = Field(200, ge=10, le=10_000)
     threshold: float | Literal["youden", "youden-mid", "target-sensitivity"] = Field(
-        0.5, description="the stored threshold: a number (default 0.5, the Bayes threshold for balanced accuracy "
+        0.5,
+        description="the stored threshold: a number (default 0.5, the Bayes threshold for balanced accuracy "
         "of a model trained with class-balanced sampling; it beat Youden on shifted data, benchmarks/results/shift), "
         "or a rule on the pooled validation histograms: youden, youden-mid (the middle of the plateau where J is "
-        "within threshold-tolerance of its maximum), target-sensitivity")
-    threshold_tolerance: float = Field(0.02, ge=0.0, lt=1.0, description="youden-mid: how far below the best J "
-                                       "a threshold still counts as on the plateau")
+        "within threshold-tolerance of its maximum), target-sensitivity",
+    )
+    threshold_tolerance: float = Field(
+        0.02,
+        ge=0.0,
+        lt=1.0,
+        description="youden-mid: how far below the best J a threshold still counts as on the plateau",
+    )
     target_sensitivity: float = Field(0.9, gt=0.0, le=1.0)
     export: Literal["last", "best"] = Field(
-        "last", description="the exported model: the last round's, or the round's with the best pooled validation "
-        "AUROC of the training sites (evaluation-only sites never choose)")
-    patience: int = Field(0, ge=0, description="export = 'best': stop after this many rounds without a better "
-                          "pooled validation AUROC (0: never stop early)")
-    wise_alpha: float = Field(1.0, ge=0.0, le=1.0, description="WiSE-FT: the final model is the probe-end model + "
-                              "wise-alpha x (fine-tuned - probe-end); 1 keeps the fine-tuned model")
+        "last",
+        description="the exported model: the last round's, or the round's with the best pooled validation "
+        "AUROC of the training sites (evaluation-only sites never choose)",
+    )
+    patience: int = Field(
+        0,
+        ge=0,
+        description="export = 'best': stop after this many rounds without a better "
+        "pooled validation AUROC (0: never stop early)",
+    )
+    wise_alpha: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="WiSE-FT: the final model is the probe-end model + "
+        "wise-alpha x (fine-tuned - probe-end); 1 keeps the fine-tuned model",
+    )
     evaluation_sites: list[str] = Field(
-        default_factory=list, description="sites (by name) that only score the global model every round: they "
-        "never train or send arrays, and are pooled apart from the training sites' validation")
+        default_factory=list,
+        description="sites (by name) that only score the global model every round: they "
+        "never train or send arrays, and are pooled apart from the training sites' validation",
+    )
     max_examples: int = Field(1_000_000, ge=1, description="a reply claiming more examples is rejected")
     site_wait: float = Field(300.0, gt=0.0, description="seconds to wait for min-sites sites to be connected")
     dp: Literal["off", "client", "server"] = Field(
-        "off", description="central differential privacy: updates clipped at each site or at the server, noise added by the server")
+        "off",
+        description="central differential privacy: updates clipped at each site or at the server, noise added by the server",
+    )
     dp_noise_multiplier: float = Field(1.0, gt=0.0)
     dp_clipping_norm: float = Field(1.0, gt=0.0, description="L2 bound of each site's update (all arrays of a round)")
     dp_delta: float = Field(1e-5, gt=0.0, lt=1.0)
@@ -69,8 +92,10 @@ class FederationConfig(Section):
     dual_rounds: int = Field(0, ge=0, description="rounds of the dual stage before the merge (train.recipe = 'dual')")
     dual_local_epochs: int = Field(1, ge=1, description="local epochs per dual-stage round")
     dual_lr_decay: Literal["cosine", "none"] = Field(
-        "cosine", description="train.dual.lr across the dual rounds: cosine decay from 1x toward 0.05x (round r of R at "
-        "cos-schedule position (r-1)/R), or the same every round")
+        "cosine",
+        description="train.dual.lr across the dual rounds: cosine decay from 1x toward 0.05x (round r of R at "
+        "cos-schedule position (r-1)/R), or the same every round",
+    )
     out_dir: str = "runs/fed"
     seed: int = 0
 
@@ -87,18 +112,23 @@ class FederationConfig(Section):
         if self.probe_rounds > self.rounds:
             raise ValueError(f"probe-rounds ({self.probe_rounds}) cannot exceed rounds ({self.rounds})")
         if self.dual_rounds and self.dual_rounds >= self.rounds:
-            raise ValueError(f"dual-rounds ({self.dual_rounds}) should be fewer than rounds ({self.rounds}): "
-                             "the merged model needs at least one round")
+            raise ValueError(
+                f"dual-rounds ({self.dual_rounds}) should be fewer than rounds ({self.rounds}): "
+                "the merged model needs at least one round"
+            )
         if self.dual_rounds + self.probe_rounds > self.rounds:
-            raise ValueError(f"dual-rounds ({self.dual_rounds}) + probe-rounds ({self.probe_rounds}) cannot exceed "
-                             f"rounds ({self.rounds})")
+            raise ValueError(
+                f"dual-rounds ({self.dual_rounds}) + probe-rounds ({self.probe_rounds}) cannot exceed "
+                f"rounds ({self.rounds})"
+            )
         if isinstance(self.threshold, float) and not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold should be in (0, 1), got {self.threshold}")
         if self.patience and self.export != "best":
             raise ValueError(f"patience ({self.patience}) needs export = 'best': stopping early keeps the best round")
         if self.wise_alpha < 1.0 and self.probe_rounds == 0:
-            raise ValueError(f"wise-alpha ({self.wise_alpha}) interpolates from the probe-end model: it needs "
-                             "probe-rounds >= 1")
+            raise ValueError(
+                f"wise-alpha ({self.wise_alpha}) interpolates from the probe-end model: it needs probe-rounds >= 1"
+            )
         if len(set(self.evaluation_sites)) != len(self.evaluation_sites):
             raise ValueError(f"evaluation-sites names a site twice: {self.evaluation_sites}")
         return self
@@ -174,26 +204,33 @@ def load_fed_config(path: str | Path | None, overrides: Mapping[str, Any] | None
     cfg = parse_config(data, FedConfig, str(path or "run config"))
     check_recipe(cfg, str(path or "run config"))
     if cfg.train.freezing == "dynamic" and cfg.federation.dp != "off":
-        raise ConfigError(f"{path or 'run config'}: federation.dp: differential privacy is not supported with "
-                          "train.freezing = 'dynamic' (sites return different subsets of arrays, aggregated per "
-                          "group of keys: Flower's DP wrappers would clip and noise each group as a release)")
+        raise ConfigError(
+            f"{path or 'run config'}: federation.dp: differential privacy is not supported with "
+            "train.freezing = 'dynamic' (sites return different subsets of arrays, aggregated per "
+            "group of keys: Flower's DP wrappers would clip and noise each group as a release)"
+        )
     if cfg.federation.evaluation_sites and cfg.federation.dp != "off":
-        raise ConfigError(f"{path or 'run config'}: federation.evaluation-sites: not supported with federation.dp "
-                          f"= {cfg.federation.dp!r} (DP accounting counts every sampled site as a contributor)")
+        raise ConfigError(
+            f"{path or 'run config'}: federation.evaluation-sites: not supported with federation.dp "
+            f"= {cfg.federation.dp!r} (DP accounting counts every sampled site as a contributor)"
+        )
     if cfg.federation.wise_alpha < 1.0 and cfg.train.recipe == "dual":
-        raise ConfigError(f"{path or 'run config'}: federation.wise-alpha: not supported with train.recipe = "
-                          "'dual' (its probe-end model is the merged one, not a pretrained backbone)")
+        raise ConfigError(
+            f"{path or 'run config'}: federation.wise-alpha: not supported with train.recipe = "
+            "'dual' (its probe-end model is the merged one, not a pretrained backbone)"
+        )
     if cfg.train.freezing == "dynamic" and cfg.federation.strategy in ("median", "trimmed-mean"):
-        raise ConfigError(f"{path or 'run config'}: federation.strategy: {cfg.federation.strategy!r} is not "
-                          "supported with train.freezing = 'dynamic' (each key is aggregated over the sites that "
-                          "trained it, so a key one site alone returns would take that site's value: no "
-                          "robustness left); use 'fedavg' or 'fedprox'")
+        raise ConfigError(
+            f"{path or 'run config'}: federation.strategy: {cfg.federation.strategy!r} is not "
+            "supported with train.freezing = 'dynamic' (each key is aggregated over the sites that "
+            "trained it, so a key one site alone returns would take that site's value: no "
+            "robustness left); use 'fedavg' or 'fedprox'"
+        )
     return cfg
 
 
 # [train] keys that describe a site's schedule in epochs; a federation's schedule is [federation]'s, in rounds
-SITE_SCHEDULE_KEYS = {"unfreeze": "unfreeze", "method": "method", "probe-epochs": "probe-rounds",
-                      "epochs": "rounds"}
+SITE_SCHEDULE_KEYS = {"unfreeze": "unfreeze", "method": "method", "probe-epochs": "probe-rounds", "epochs": "rounds"}
 
 
 def check_one_schedule(data: Mapping[str, Any], source: str) -> None:
@@ -202,8 +239,10 @@ def check_one_schedule(data: Mapping[str, Any], source: str) -> None:
     train = data.get("train") or {}
     for key, instead in SITE_SCHEDULE_KEYS.items():
         if isinstance(train, Mapping) and (key in train or key.replace("-", "_") in train):
-            raise ConfigError(f"{source}: train.{key}: not used in a federation, whose schedule counts rounds; "
-                              f"set federation.{instead} instead")
+            raise ConfigError(
+                f"{source}: train.{key}: not used in a federation, whose schedule counts rounds; "
+                f"set federation.{instead} instead"
+            )
 
 
 def check_recipe(cfg: FedConfig, source: str) -> None:
@@ -211,21 +250,30 @@ def check_recipe(cfg: FedConfig, source: str) -> None:
     in ``FedConfig``, which also parses the sites' copy of ``[model]`` and ``[train]`` alone)."""
     dual_rounds = cfg.federation.dual_rounds
     if cfg.train.recipe == "dual" and dual_rounds == 0:
-        raise ConfigError(f"{source}: federation.dual-rounds: train.recipe = 'dual' needs at least one dual-stage "
-                          "round, got 0")
+        raise ConfigError(
+            f"{source}: federation.dual-rounds: train.recipe = 'dual' needs at least one dual-stage round, got 0"
+        )
     if cfg.train.recipe != "dual" and dual_rounds > 0:
-        raise ConfigError(f"{source}: federation.dual-rounds: {dual_rounds} dual-stage rounds need "
-                          f"train.recipe = 'dual', got {cfg.train.recipe!r}")
+        raise ConfigError(
+            f"{source}: federation.dual-rounds: {dual_rounds} dual-stage rounds need "
+            f"train.recipe = 'dual', got {cfg.train.recipe!r}"
+        )
     if cfg.train.recipe == "dual" and cfg.federation.method != "unfreeze":
-        raise ConfigError(f"{source}: federation.method: train.recipe = 'dual' needs 'unfreeze' (the merged model "
-                          f"unfreezes whole groups), got {cfg.federation.method!r}")
+        raise ConfigError(
+            f"{source}: federation.method: train.recipe = 'dual' needs 'unfreeze' (the merged model "
+            f"unfreezes whole groups), got {cfg.federation.method!r}"
+        )
     if cfg.train.recipe == "dual" and cfg.federation.bn_policy == "local":
-        raise ConfigError(f"{source}: federation.bn-policy: 'local' (FedBN) is not supported with train.recipe = "
-                          "'dual': the merged model's frozen BatchNorm must be the federation's")
+        raise ConfigError(
+            f"{source}: federation.bn-policy: 'local' (FedBN) is not supported with train.recipe = "
+            "'dual': the merged model's frozen BatchNorm must be the federation's"
+        )
     if cfg.train.recipe == "dual" and cfg.federation.dp == "client":
-        raise ConfigError(f"{source}: federation.dp: 'client' is not supported with train.recipe = 'dual' (Flower's "
-                          "client-side clipping mod takes one array record per message; merged rounds also send "
-                          "the frozen base): use dp = 'server'")
+        raise ConfigError(
+            f"{source}: federation.dp: 'client' is not supported with train.recipe = 'dual' (Flower's "
+            "client-side clipping mod takes one array record per message; merged rounds also send "
+            "the frozen base): use dp = 'server'"
+        )
 
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"

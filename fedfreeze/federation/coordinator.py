@@ -41,8 +41,8 @@ from fedfreeze.federation.pooled import (
     weighted_mean,
 )
 from fedfreeze.federation.protocol import DUAL, EVALUATE_ROLE, RoundOrders
-from fedfreeze.federation.rounds import RoundPlan, plan_round
 from fedfreeze.federation.report import json_default
+from fedfreeze.federation.rounds import RoundPlan, plan_round
 from fedfreeze.model_io import make_card, save_model
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import build_model
@@ -173,8 +173,9 @@ class Coordinator:
         return frozen_hash(self.state, plan)
 
     # ------------------------------------------------------------------ replies
-    def check(self, reply: Reply, plan: ExchangePlan, proof: str, orders: RoundOrders, *, with_arrays: bool
-              ) -> list[str]:
+    def check(
+        self, reply: Reply, plan: ExchangePlan, proof: str, orders: RoundOrders, *, with_arrays: bool
+    ) -> list[str]:
         """Reasons to reject a reply (empty when it is valid). Nothing of a rejected reply is used."""
         problems = []
         role = orders.role_of(reply.site)
@@ -239,15 +240,26 @@ class Coordinator:
             hist_neg = np.sum([s.hist_neg for s in stats], axis=0)
             hist_pos = np.sum([s.hist_pos for s in stats], axis=0)
             target, tolerance = self.fed.target_sensitivity, self.fed.threshold_tolerance
-            self.threshold = choose_threshold(self.fed.threshold, hist_neg, hist_pos, self.edges,
-                                              target_sensitivity=target, tolerance=tolerance)
-            record.threshold_interval = list(threshold_interval(
-                self.fed.threshold, hist_neg, hist_pos, self.edges, target_sensitivity=target, tolerance=tolerance,
-                seed=self.fed.seed + record.round))
-            record.pooled = {"at_threshold_used": pooled,
-                             "at_threshold_next": pooled_metrics(stats, self.edges, self.threshold),
-                             "at_0.5": pooled_metrics(stats, self.edges, snap_threshold(0.5, self.edges)),
-                             "histograms": {"neg": hist_neg.tolist(), "pos": hist_pos.tolist()}}
+            self.threshold = choose_threshold(
+                self.fed.threshold, hist_neg, hist_pos, self.edges, target_sensitivity=target, tolerance=tolerance
+            )
+            record.threshold_interval = list(
+                threshold_interval(
+                    self.fed.threshold,
+                    hist_neg,
+                    hist_pos,
+                    self.edges,
+                    target_sensitivity=target,
+                    tolerance=tolerance,
+                    seed=self.fed.seed + record.round,
+                )
+            )
+            record.pooled = {
+                "at_threshold_used": pooled,
+                "at_threshold_next": pooled_metrics(stats, self.edges, self.threshold),
+                "at_0.5": pooled_metrics(stats, self.edges, snap_threshold(0.5, self.edges)),
+                "histograms": {"neg": hist_neg.tolist(), "pos": hist_pos.tolist()},
+            }
             if evaluators:
                 external = [self.binary_stats(r) for r in evaluators]
                 record.evaluation_sites = {
@@ -258,8 +270,10 @@ class Coordinator:
         else:
             record.pooled = {"at_threshold_used": pooled_multiclass_metrics([self.confusion(r) for r in replies])}
             if evaluators:
-                record.evaluation_sites = {"sites": [r.site for r in evaluators], "at_threshold_used":
-                                           pooled_multiclass_metrics([self.confusion(r) for r in evaluators])}
+                record.evaluation_sites = {
+                    "sites": [r.site for r in evaluators],
+                    "at_threshold_used": pooled_multiclass_metrics([self.confusion(r) for r in evaluators]),
+                }
         record.threshold_next = self.threshold
 
     def note_scored(self, record: RoundRecord, scored_state: dict[str, torch.Tensor], scored_after: int) -> None:
@@ -272,14 +286,20 @@ class Coordinator:
         score = pooled.get("auroc", pooled.get("accuracy"))
         if score is None or (self.best is not None and score < self.best["score"]):
             return
-        self.best = {"round": scored_after, "score": float(score), "threshold": float(self.threshold),
-                     "threshold_interval": record.threshold_interval, "pooled": record.pooled,
-                     "state": {k: v.clone() for k, v in scored_state.items()}}
+        self.best = {
+            "round": scored_after,
+            "score": float(score),
+            "threshold": float(self.threshold),
+            "threshold_interval": record.threshold_interval,
+            "pooled": record.pooled,
+            "state": {k: v.clone() for k, v in scored_state.items()},
+        }
 
     def should_stop(self) -> bool:
         """``patience``: no better pooled validation AUROC in that many rounds."""
-        return bool(self.fed.patience and self.best is not None
-                    and self.completed - self.best["round"] > self.fed.patience)
+        return bool(
+            self.fed.patience and self.best is not None and self.completed - self.best["round"] > self.fed.patience
+        )
 
     def end_probe(self, rnd: int) -> None:
         """Remember the model after the last probe round (WiSE-FT's start)."""
@@ -300,10 +320,26 @@ class Coordinator:
 
     def site_row(self, reply: Reply) -> dict[str, Any]:
         """One site's line in the round record: its size, time, bytes and local validation figures."""
-        row = {"site": reply.site, "node": reply.node, "bytes_down": reply.bytes_down, "bytes_up": reply.bytes_up,
-               "arrays_up": len(reply.arrays)}
-        for key in ("num-examples", "train-loss", "train-seconds", "eval-seconds", "process-seconds", "val-n", "val-auroc",
-                    "val-balanced-accuracy", "val-f1", "val-sensitivity", "val-specificity"):
+        row = {
+            "site": reply.site,
+            "node": reply.node,
+            "bytes_down": reply.bytes_down,
+            "bytes_up": reply.bytes_up,
+            "arrays_up": len(reply.arrays),
+        }
+        for key in (
+            "num-examples",
+            "train-loss",
+            "train-seconds",
+            "eval-seconds",
+            "process-seconds",
+            "val-n",
+            "val-auroc",
+            "val-balanced-accuracy",
+            "val-f1",
+            "val-sensitivity",
+            "val-specificity",
+        ):
             if key in reply.metrics:
                 row[key.replace("-", "_")] = reply.metrics[key]
         return row
@@ -321,8 +357,12 @@ class Coordinator:
             tmp = folder / f"{name}.pt.tmp"
             torch.save(value, tmp)
             tmp.replace(folder / f"{name}.pt")
-        progress = {"completed_rounds": self.completed, "threshold": self.threshold,
-                    "history": [vars(r) for r in self.history], "config": self.cfg.model_dump(by_alias=True)}
+        progress = {
+            "completed_rounds": self.completed,
+            "threshold": self.threshold,
+            "history": [vars(r) for r in self.history],
+            "config": self.cfg.model_dump(by_alias=True),
+        }
         tmp = folder / "progress.json.tmp"
         tmp.write_text(json.dumps(progress, indent=1, default=json_default))
         tmp.replace(folder / "progress.json")
@@ -334,8 +374,10 @@ class Coordinator:
             return False
         progress = json.loads((folder / "progress.json").read_text())
         if progress["config"] != json.loads(json.dumps(self.cfg.model_dump(by_alias=True))):
-            raise FederationFailed(f"{folder} holds a checkpoint of a run with another configuration; "
-                                   "use a new out-dir or the same configuration")
+            raise FederationFailed(
+                f"{folder} holds a checkpoint of a run with another configuration; "
+                "use a new out-dir or the same configuration"
+            )
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
         if set(state) != self.recipe.state_keys(state):  # (the dual recipe: before or after the merge)
             raise FederationFailed(f"{folder}/state.pt does not match the model")
@@ -352,11 +394,22 @@ class Coordinator:
     def exported(self) -> dict[str, Any]:
         """Which global model is exported, and the threshold and pooled figures that go with it."""
         if self.fed.export == "best" and self.best is not None:
-            return {"round": self.best["round"], "rule": "best pooled validation AUROC of the training sites",
-                    "threshold": self.best["threshold"], "threshold_interval": self.best["threshold_interval"],
-                    "pooled": self.best["pooled"], "state": self.best["state"]}
-        return {"round": self.completed, "rule": "last round", "threshold": self.threshold,
-                "threshold_interval": None, "pooled": None, "state": self.state}
+            return {
+                "round": self.best["round"],
+                "rule": "best pooled validation AUROC of the training sites",
+                "threshold": self.best["threshold"],
+                "threshold_interval": self.best["threshold_interval"],
+                "pooled": self.best["pooled"],
+                "state": self.best["state"],
+            }
+        return {
+            "round": self.completed,
+            "rule": "last round",
+            "threshold": self.threshold,
+            "threshold_interval": None,
+            "pooled": None,
+            "state": self.state,
+        }
 
     def export_model(self, final: RoundRecord | None = None) -> tuple[Path, dict[str, Any]]:
         """The exported global model as a model folder that ``fedfreeze evaluate`` reads, and what it is."""
@@ -368,12 +421,22 @@ class Coordinator:
         model: GroupedNet = self.model
         model.load_state_dict(chosen["state"])
         threshold = chosen["threshold"] if self.binary else 0.5
-        card = make_card(model, self.cfg.model, threshold=threshold,
-                         trained_by="fedfreeze federation",
-                         notes={"rounds": self.completed, "rounds_planned": self.fed.rounds,
-                                "exported_round": chosen["round"], "export_rule": chosen["rule"],
-                                "strategy": self.fed.strategy, "bn_policy": self.fed.bn_policy,
-                                "wise_alpha": self.fed.wise_alpha, "threshold_rule": str(self.fed.threshold),
-                                "threshold_interval": chosen["threshold_interval"]})
+        card = make_card(
+            model,
+            self.cfg.model,
+            threshold=threshold,
+            trained_by="fedfreeze federation",
+            notes={
+                "rounds": self.completed,
+                "rounds_planned": self.fed.rounds,
+                "exported_round": chosen["round"],
+                "export_rule": chosen["rule"],
+                "strategy": self.fed.strategy,
+                "bn_policy": self.fed.bn_policy,
+                "wise_alpha": self.fed.wise_alpha,
+                "threshold_rule": str(self.fed.threshold),
+                "threshold_interval": chosen["threshold_interval"],
+            },
+        )
         info = {k: v for k, v in chosen.items() if k != "state"}
         return save_model(self.out / MODEL_DIR, model, card), info

@@ -44,7 +44,6 @@ from fedfreeze.models.grouped import GroupedNet
 log = logging.getLogger("fedfreeze.coordinator")
 
 
-
 class StandardRecipe:
     """The coordinator's view of the standard recipe: one pretrained single-input model from round 1."""
 
@@ -107,8 +106,7 @@ class DualStage(StandardRecipe):
         return HEAD_WEIGHT in state
 
 
-def recipe_for(model: GroupedNet, model_cfg: ModelConfig, recipe: str, dual_rounds: int, seed: int
-               ) -> StandardRecipe:
+def recipe_for(model: GroupedNet, model_cfg: ModelConfig, recipe: str, dual_rounds: int, seed: int) -> StandardRecipe:
     """The coordinator's recipe object for ``train.recipe``."""
     return DualStage(model, model_cfg, dual_rounds, seed) if recipe == "dual" else StandardRecipe(model)
 

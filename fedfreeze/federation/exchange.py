@@ -89,8 +89,12 @@ def get_trainable_state(state: Mapping[str, torch.Tensor], plan: ExchangePlan) -
 
 
 def set_trainable_state(
-    state: dict[str, torch.Tensor], arrays: Mapping[str, np.ndarray | torch.Tensor], plan: ExchangePlan, *,
-    partial: bool = False, who: str = "",
+    state: dict[str, torch.Tensor],
+    arrays: Mapping[str, np.ndarray | torch.Tensor],
+    plan: ExchangePlan,
+    *,
+    partial: bool = False,
+    who: str = "",
 ) -> None:
     """Write a round's arrays into ``state`` after the strict checks of ``check_arrays`` against the plan
     (keys and their order, shapes, dtypes, finite values); anything wrong raises ``ProtocolError`` naming

@@ -52,14 +52,24 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()
-                                if v is not None) + " }"
+        return (
+            "{ "
+            + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None)
+            + " }"
+        )
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
-def run_in_process(cfg: FedConfig, out_dir: str | Path, sites: Mapping[str, str | Path], state_dir: str | Path,
-                   *, resume: bool = True, device: str = "auto", client_app: ClientApp | None = None
-                   ) -> dict[str, Any]:
+def run_in_process(
+    cfg: FedConfig,
+    out_dir: str | Path,
+    sites: Mapping[str, str | Path],
+    state_dir: str | Path,
+    *,
+    resume: bool = True,
+    device: str = "auto",
+    client_app: ClientApp | None = None,
+) -> dict[str, Any]:
     """Run the federation of ``cfg`` over ``sites`` (name -> data folder); returns its ``metrics.json``.
 
     The configuration is written to ``out_dir/fed.toml`` (the run reads it like any run config).
@@ -74,12 +84,19 @@ def run_in_process(cfg: FedConfig, out_dir: str | Path, sites: Mapping[str, str 
         data["train"].pop(key, None)
     config.write_text(toml_text(data), encoding="utf-8")
     nodes = {
-        number: {"data-path": str(Path(folder).resolve()), "site-name": name,
-                 "state-dir": str(Path(state_dir).resolve() / name), "device": device}
+        number: {
+            "data-path": str(Path(folder).resolve()),
+            "site-name": name,
+            "state-dir": str(Path(state_dir).resolve() / name),
+            "device": device,
+        }
         for number, (name, folder) in enumerate(sites.items(), start=1)
     }
-    run_config: dict[str, bool | float | int | str] = {"config": str(config.resolve()), "out-dir": str(out.resolve()),
-                                                         "resume": resume}
+    run_config: dict[str, bool | float | int | str] = {
+        "config": str(config.resolve()),
+        "out-dir": str(out.resolve()),
+        "resume": resume,
+    }
     grid = LocalGrid(client_app or project_client_app(), nodes, run_config)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     # one line per round and per message is noise inside an experiment: warnings and errors only

@@ -27,9 +27,13 @@ CLIENT_EXCEPTION = 1  # error code of a reply whose ClientApp raised
 class LocalGrid(Grid):
     """Nodes ``1..N`` each with its own node config; ``send_and_receive`` runs them one by one."""
 
-    def __init__(self, client_app: ClientApp, node_configs: Mapping[int, dict[str, Any]],
-                 run_config: dict[str, Any] | None = None,
-                 on_reply: Callable[[Message, Message], None] | None = None) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        node_configs: Mapping[int, dict[str, Any]],
+        run_config: dict[str, Any] | None = None,
+        on_reply: Callable[[Message, Message], None] | None = None,
+    ) -> None:
         self.client_app = client_app
         self.node_configs = dict(node_configs)
         self.run_config = dict(run_config or {})
@@ -48,10 +52,10 @@ class LocalGrid(Grid):
     def run(self) -> Run:
         return self._run
 
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id,
-                       ttl=ttl)
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
         return [n for n in self.node_configs if n not in self.offline]
@@ -80,8 +84,9 @@ class LocalGrid(Grid):
 
     def _deliver(self, node: int, message: Message) -> Message:
         received = _through_the_wire(message)
-        context = Context(run_id=0, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
-                          run_config=self.run_config)
+        context = Context(
+            run_id=0, node_id=node, node_config=self.node_configs[node], state=RecordDict(), run_config=self.run_config
+        )
         try:
             reply = self.client_app(received, context)
         except Exception as err:  # a site's crash becomes an error reply, as in Flower

@@ -29,8 +29,14 @@ def patient_table(labels: np.ndarray, patient_ids: list[str]) -> tuple[list[str]
 
 
 def assign_sites(
-    labels: np.ndarray, patient_ids: list[str], n_sites: int, *, alpha: float | None, seed: int,
-    min_per_class: int = 2, attempts: int = 200,
+    labels: np.ndarray,
+    patient_ids: list[str],
+    n_sites: int,
+    *,
+    alpha: float | None,
+    seed: int,
+    min_per_class: int = 2,
+    attempts: int = 200,
 ) -> np.ndarray:
     """Site index (0..n_sites-1) of every image; every site gets at least ``min_per_class`` patients of each class.
 
@@ -45,8 +51,10 @@ def assign_sites(
     for k in classes:
         have = int((patient_labels == k).sum())
         if have < n_sites * min_per_class:
-            raise DataError(f"class {int(k)} has {have} patients: too few for {n_sites} sites with "
-                            f"{min_per_class} patients of each class")
+            raise DataError(
+                f"class {int(k)} has {have} patients: too few for {n_sites} sites with "
+                f"{min_per_class} patients of each class"
+            )
     rng = np.random.default_rng(seed)
     for _ in range(attempts):
         site_of_patient = np.empty(len(patients), dtype=np.int64)
@@ -59,31 +67,47 @@ def assign_sites(
                 cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
                 for site, chunk in enumerate(np.split(members, cuts)):
                     site_of_patient[chunk] = site
-        counts = np.array([[np.sum((site_of_patient == s) & (patient_labels == k)) for k in classes]
-                           for s in range(n_sites)])
+        counts = np.array(
+            [[np.sum((site_of_patient == s) & (patient_labels == k)) for k in classes] for s in range(n_sites)]
+        )
         if (counts >= min_per_class).all():
             index = {pid: i for i, pid in enumerate(patients)}
             return np.array([site_of_patient[index[pid]] for pid in patient_ids])
-    raise DataError(f"no Dirichlet(alpha={alpha}) draw gave all {n_sites} sites {min_per_class} patients of each "
-                    f"class in {attempts} tries: raise alpha or use fewer sites")
+    raise DataError(
+        f"no Dirichlet(alpha={alpha}) draw gave all {n_sites} sites {min_per_class} patients of each "
+        f"class in {attempts} tries: raise alpha or use fewer sites"
+    )
 
 
 def write_sites(
-    data: ImageSet, site_index: np.ndarray, out: Path, names: list[str] | None = None, *, as_manifest: bool,
+    data: ImageSet,
+    site_index: np.ndarray,
+    out: Path,
+    names: list[str] | None = None,
+    *,
+    as_manifest: bool,
 ) -> list[dict[str, object]]:
     """One folder per site, ``out/site-<i>/data``, holding a manifest of the original image files
     (``as_manifest``; the images are not copied) or the decoded images as ``data.npz``."""
     out.mkdir(parents=True, exist_ok=True)
     n_sites = int(site_index.max()) + 1
-    summary = [write_site(data.subset(np.flatnonzero(site_index == site)), out, site,
-                          names[site] if names else f"site-{site}", as_manifest=as_manifest)
-               for site in range(n_sites)]
+    summary = [
+        write_site(
+            data.subset(np.flatnonzero(site_index == site)),
+            out,
+            site,
+            names[site] if names else f"site-{site}",
+            as_manifest=as_manifest,
+        )
+        for site in range(n_sites)
+    ]
     write_summary(out, summary)
     return summary
 
 
-def write_site(part: ImageSet, out: Path, number: int, name: str, *, as_manifest: bool,
-               role: str = "train") -> dict[str, object]:
+def write_site(
+    part: ImageSet, out: Path, number: int, name: str, *, as_manifest: bool, role: str = "train"
+) -> dict[str, object]:
     """``out/site-<number>/data`` for one site, and its line in ``sites.json``."""
     folder = out / f"site-{number}" / "data"
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,8 +121,14 @@ def write_site(part: ImageSet, out: Path, number: int, name: str, *, as_manifest
         images = part.images.permute(0, 2, 3, 1).numpy()
         images = images[..., 0] if images.shape[-1] == 1 else images
         np.savez_compressed(folder / "data.npz", train_images=images, train_labels=part.labels.numpy())
-    return {"site": f"site-{number}", "name": name, "role": role, "images": len(part),
-            "patients": len(set(part.patient_ids)), "class_counts": part.class_counts()}
+    return {
+        "site": f"site-{number}",
+        "name": name,
+        "role": role,
+        "images": len(part),
+        "patients": len(set(part.patient_ids)),
+        "class_counts": part.class_counts(),
+    }
 
 
 def write_summary(out: Path, summary: list[dict[str, object]]) -> None:

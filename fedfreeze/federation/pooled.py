@@ -507,8 +507,13 @@ THRESHOLD_RULES = ("youden", "youden-mid", "target-sensitivity")
 
 
 def choose_threshold(
-    rule: str | float, hist_neg: ArrayLike, hist_pos: ArrayLike, edges: ArrayLike, *,
-    target_sensitivity: float = 0.9, tolerance: float = 0.02,
+    rule: str | float,
+    hist_neg: ArrayLike,
+    hist_pos: ArrayLike,
+    edges: ArrayLike,
+    *,
+    target_sensitivity: float = 0.9,
+    tolerance: float = 0.02,
 ) -> float:
     """The operating threshold a rule picks on pooled histograms (a number is snapped to an edge).
 
@@ -526,8 +531,15 @@ def choose_threshold(
 
 
 def threshold_interval(
-    rule: str | float, hist_neg: ArrayLike, hist_pos: ArrayLike, edges: ArrayLike, *,
-    target_sensitivity: float = 0.9, tolerance: float = 0.02, replicates: int = 200, confidence: float = 0.95,
+    rule: str | float,
+    hist_neg: ArrayLike,
+    hist_pos: ArrayLike,
+    edges: ArrayLike,
+    *,
+    target_sensitivity: float = 0.9,
+    tolerance: float = 0.02,
+    replicates: int = 200,
+    confidence: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, float]:
     """A bootstrap interval of the threshold a rule picks: how far the pick moves when the validation
@@ -544,8 +556,9 @@ def threshold_interval(
         b_neg = rng.multinomial(n_neg, neg / n_neg)
         b_pos = rng.multinomial(n_pos, pos / n_pos)
         try:
-            picks.append(choose_threshold(rule, b_neg, b_pos, edges, target_sensitivity=target_sensitivity,
-                                          tolerance=tolerance))
+            picks.append(
+                choose_threshold(rule, b_neg, b_pos, edges, target_sensitivity=target_sensitivity, tolerance=tolerance)
+            )
         except DataError:
             continue  # a target sensitivity no threshold reaches in this replicate
     if not picks:

@@ -20,17 +20,17 @@ from fedfreeze.errors import ProtocolError
 from fedfreeze.federation.config import site_payload, site_sections
 from fedfreeze.training.schedule import is_probe
 
-ARRAYS = "arrays"    # ArrayRecord: the round's trainable arrays (down and up)
+ARRAYS = "arrays"  # ArrayRecord: the round's trainable arrays (down and up)
 METRICS = "metrics"  # MetricRecord: example counts, timings, validation figures and statistics
-CONFIG = "config"    # ConfigRecord: the coordinator's orders for the round
-PROOF = "proof"      # ConfigRecord: the site's name, its role and the hash of its frozen weights
-BASE = "base"        # ArrayRecord, down only: frozen arrays a site cannot rebuild (merged rounds of train.recipe = "dual")
+CONFIG = "config"  # ConfigRecord: the coordinator's orders for the round
+PROOF = "proof"  # ConfigRecord: the site's name, its role and the hash of its frozen weights
+BASE = "base"  # ArrayRecord, down only: frozen arrays a site cannot rebuild (merged rounds of train.recipe = "dual")
 
-DUAL = "dual"      # the stage of a round that trains the dual model (train.recipe = "dual")
+DUAL = "dual"  # the stage of a round that trains the dual model (train.recipe = "dual")
 SINGLE = "single"  # the stage of a round that trains a single-input model (the merged one, or any standard one)
 
-TRAIN_ROLE = "train"         # a site that trains and returns arrays
-EVALUATE_ROLE = "evaluate"   # a site named in federation.evaluation-sites: scores the global model, returns no arrays
+TRAIN_ROLE = "train"  # a site that trains and returns arrays
+EVALUATE_ROLE = "evaluate"  # a site named in federation.evaluation-sites: scores the global model, returns no arrays
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,13 @@ class RoundOrders:
     bn_policy: Literal["average", "local"]
     bn_stats: Literal["frozen", "update"]  # resolved: whether trainable BatchNorm statistics train and travel
     partial_replies: bool  # dynamic freezing: a site returns only the arrays it updated
-    proximal_mu: float     # FedProx's key name ("proximal-mu"), which Flower's FedProx also writes
-    lr_scale: float        # a factor on the round's learning rates (the dual stage's decay)
+    proximal_mu: float  # FedProx's key name ("proximal-mu"), which Flower's FedProx also writes
+    lr_scale: float  # a factor on the round's learning rates (the dual stage's decay)
     val_fraction: float
     threshold: float
     score_bins: int
     seed: int
-    dp_weight: bool        # DP accounting: every site weighs the same
+    dp_weight: bool  # DP accounting: every site weighs the same
     evaluation_sites: tuple[str, ...]  # sites that only score the global model
 
     @property
@@ -90,10 +90,13 @@ class RoundOrders:
     def from_config(cls, config: Mapping[str, Any]) -> RoundOrders:
         """Decode what ``to_config`` wrote; a missing or malformed key is a ``ProtocolError`` naming it
         (a coordinator and a site of different fedfreeze versions fail here, before any training)."""
+
         def get(key: str) -> Any:
             if key not in config:
-                raise ProtocolError(f"the round's orders lack {key!r}: is the coordinator running another "
-                                    "fedfreeze version than this site?")
+                raise ProtocolError(
+                    f"the round's orders lack {key!r}: is the coordinator running another "
+                    "fedfreeze version than this site?"
+                )
             return config[key]
 
         def strings(key: str) -> tuple[str, ...]:
@@ -105,17 +108,30 @@ class RoundOrders:
                 raise ProtocolError(f"the round's orders: {key!r} should be a list of names, got {value!r}")
             return tuple(value)
 
-        stage = str(get("stage"))
-        if stage not in (SINGLE, DUAL):
-            raise ProtocolError(f"the round's orders: stage {stage!r} is neither {SINGLE!r} nor {DUAL!r}")
+        def choice(key: str, allowed: tuple[str, ...]) -> Any:
+            value = str(get(key))
+            if value not in allowed:
+                raise ProtocolError(f"the round's orders: {key} {value!r} is not one of {', '.join(allowed)}")
+            return value
+
         model, train = site_sections(str(get("site-config")))
         return cls(
-            round=int(get("round")), stage=stage, parts=frozenset(strings("parts")),  # type: ignore[arg-type]
-            local_epochs=int(get("local-epochs")), model=model, train=train,
-            adapter_groups=strings("adapter-groups"), bn_policy=str(get("bn-policy")),  # type: ignore[arg-type]
-            bn_stats=str(get("bn-stats")), partial_replies=bool(get("partial-replies")),  # type: ignore[arg-type]
-            proximal_mu=float(get("proximal-mu")), lr_scale=float(get("lr-scale")),
-            val_fraction=float(get("val-fraction")), threshold=float(get("threshold")),
-            score_bins=int(get("score-bins")), seed=int(get("seed")), dp_weight=bool(get("dp-weight")),
+            round=int(get("round")),
+            stage=choice("stage", (SINGLE, DUAL)),
+            parts=frozenset(strings("parts")),
+            local_epochs=int(get("local-epochs")),
+            model=model,
+            train=train,
+            adapter_groups=strings("adapter-groups"),
+            bn_policy=choice("bn-policy", ("average", "local")),
+            bn_stats=choice("bn-stats", ("frozen", "update")),
+            partial_replies=bool(get("partial-replies")),
+            proximal_mu=float(get("proximal-mu")),
+            lr_scale=float(get("lr-scale")),
+            val_fraction=float(get("val-fraction")),
+            threshold=float(get("threshold")),
+            score_bins=int(get("score-bins")),
+            seed=int(get("seed")),
+            dp_weight=bool(get("dp-weight")),
             evaluation_sites=strings("evaluation-sites"),
         )

@@ -40,8 +40,9 @@ def round_row(record: RoundRecord) -> dict[str, Any]:
         "pooled_sensitivity": pooled.get("sensitivity"),
         "pooled_specificity": pooled.get("specificity"),
         "evaluation_sites_auroc": ((record.evaluation_sites or {}).get("at_threshold_used") or {}).get("auroc"),
-        "evaluation_sites_balanced_accuracy":
-            ((record.evaluation_sites or {}).get("at_threshold_used") or {}).get("balanced_accuracy"),
+        "evaluation_sites_balanced_accuracy": ((record.evaluation_sites or {}).get("at_threshold_used") or {}).get(
+            "balanced_accuracy"
+        ),
         "weighted_mean_auroc": mean.get("auroc"),
         "threshold_used": record.threshold_used,
         "bytes_down": record.bytes_down,
@@ -104,12 +105,21 @@ def plot_rounds(records: list[RoundRecord], path: Path, rounds: int) -> None:
     rows = [round_row(r) for r in records]
     x = [r["round"] - 1 for r in rows]  # the round after which the evaluated model was made
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("pooled_auroc", "pooled AUROC"), ("pooled_balanced_accuracy", "pooled balanced accuracy"),
-                       ("pooled_f1", "pooled F1"), ("weighted_mean_auroc", "weighted mean of site AUROCs")):
+    for key, label in (
+        ("pooled_auroc", "pooled AUROC"),
+        ("pooled_balanced_accuracy", "pooled balanced accuracy"),
+        ("pooled_f1", "pooled F1"),
+        ("weighted_mean_auroc", "weighted mean of site AUROCs"),
+    ):
         ys = [r[key] for r in rows]
         if any(y is not None for y in ys):
-            ax1.plot(x, [float("nan") if y is None else y for y in ys], marker="o", label=label,
-                     linestyle="--" if key.startswith("weighted") else "-")
+            ax1.plot(
+                x,
+                [float("nan") if y is None else y for y in ys],
+                marker="o",
+                label=label,
+                linestyle="--" if key.startswith("weighted") else "-",
+            )
     ax1.set_xlabel("global model after round")
     ax1.set_ylabel("validation metric (pooled over sites)")
     ax1.set_ylim(0.0, 1.02)
@@ -121,8 +131,14 @@ def plot_rounds(records: list[RoundRecord], path: Path, rounds: int) -> None:
     ax2.set_xlabel("round")
     ax2.set_ylabel("uplink kB (all sites)")
     for r in train_rows:
-        ax2.annotate(r["parts"].replace("head+", "").replace("head", "head only"), (r["round"], r["bytes_up"] / 1e3),
-                     fontsize=7, ha="center", va="bottom", rotation=90)
+        ax2.annotate(
+            r["parts"].replace("head+", "").replace("head", "head only"),
+            (r["round"], r["bytes_up"] / 1e3),
+            fontsize=7,
+            ha="center",
+            va="bottom",
+            rotation=90,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -39,8 +39,13 @@ def plan_round(rnd: int, fed: FederationConfig, dual_parts: frozenset[str] = fro
     if rnd <= fed.dual_rounds:
         return RoundPlan(rnd, DUAL, dual_parts, fed.dual_local_epochs, dual_lr_scale(rnd, fed))
     step = rnd - fed.dual_rounds  # counted in the probe/unfreezing schedule
-    parts = trainable_parts(step - 1, probe_steps=fed.probe_rounds, finetune_steps=fed.finetune_rounds,
-                            unfreeze=fed.unfreeze, method=fed.method)
+    parts = trainable_parts(
+        step - 1,
+        probe_steps=fed.probe_rounds,
+        finetune_steps=fed.finetune_rounds,
+        unfreeze=fed.unfreeze,
+        method=fed.method,
+    )
     epochs = fed.probe_local_epochs if step <= fed.probe_rounds else fed.local_epochs
     return RoundPlan(rnd, SINGLE, parts, epochs, 1.0)
 

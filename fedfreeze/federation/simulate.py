@@ -39,14 +39,30 @@ CONNECTION = "fedfreeze-sim"
 
 
 def prepare_sites(
-    data_path: Path, out: Path, *, sites: int | None, alpha: float | None, seed: int, image_size: int,
-    channels: int, num_classes: int, class_names: list[str] | None, evaluation: dict[str, Path] | None = None,
+    data_path: Path,
+    out: Path,
+    *,
+    sites: int | None,
+    alpha: float | None,
+    seed: int,
+    image_size: int,
+    channels: int,
+    num_classes: int,
+    class_names: list[str] | None,
+    evaluation: dict[str, Path] | None = None,
 ) -> list[dict[str, Any]]:
     """Write ``out/sites/site-<i>/data`` for every site; a manifest's ``site`` column wins when ``sites`` is None.
     ``evaluation``: name -> data of evaluation-only sites, written after the training sites."""
+
     def load(path: Path) -> Any:
-        return load_image_set(path, image_size=image_size, channels=channels, num_classes=num_classes,
-                              class_names=class_names, progress=False)
+        return load_image_set(
+            path,
+            image_size=image_size,
+            channels=channels,
+            num_classes=num_classes,
+            class_names=class_names,
+            progress=False,
+        )
 
     def is_manifest(path: Path) -> bool:
         return path.suffix.lower() == ".csv" or (path / "manifest.csv").is_file()
@@ -65,8 +81,9 @@ def prepare_sites(
     for name, path in (evaluation or {}).items():
         held = load(path)
         held.require_nonempty(f"evaluation-only site {name!r}: {path} holds no images")
-        summary.append(write_site(held, out / "sites", len(summary), name, as_manifest=is_manifest(path),
-                                  role="evaluate"))
+        summary.append(
+            write_site(held, out / "sites", len(summary), name, as_manifest=is_manifest(path), role="evaluate")
+        )
     write_summary(out / "sites", summary)
     return summary
 
@@ -80,8 +97,10 @@ def parse_evaluation_sites(values: list[str] | None, listed: list[str]) -> dict[
         if not sep or not name or not path:
             raise FedfreezeError(f"--evaluation-site {value!r}: expected NAME=DATA, e.g. held-out=test.csv")
         if name not in listed:
-            raise FedfreezeError(f"--evaluation-site {name}: the config's federation.evaluation-sites does not name "
-                                 f"it (it lists {listed}); add it there so the coordinator knows it only evaluates")
+            raise FedfreezeError(
+                f"--evaluation-site {name}: the config's federation.evaluation-sites does not name "
+                f"it (it lists {listed}); add it there so the coordinator knows it only evaluates"
+            )
         if name in pairs:
             raise FedfreezeError(f"--evaluation-site {name} is given twice")
         pairs[name] = Path(path)
@@ -108,14 +127,25 @@ def simulate(
     if resume and (out / "sites" / SITES_FILE).is_file():
         summary = json.loads((out / "sites" / SITES_FILE).read_text())
     else:
-        summary = prepare_sites(data_path, out, sites=sites, alpha=alpha, seed=cfg.federation.seed,
-                                image_size=cfg.model.input_size, channels=cfg.model.in_channels,
-                                num_classes=cfg.model.num_classes, class_names=cfg.model.class_names,
-                                evaluation=evaluation)
+        summary = prepare_sites(
+            data_path,
+            out,
+            sites=sites,
+            alpha=alpha,
+            seed=cfg.federation.seed,
+            image_size=cfg.model.input_size,
+            channels=cfg.model.in_channels,
+            num_classes=cfg.model.num_classes,
+            class_names=cfg.model.class_names,
+            evaluation=evaluation,
+        )
     for site in summary:
         role = " evaluation only," if site.get("role") == "evaluate" else ""
-        print(f"{site['site']} ({site['name']}):{role} {site['images']} images, {site['patients']} patients, "
-              f"class counts {site['class_counts']}", flush=True)
+        print(
+            f"{site['site']} ({site['name']}):{role} {site['images']} images, {site['patients']} patients, "
+            f"class counts {site['class_counts']}",
+            flush=True,
+        )
 
     port = free_port()
     home = write_flwr_home(out / ".flwr", [Connection(CONNECTION, f"127.0.0.1:{port}")])
@@ -126,8 +156,11 @@ def simulate(
     run_config: dict[str, Any] = {"sites-dir": str(out / "sites"), "out-dir": str(out), "resume": resume}
     if config_path is not None:
         run_config["config"] = str(config_path.resolve())
-    cmd = run_command(connection=CONNECTION, run_config=run_config,
-                      federation_config={"num-supernodes": len(summary), "client-resources-num-cpus": cpus_per_site})
+    cmd = run_command(
+        connection=CONNECTION,
+        run_config=run_config,
+        federation_config={"num-supernodes": len(summary), "client-resources-num-cpus": cpus_per_site},
+    )
     try:
         with link:
             wait_healthy(f"127.0.0.1:{port}", link)

@@ -53,8 +53,16 @@ class SiteReply:
 class SiteRuntime:
     """One site's data, state folder and model building."""
 
-    def __init__(self, data_path: str | Path, site: str, state_dir: str | Path, *, weights: str | None = None,
-                 device: str = "auto", max_train_memory_mb: float | None = None) -> None:
+    def __init__(
+        self,
+        data_path: str | Path,
+        site: str,
+        state_dir: str | Path,
+        *,
+        weights: str | None = None,
+        device: str = "auto",
+        max_train_memory_mb: float | None = None,
+    ) -> None:
         self.data_path = Path(data_path)
         self.site = site
         self.state_dir = Path(state_dir)
@@ -69,8 +77,9 @@ class SiteRuntime:
         data = self._decoded(orders.model)
         data.require_nonempty(f"site {self.site!r} has no images to train on")
         data.require_classes(2, why=f"site {self.site!r} needs both classes for training and validation")
-        train_idx, val_idx = split_patients(data.labels.numpy(), data.patient_ids,
-                                            test_fraction=orders.val_fraction, seed=orders.seed)
+        train_idx, val_idx = split_patients(
+            data.labels.numpy(), data.patient_ids, test_fraction=orders.val_fraction, seed=orders.seed
+        )
         return data.subset(train_idx), data.subset(val_idx)
 
     def _decoded(self, cfg: ModelConfig) -> ImageSet:
@@ -79,8 +88,14 @@ class SiteRuntime:
         if path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=False)
             return ImageSet(**saved)
-        data = load_image_set(self.data_path, image_size=cfg.input_size, channels=cfg.in_channels,
-                              class_names=cfg.class_names, num_classes=cfg.num_classes, progress=False)
+        data = load_image_set(
+            self.data_path,
+            image_size=cfg.input_size,
+            channels=cfg.in_channels,
+            class_names=cfg.class_names,
+            num_classes=cfg.num_classes,
+            progress=False,
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(vars(data), tmp)
@@ -102,8 +117,9 @@ class SiteRuntime:
         return digest.hexdigest()[:24]
 
     # ------------------------------------------------------------------ model
-    def model(self, orders: RoundOrders, arrays: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None = None
-              ) -> tuple[GroupedNet, ExchangePlan]:
+    def model(
+        self, orders: RoundOrders, arrays: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None = None
+    ) -> tuple[GroupedNet, ExchangePlan]:
         """The model of the round's stage with the coordinator's arrays (and this site's own BatchNorm)
         loaded, after checking what arrived against the round's plan (``exchange.plan_for``).
 
@@ -118,11 +134,14 @@ class SiteRuntime:
         set_trainable_state(state, arrays, plan, who=where)
         base = base or {}
         unknown = [k for k in base if k not in plan.frozen]
-        problems = check_arrays({k: v.numpy() for k, v in base.items()}, {k: state[k].numpy() for k in base
-                                                                          if k in state})
+        problems = check_arrays(
+            {k: v.numpy() for k, v in base.items()}, {k: state[k].numpy() for k in base if k in state}
+        )
         if unknown or problems:
-            raise ProtocolError(f"{where}frozen arrays sent that do not match the round's plan: "
-                                + "; ".join(([f"not frozen this round: {unknown[:4]}"] if unknown else []) + problems))
+            raise ProtocolError(
+                f"{where}frozen arrays sent that do not match the round's plan: "
+                + "; ".join(([f"not frozen this round: {unknown[:4]}"] if unknown else []) + problems)
+            )
         model.load_state_dict({**state, **base, **self._local_bn(plan)})
         return model, plan
 
@@ -149,8 +168,9 @@ class SiteRuntime:
         tmp.replace(path)
 
     # ------------------------------------------------------------------ round work
-    def train(self, orders: RoundOrders, arrays: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None = None
-              ) -> SiteReply:
+    def train(
+        self, orders: RoundOrders, arrays: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None = None
+    ) -> SiteReply:
         """Evaluate the received global model, train the round's parts locally, return them.
         A site the orders name as evaluation-only scores the model and returns no arrays."""
         if orders.role_of(self.site) == EVALUATE_ROLE:
@@ -177,23 +197,27 @@ class SiteRuntime:
         if self.max_train_memory_mb is not None:
             train_cfg = train_cfg.model_copy(update={"max_train_memory_mb": self.max_train_memory_mb})
         started = time.perf_counter()
-        logs = stage.train(model, train_set, orders, train_cfg, rng=rng, device=self.device, features=features,
-                           regularizer=regularizer)
+        logs = stage.train(
+            model, train_set, orders, train_cfg, rng=rng, device=self.device, features=features, regularizer=regularizer
+        )
         train_seconds = time.perf_counter() - started
         self._save_local_bn(model, plan)
-        metrics.update({
-            "num-examples": len(train_set),
-            "train-loss": float(np.mean([log.loss for log in logs])),
-            "train-seconds": train_seconds,
-            "eval-seconds": eval_seconds,
-        })
+        metrics.update(
+            {
+                "num-examples": len(train_set),
+                "train-loss": float(np.mean([log.loss for log in logs])),
+                "train-seconds": train_seconds,
+                "eval-seconds": eval_seconds,
+            }
+        )
         keys: Sequence[str] = plan.sent
         if orders.partial_replies:  # only what changed travels back
             keys = changed_keys(plan.sent, (k for k, _ in model.named_parameters()), updated_keys(logs))
         return SiteReply(subset(model.state_dict(), keys), proof, metrics)
 
-    def evaluate(self, orders: RoundOrders, arrays: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None = None
-                 ) -> SiteReply:
+    def evaluate(
+        self, orders: RoundOrders, arrays: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None = None
+    ) -> SiteReply:
         """Score the received global model on the validation split (an evaluation-only site: on all its data)."""
         role = orders.role_of(self.site)
         val_set = self._evaluation_set(orders) if role == EVALUATE_ROLE else self.datasets(orders)[1]
@@ -211,8 +235,9 @@ class SiteRuntime:
     def _cache(self) -> FeatureCache:
         return FeatureCache(self.state_dir / "features")
 
-    def _evaluate(self, model: GroupedNet, orders: RoundOrders, val_set: ImageSet, *, head_only: bool
-                  ) -> dict[str, Any]:
+    def _evaluate(
+        self, model: GroupedNet, orders: RoundOrders, val_set: ImageSet, *, head_only: bool
+    ) -> dict[str, Any]:
         """Local figures and the sufficient statistics of the validation split (no per-case data)."""
         if head_only:
             feats = self._cache().features(model, val_set.images, self.device)

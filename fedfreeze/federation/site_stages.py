@@ -6,6 +6,7 @@ from scratch and scores its merge. ``stage_for(orders)`` picks one; ``SiteRuntim
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ import torch
 from fedfreeze.config import ModelConfig, TrainConfig
 from fedfreeze.data.imageset import ImageSet
 from fedfreeze.federation.protocol import DUAL, RoundOrders
-from fedfreeze.models.dual import build_dual, merge_dual
+from fedfreeze.models.dual import DualNet, build_dual, merge_dual
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import build_model
 from fedfreeze.training.dual import train_dual
@@ -32,11 +33,30 @@ class StandardStage:
     def scored(self, model: GroupedNet) -> GroupedNet:
         return model
 
-    def train(self, model: GroupedNet, data: ImageSet, orders: RoundOrders, train_cfg: TrainConfig, *,
-              rng: np.random.Generator, device: torch.device, features: torch.Tensor | None,
-              regularizer: Regularizer) -> list[EpochLog]:
-        return train_phase(model, data.images, data.labels, orders.parts, train_cfg, epochs=orders.local_epochs,
-                           rng=rng, device=device, features=features, regularizer=regularizer)
+    def train(
+        self,
+        model: GroupedNet,
+        data: ImageSet,
+        orders: RoundOrders,
+        train_cfg: TrainConfig,
+        *,
+        rng: np.random.Generator,
+        device: torch.device,
+        features: torch.Tensor | None,
+        regularizer: Regularizer,
+    ) -> list[EpochLog]:
+        return train_phase(
+            model,
+            data.images,
+            data.labels,
+            orders.parts,
+            train_cfg,
+            epochs=orders.local_epochs,
+            rng=rng,
+            device=device,
+            features=features,
+            regularizer=regularizer,
+        )
 
 
 class DualStage(StandardStage):
@@ -47,19 +67,34 @@ class DualStage(StandardStage):
         return build_dual(cfg)
 
     def scored(self, model: GroupedNet) -> GroupedNet:
-        return merge_dual(model)  # type: ignore[arg-type]  # the joined output, exactly
+        return merge_dual(cast(DualNet, model))  # the joined output, exactly
 
-    def train(self, model: GroupedNet, data: ImageSet, orders: RoundOrders, train_cfg: TrainConfig, *,
-              rng: np.random.Generator, device: torch.device, features: torch.Tensor | None,
-              regularizer: Regularizer) -> list[EpochLog]:
+    def train(
+        self,
+        model: GroupedNet,
+        data: ImageSet,
+        orders: RoundOrders,
+        train_cfg: TrainConfig,
+        *,
+        rng: np.random.Generator,
+        device: torch.device,
+        features: torch.Tensor | None,
+        regularizer: Regularizer,
+    ) -> list[EpochLog]:
         dual_cfg = train_cfg.dual.model_copy(update={"lr": train_cfg.dual.lr * orders.lr_scale})
-        return list(train_dual(model, data.images, data.labels,  # type: ignore[arg-type]
-                          train_cfg.model_copy(update={"dual": dual_cfg}), epochs=orders.local_epochs,
-                          rng=rng, device=device, regularizer=regularizer))
+        return list(
+            train_dual(
+                cast(DualNet, model),
+                data.images,
+                data.labels,
+                train_cfg.model_copy(update={"dual": dual_cfg}),
+                epochs=orders.local_epochs,
+                rng=rng,
+                device=device,
+                regularizer=regularizer,
+            )
+        )
 
 
 def stage_for(orders: RoundOrders) -> StandardStage:
     return DualStage() if orders.stage == DUAL else StandardStage()
-
-
-

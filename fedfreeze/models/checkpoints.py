@@ -61,8 +61,7 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
     if conv1 is not None:
         return "torchvision"
     raise CheckpointError(
-        "cannot tell the checkpoint format from its keys "
-        f"(first keys: {list(state)[:4]}); set model.weights-format"
+        f"cannot tell the checkpoint format from its keys (first keys: {list(state)[:4]}); set model.weights-format"
     )
 
 

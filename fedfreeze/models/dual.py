@@ -77,8 +77,9 @@ class DualNet(GroupedNet):
     ``[i*C, (i+1)*C)``; ``pair`` builds it from the original and the augmented batch.
     """
 
-    def __init__(self, groups: OrderedDict[str, nn.Module], feature_dim: int, num_classes: int, dropout: float,
-                 branches: int) -> None:
+    def __init__(
+        self, groups: OrderedDict[str, nn.Module], feature_dim: int, num_classes: int, dropout: float, branches: int
+    ) -> None:
         super().__init__(groups, feature_dim, num_classes, dropout)
         stem_conv = _stem_conv(self)
         if stem_conv.branches != branches or feature_dim % branches:
@@ -90,8 +91,9 @@ class DualNet(GroupedNet):
     def pair(original: torch.Tensor, augmented: torch.Tensor) -> torch.Tensor:
         """Sub-model A's input and sub-model B's, stacked on the channel axis."""
         if original.shape != augmented.shape:
-            raise ValueError(f"both inputs should have one shape, got {tuple(original.shape)} and "
-                             f"{tuple(augmented.shape)}")
+            raise ValueError(
+                f"both inputs should have one shape, got {tuple(original.shape)} and {tuple(augmented.shape)}"
+            )
         return torch.cat([original, augmented], dim=1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,8 +116,10 @@ def _stem_conv(model: GroupedNet) -> RoutedConv:
     for module in model.groups["stem"].modules() if "stem" in model.groups else []:
         if isinstance(module, RoutedConv):
             return module
-    raise ConfigError("the dual recipe needs a lightweight backbone whose stem routes one input per sub-model "
-                      "(model.backbone = \"lwcnn\")")
+    raise ConfigError(
+        "the dual recipe needs a lightweight backbone whose stem routes one input per sub-model "
+        '(model.backbone = "lwcnn")'
+    )
 
 
 def branch_count(model: GroupedNet) -> int:
@@ -131,15 +135,23 @@ def build_dual(cfg: ModelConfig) -> DualNet:
     from fedfreeze.models.registry import build_model
 
     if cfg.weights != "none":
-        raise ConfigError(f"model.weights: the dual recipe trains from scratch; set weights = \"none\", got "
-                          f"{cfg.weights!r}")
+        raise ConfigError(
+            f'model.weights: the dual recipe trains from scratch; set weights = "none", got {cfg.weights!r}'
+        )
     single, _ = build_model(cfg)  # builds the groups, checks the backbone, sets the normalisation
     branches = branch_count(single)
     if branches < 2:
-        raise ConfigError(f"model.backbone: the dual recipe needs a backbone of two sub-models side by side "
-                          f"(lwcnn); {cfg.backbone!r} has {branches}")
-    dual = DualNet(OrderedDict(single.groups.items()), single.feature_dim, single.num_classes,
-                   float(single.head.dropout.p), branches)  # type: ignore[union-attr]
+        raise ConfigError(
+            f"model.backbone: the dual recipe needs a backbone of two sub-models side by side "
+            f"(lwcnn); {cfg.backbone!r} has {branches}"
+        )
+    dual = DualNet(
+        OrderedDict(single.groups.items()),
+        single.feature_dim,
+        single.num_classes,
+        float(single.head.dropout.p),
+        branches,
+    )  # type: ignore[union-attr]
     dual.normalize = single.normalize
     return dual
 
@@ -195,17 +207,17 @@ def branch_of(model: GroupedNet, index: int) -> GroupedNet:
             full = source[f"groups.{name}"] if name else None
             if isinstance(module, nn.Conv2d):
                 c = module.out_channels
-                module.weight.copy_(full.weight[index * c:(index + 1) * c])  # type: ignore[index,union-attr]
+                module.weight.copy_(full.weight[index * c : (index + 1) * c])  # type: ignore[index,union-attr]
             elif isinstance(module, nn.BatchNorm2d):
                 c = module.num_features
                 for key in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(module, key).copy_(getattr(full, key)[index * c:(index + 1) * c])
+                    getattr(module, key).copy_(getattr(full, key)[index * c : (index + 1) * c])
                 module.num_batches_tracked.copy_(full.num_batches_tracked)  # type: ignore[union-attr]
         f = feature_dim
         if isinstance(model, DualNet):
             single.head.fc.weight.copy_(model.head.weight[index])
             single.head.fc.bias.copy_(model.head.bias[index])
         else:
-            single.head.fc.weight.copy_(model.head.fc.weight[:, index * f:(index + 1) * f] * branches)
+            single.head.fc.weight.copy_(model.head.fc.weight[:, index * f : (index + 1) * f] * branches)
             single.head.fc.bias.copy_(model.head.fc.bias)
     return single.train(model.training)

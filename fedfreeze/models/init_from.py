@@ -88,12 +88,18 @@ def check_init_config(card: ModelCard, cfg: SiteConfig, folder: Path) -> tuple[s
     if names is not None and card.class_names != default_names and list(names) != list(card.class_names):
         raise mismatch("model.class-names", names, card.class_names)
     if cfg.train.recipe == "dual":
-        raise ConfigError(f"train.recipe: 'dual' builds its model from scratch, so it cannot start from the "
-                          f"--init model {folder}; use recipe = 'standard'")
+        raise ConfigError(
+            f"train.recipe: 'dual' builds its model from scratch, so it cannot start from the "
+            f"--init model {folder}; use recipe = 'standard'"
+        )
     wanted = model_adapter_groups(cfg.train)
     if wanted and card.adapter_groups and cfg.train.adapter_rank != card.adapter_rank:
-        raise mismatch("train.adapter-rank", cfg.train.adapter_rank, card.adapter_rank,
-                       " (its adapters and new ones share one rank)")
+        raise mismatch(
+            "train.adapter-rank",
+            cfg.train.adapter_rank,
+            card.adapter_rank,
+            " (its adapters and new ones share one rank)",
+        )
     return tuple(g for g in wanted if g not in card.adapter_groups)
 
 
@@ -109,8 +115,15 @@ def load_init(folder: str | Path, cfg: SiteConfig) -> InitModel:
     new_groups = check_init_config(card, cfg, folder)
     check_groups(cfg.train.unfreeze, list(model.groups))
     model.pretrained = True  # trained statistics: bn-stats "auto" keeps them frozen (resolve_bn_stats)
-    return InitModel(folder=folder, card=card, model=model, weights_sha256=file_sha256(folder / WEIGHTS_FILE),
-                     new_adapter_groups=new_groups, dropout=cfg.model.dropout, seed=cfg.train.seed)
+    return InitModel(
+        folder=folder,
+        card=card,
+        model=model,
+        weights_sha256=file_sha256(folder / WEIGHTS_FILE),
+        new_adapter_groups=new_groups,
+        dropout=cfg.model.dropout,
+        seed=cfg.train.seed,
+    )
 
 
 def data_class_names(init: InitModel, cfg: SiteConfig) -> list[str]:

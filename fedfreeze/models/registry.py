@@ -20,6 +20,7 @@ from fedfreeze.models.spec import BackboneSpec
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+
 def _lite0(in_channels: int) -> tuple[OrderedDict[str, nn.Module], int]:
     return OrderedDict(lite0_groups(in_channels)), LITE0_DIM
 
@@ -138,7 +139,7 @@ def _load_pretrained(model: GroupedNet, spec: BackboneSpec, cfg: ModelConfig) ->
     if not spec.key_maps:
         raise ConfigError(
             f"model.weights: {spec.name} has no pretrained weights (it trains from scratch); "
-            f"set weights = \"none\", got {cfg.weights!r}"
+            f'set weights = "none", got {cfg.weights!r}'
         )
     if cfg.weights == checkpoints.PACKAGE_WEIGHTS:
         if "efficientnet-lite0" not in spec.key_maps:
@@ -153,8 +154,7 @@ def _load_pretrained(model: GroupedNet, spec: BackboneSpec, cfg: ModelConfig) ->
     fmt = checkpoints.detect_format(state) if cfg.weights_format == "auto" else cfg.weights_format
     if fmt not in spec.key_maps:
         raise CheckpointError(
-            f"{path}: a {fmt} checkpoint cannot be loaded into {spec.name} "
-            f"(it takes {sorted(spec.key_maps)})"
+            f"{path}: a {fmt} checkpoint cannot be loaded into {spec.name} (it takes {sorted(spec.key_maps)})"
         )
     try:
         mapped = checkpoints.remap(state, fmt, spec.key_maps[fmt]())

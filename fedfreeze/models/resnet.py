@@ -12,12 +12,11 @@ def resnet_groups(depth: int, in_channels: int) -> tuple[OrderedDict[str, nn.Mod
     if depth not in (18, 50):
         raise ValueError(f"resnet depth should be 18 or 50, got {depth}")
     from torchvision.models import resnet18, resnet50  # here: only ResNet users pay torchvision's import
+
     net = (resnet18 if depth == 18 else resnet50)(weights=None)
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    stem = nn.Sequential(
-        OrderedDict(conv1=net.conv1, bn1=net.bn1, relu=net.relu, maxpool=net.maxpool)
-    )
+    stem = nn.Sequential(OrderedDict(conv1=net.conv1, bn1=net.bn1, relu=net.relu, maxpool=net.maxpool))
     groups: OrderedDict[str, nn.Module] = OrderedDict(stem=stem)
     for name in ("layer1", "layer2", "layer3", "layer4"):
         groups[name] = getattr(net, name)

@@ -43,8 +43,9 @@ class StageEpochLog(EpochLog):
 
 
 def augment_settings(cfg: DualConfig) -> DualAugmentSettings:
-    return DualAugmentSettings(rotation=cfg.rotation, zoom=cfg.zoom, translation=cfg.translation,
-                               brightness=cfg.brightness)
+    return DualAugmentSettings(
+        rotation=cfg.rotation, zoom=cfg.zoom, translation=cfg.translation, brightness=cfg.brightness
+    )
 
 
 def dual_optimizer(
@@ -54,15 +55,17 @@ def dual_optimizer(
     and a one-cycle schedule over the stage's steps."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.dual.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.dual.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.dual.lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.dual.lr, total_steps=max(total_steps, 1), pct_start=0.3, anneal_strategy="cos",
+        optimizer,
+        max_lr=cfg.dual.lr,
+        total_steps=max(total_steps, 1),
+        pct_start=0.3,
+        anneal_strategy="cos",
         cycle_momentum=False,
     )
     return optimizer, scheduler
-
 
 
 @contextlib.contextmanager
@@ -86,6 +89,7 @@ def flushed_denormals() -> Iterator[None]:
 
 
 _flush_depth = 0  # nesting of flushed_denormals (fit_dual holds it around train_dual and the merged phases)
+
 
 def train_dual(
     model: DualNet,
@@ -135,8 +139,14 @@ def train_dual(
                 optimizer.step()
                 scheduler.step()
                 losses.append(float(torch.stack(branch_losses).detach().mean()))
-            log = StageEpochLog(epoch=first_epoch + epoch, parts=sorted(model.parts), loss=float(np.mean(losses)),
-                                seconds=time.perf_counter() - start, cached_features=False, stage=DUAL_STAGE)
+            log = StageEpochLog(
+                epoch=first_epoch + epoch,
+                parts=sorted(model.parts),
+                loss=float(np.mean(losses)),
+                seconds=time.perf_counter() - start,
+                cached_features=False,
+                stage=DUAL_STAGE,
+            )
             logs.append(log)
             if on_epoch is not None:
                 on_epoch(log)
@@ -170,7 +180,15 @@ def fit_dual(
         return StageEpochLog(**{**vars(log), "epoch": log.epoch + offset}, stage=MERGED_STAGE)
 
     with flushed_denormals():  # the merged model's fine-tuning too (the weights trained from scratch)
-        merged_logs = fit(merged, images, labels, cfg, rng=rng, device=device, probe_features=probe_features,
-                          on_epoch=None if on_epoch is None else lambda log: on_epoch(staged(log)))
+        merged_logs = fit(
+            merged,
+            images,
+            labels,
+            cfg,
+            rng=rng,
+            device=device,
+            probe_features=probe_features,
+            on_epoch=None if on_epoch is None else lambda log: on_epoch(staged(log)),
+        )
     logs += [staged(log) for log in merged_logs]
     return merged, logs

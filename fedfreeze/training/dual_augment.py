@@ -27,8 +27,12 @@ class DualAugmentSettings:
     brightness: float = 0.1  # added to every pixel (pixels in [0, 1]), uniform in [-b, b], then clipped
 
     def __post_init__(self) -> None:
-        checks = {"rotation": (self.rotation, 0.0, 180.0), "zoom": (self.zoom, 0.0, 0.99),
-                  "translation": (self.translation, 0.0, 0.5), "brightness": (self.brightness, 0.0, 1.0)}
+        checks = {
+            "rotation": (self.rotation, 0.0, 180.0),
+            "zoom": (self.zoom, 0.0, 0.99),
+            "translation": (self.translation, 0.0, 0.5),
+            "brightness": (self.brightness, 0.0, 1.0),
+        }
         for name, (value, low, high) in checks.items():
             if not low <= value <= high:
                 raise ValueError(f"dual.{name} should be in [{low}, {high}], got {value}")

@@ -83,8 +83,9 @@ def freeze_units(model: GroupedNet, parts: Iterable[str]) -> tuple[list[FreezeUn
         params = tuple((f"{name}.{p_name}", p) for p_name, p in module.named_parameters(recurse=False))
         units.append(FreezeUnit(key, weight, params))
         in_units |= {id(p) for _, p in params}
-    always = [(key, p) for key, p in model.named_parameters()
-              if model.part_of_key(key) in parts and id(p) not in in_units]
+    always = [
+        (key, p) for key, p in model.named_parameters() if model.part_of_key(key) in parts and id(p) not in in_units
+    ]
     return units, always
 
 
@@ -167,8 +168,10 @@ class DynamicFreezer:
         then by score; remaining ties broken by a permutation drawn from the seed."""
         sweep = self.sweep_steps()
         tiebreak = self.rng.permutation(len(self.units))
-        keyed = [(-self.scores.get(u.key, math.inf), sweep.get(u.key, 0), int(t), i)
-                 for i, (u, t) in enumerate(zip(self.units, tiebreak, strict=False))]
+        keyed = [
+            (-self.scores.get(u.key, math.inf), sweep.get(u.key, 0), int(t), i)
+            for i, (u, t) in enumerate(zip(self.units, tiebreak, strict=False))
+        ]
         return [self.units[k[-1]] for k in sorted(keyed)]
 
     def choose(self, optimizer: torch.optim.Optimizer | None = None) -> list[FreezeUnit]:
@@ -202,5 +205,10 @@ class DynamicFreezer:
                 param.requires_grad_(True)
 
     def summary(self) -> dict[str, object]:
-        return {"rate": self.rate, "candidates": len(self.units), "trained_per_step": self.n_train,
-                "always_trained": len(self.always), "scored": sum(u.key in self.scores for u in self.units)}
+        return {
+            "rate": self.rate,
+            "candidates": len(self.units),
+            "trained_per_step": self.n_train,
+            "always_trained": len(self.always),
+            "scored": sum(u.key in self.scores for u in self.units),
+        }

@@ -89,8 +89,10 @@ def extract_features(
     """Pooled backbone features of every image, computed in eval mode without autograd."""
     was_training = model.training
     model.eval()
-    feats = [model.features(to_unit(images[i : i + batch_size], device)).float().cpu()
-             for i in range(0, len(images), batch_size)]
+    feats = [
+        model.features(to_unit(images[i : i + batch_size], device)).float().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     model.train(was_training)
     return torch.cat(feats) if feats else torch.empty(0, model.feature_dim)
 
@@ -154,9 +156,15 @@ def train_phase(
     freezer = None
     if plan.choice.rate is not None and not head_only:
         dyn = cfg.dynamic_freeze
-        freezer = DynamicFreezer(model, parts, plan.choice.rate, seed=[cfg.seed if dyn.seed is None else dyn.seed,
-                                 first_epoch], scores=freeze_scores, drop_optimizer_state=dyn.optimizer_state == "drop",
-                                 input_sizes=unit_input_sizes(model, parts, trace))
+        freezer = DynamicFreezer(
+            model,
+            parts,
+            plan.choice.rate,
+            seed=[cfg.seed if dyn.seed is None else dyn.seed, first_epoch],
+            scores=freeze_scores,
+            drop_optimizer_state=dyn.optimizer_state == "drop",
+            input_sizes=unit_input_sizes(model, parts, trace),
+        )
     lean = activation_context(plan.choice.storage)
     labels_np = labels.numpy()
     all_targets = targets_for(labels, model.num_classes)
@@ -195,9 +203,17 @@ def train_phase(
                 optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-        log = EpochLog(first_epoch + epoch, sorted(parts), float(np.mean(losses)),
-                       time.perf_counter() - start, use_features, batch, tuple(sorted(trained)),
-                       None if freezer is None else freezer.summary(), plan.record() if epoch == 0 else None)
+        log = EpochLog(
+            first_epoch + epoch,
+            sorted(parts),
+            float(np.mean(losses)),
+            time.perf_counter() - start,
+            use_features,
+            batch,
+            tuple(sorted(trained)),
+            None if freezer is None else freezer.summary(),
+            plan.record() if epoch == 0 else None,
+        )
         logs.append(log)
         if on_epoch is not None:
             on_epoch(log)
@@ -223,8 +239,13 @@ def reestimate_bn_stats(model: GroupedNet, images: torch.Tensor, device: torch.d
 
 
 @torch.no_grad()
-def average_bn_stats(model: torch.nn.Module, layers: list[torch.nn.modules.batchnorm._BatchNorm],
-                     images: torch.Tensor, device: torch.device, batch: int) -> None:
+def average_bn_stats(
+    model: torch.nn.Module,
+    layers: list[torch.nn.modules.batchnorm._BatchNorm],
+    images: torch.Tensor,
+    device: torch.device,
+    batch: int,
+) -> None:
     """Reset ``layers`` (in training mode) and set their running statistics to the cumulative average over
     the batches of ``images``; a failed pass leaves the statistics as they were. The one implementation
     behind the engine's re-estimation and AdaBN (``fedfreeze.adaptation.batchnorm``)."""
@@ -270,16 +291,25 @@ def fit(
     for phase in schedule_of(cfg):
         feats = probe_features if phase.probe and not cfg.probe_augment else None
         logs += train_phase(
-            model, images, labels, phase.parts, cfg, epochs=phase.steps, rng=rng, device=device,
-            features=feats, first_epoch=phase.start, on_epoch=on_epoch, freeze_scores=scores,
+            model,
+            images,
+            labels,
+            phase.parts,
+            cfg,
+            epochs=phase.steps,
+            rng=rng,
+            device=device,
+            features=feats,
+            first_epoch=phase.start,
+            on_epoch=on_epoch,
+            freeze_scores=scores,
         )
     return logs
 
 
 def schedule_of(cfg: TrainConfig) -> list[Phase]:
     """The site schedule in epochs."""
-    return phases(probe_steps=cfg.probe_epochs, finetune_steps=cfg.epochs, unfreeze=cfg.unfreeze,
-                  method=cfg.method)
+    return phases(probe_steps=cfg.probe_epochs, finetune_steps=cfg.epochs, unfreeze=cfg.unfreeze, method=cfg.method)
 
 
 def model_adapter_groups(cfg: TrainConfig) -> list[str]:

@@ -95,8 +95,12 @@ class MemoryPlan:
     rejected: int = 0  # configurations tried before this one that did not fit
 
     def record(self) -> dict[str, Any]:
-        return {**asdict(self.choice), "budget_mb": self.budget_mb, "estimate_mb": self.estimate_mb,
-                "rejected_configurations": self.rejected}
+        return {
+            **asdict(self.choice),
+            "budget_mb": self.budget_mb,
+            "estimate_mb": self.estimate_mb,
+            "rejected_configurations": self.rejected,
+        }
 
     def describe(self) -> str:
         c = self.choice
@@ -153,8 +157,13 @@ class PhaseProfile:
             optimizer = 2 * (grads if drop_optimizer_state else self.phase_params)
             activations = b * (self.base + top_inputs)
         transient = b * (TRANSIENT_ACTIVATIONS * self.largest_activation + TRANSIENT_INPUTS * self.input_image)
-        parts = {"weights": self.weights, "optimizer": optimizer, "gradients": grads + snapshot,
-                 "activations": activations, "transient": transient}
+        parts = {
+            "weights": self.weights,
+            "optimizer": optimizer,
+            "gradients": grads + snapshot,
+            "activations": activations,
+            "transient": transient,
+        }
         out = {k: v / MB for k, v in parts.items()}
         out["total"] = sum(out.values())
         return out
@@ -207,8 +216,9 @@ def _trace(model: GroupedNet, example: torch.Tensor, storage: str) -> float:
     return meter.peak / len(example)
 
 
-def profile_phase(model: GroupedNet, parts: frozenset[str], cfg: TrainConfig, example: torch.Tensor,
-                  storages: list[str]) -> PhaseProfile:
+def profile_phase(
+    model: GroupedNet, parts: frozenset[str], cfg: TrainConfig, example: torch.Tensor, storages: list[str]
+) -> PhaseProfile:
     """Measure a phase: fixed bytes, the inputs of every candidate layer and the saved bytes per image."""
     units, always = freeze_units(model, parts)
     phase = [p for part in parts for p in model.part_modules(part).parameters()]
@@ -236,13 +246,16 @@ def profile_phase(model: GroupedNet, parts: frozenset[str], cfg: TrainConfig, ex
             for storage in storages:
                 profile.saved[storage] = _trace(model, example, storage)
     profile.largest_activation = largest
-    profile.units = [UnitCost(u.key, u.numel * u.weight.element_size(), inputs.get(id(u.weight), 0.0),
-                              example.element_size()) for u in units]
+    profile.units = [
+        UnitCost(u.key, u.numel * u.weight.element_size(), inputs.get(id(u.weight), 0.0), example.element_size())
+        for u in units
+    ]
     return profile
 
 
-def plan_phase(model: GroupedNet, parts: frozenset[str], cfg: TrainConfig, *, n: int,
-               example: torch.Tensor | None) -> MemoryPlan:
+def plan_phase(
+    model: GroupedNet, parts: frozenset[str], cfg: TrainConfig, *, n: int, example: torch.Tensor | None
+) -> MemoryPlan:
     """The phase's batch size, freezing rate and storage: as configured, or fitted to the budget.
 
     ``example`` is a batch of the phase's images as the model receives them; ``None`` (the head

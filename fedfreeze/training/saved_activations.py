@@ -118,9 +118,17 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size, order: list[int]) -> to
 # ---------------------------------------------------------------------- autograd functions
 class _Conv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int,
-                storage: str) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+        storage: str,
+    ) -> torch.Tensor:
         out = torch.conv2d(x, weight, bias, stride, padding, dilation, groups)
         keep = _pack_input(x, storage) if weight.requires_grad else ()
         ctx.save_for_backward(weight, *keep)
@@ -135,7 +143,16 @@ class _Conv2d(torch.autograd.Function):
         # without a kept input, a zero-stride placeholder gives the shape (torch.nn.grad does the same)
         x = _unpack_input(tuple(keep)) if keep else grad.new_empty(1).expand(x_shape)
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            grad, x, weight, bias_sizes, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+            grad,
+            x,
+            weight,
+            bias_sizes,
+            list(stride),
+            list(padding),
+            list(dilation),
+            False,
+            [0, 0],
+            groups,
             [need_x, need_w and bool(keep), need_b],
         )
         return gx, gw, gb, None, None, None, None, None
@@ -143,8 +160,9 @@ class _Conv2d(torch.autograd.Function):
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                storage: str) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, storage: str
+    ) -> torch.Tensor:
         out = F.linear(x, weight, bias)
         keep = _pack_input(x, storage) if weight.requires_grad else ()
         ctx.save_for_backward(weight, *keep)
@@ -168,10 +186,19 @@ class _BatchNormEval(torch.autograd.Function):
     """BatchNorm normalising with its running statistics: an affine map per channel."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
-                weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, storage: str) -> torch.Tensor:
-        out = torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
-                               torch.backends.cudnn.enabled)
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+        storage: str,
+    ) -> torch.Tensor:
+        out = torch.batch_norm(
+            x, weight, bias, running_mean, running_var, False, 0.0, eps, torch.backends.cudnn.enabled
+        )
         invstd = (running_var.detach() + eps).rsqrt()
         scale = invstd if weight is None else invstd * weight.detach()
         if weight is not None and weight.requires_grad:  # its gradient needs the normalised input
@@ -200,8 +227,9 @@ class _Clamp(torch.autograd.Function):
     """ReLU / ReLU6 / hardtanh: the gradient passes where the output is strictly inside (lo, hi)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, fn: Callable[..., torch.Tensor], lo: float, hi: float | None,
-                inplace: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, fn: Callable[..., torch.Tensor], lo: float, hi: float | None, inplace: bool
+    ) -> torch.Tensor:
         out = fn(x)
         if inplace:
             ctx.mark_dirty(x)
@@ -228,8 +256,15 @@ class _MaxPool2d(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-                padding: tuple[int, int], dilation: tuple[int, int], ceil_mode: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        kernel: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        ceil_mode: bool,
+    ) -> torch.Tensor:
         out, index = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
         rows, cols = _window_origins(out.shape, stride, padding, x.device)
         width = x.shape[-1]
@@ -262,8 +297,9 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def _window_origins(out_shape: torch.Size, stride: tuple[int, int], padding: tuple[int, int],
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_origins(
+    out_shape: torch.Size, stride: tuple[int, int], padding: tuple[int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top row and left column of every output's pooling window in the input."""
     rows = torch.arange(out_shape[-2], device=device).view(-1, 1) * stride[0] - padding[0]
     cols = torch.arange(out_shape[-1], device=device).view(1, -1) * stride[1] - padding[1]
@@ -316,27 +352,46 @@ class LeanActivations(TorchFunctionMode):
         return out
 
     # handlers: same signatures as the functions they stand in for
-    def _conv2d(self, func: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1) -> torch.Tensor:
+    def _conv2d(
+        self,
+        func: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+    ) -> torch.Tensor:
         if isinstance(padding, str) or not _needs_graph(x, weight, bias):
             return self._observe(weight, x, func(x, weight, bias, stride, padding, dilation, groups))
         out = _Conv2d.apply(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups, self.storage)
         return self._observe(weight, x, out)
 
-    def _linear(self, func: Any, x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+    def _linear(
+        self, func: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if not _needs_graph(x, weight, bias):
             return self._observe(weight, x, func(x, weight, bias))
         return self._observe(weight, x, _Linear.apply(x, weight, bias, self.storage))
 
-    def _batch_norm(self, func: Any, x: torch.Tensor, running_mean: torch.Tensor | None,
-                    running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
-                    bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
-                    eps: float = 1e-5) -> torch.Tensor:
+    def _batch_norm(
+        self,
+        func: Any,
+        x: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        training: bool = False,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+    ) -> torch.Tensor:
         plain = training or running_mean is None or running_var is None or not _needs_graph(x, weight, bias)
         if plain:
-            out = func(x, running_mean, running_var, weight=weight, bias=bias, training=training,
-                       momentum=momentum, eps=eps)
+            out = func(
+                x, running_mean, running_var, weight=weight, bias=bias, training=training, momentum=momentum, eps=eps
+            )
         else:
             out = _BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps, self.storage)
         return self._observe(weight, x, out)
@@ -356,8 +411,9 @@ class LeanActivations(TorchFunctionMode):
     def _relu6(self, func: Any, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
         return self._hardtanh(F.hardtanh, x, 0.0, 6.0, inplace)
 
-    def _hardtanh(self, func: Any, x: torch.Tensor, min_val: float = -1.0, max_val: float = 1.0,
-                  inplace: bool = False) -> torch.Tensor:
+    def _hardtanh(
+        self, func: Any, x: torch.Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False
+    ) -> torch.Tensor:
         if not _needs_graph(x) or min_val > max_val:
             return func(x, min_val, max_val, inplace)
         op = torch._C._nn.hardtanh_ if inplace else torch._C._nn.hardtanh
@@ -367,8 +423,17 @@ class LeanActivations(TorchFunctionMode):
 
         return _Clamp.apply(x, fn, min_val, max_val, inplace)
 
-    def _max_pool2d(self, func: Any, x: torch.Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0,
-                    dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False) -> Any:
+    def _max_pool2d(
+        self,
+        func: Any,
+        x: torch.Tensor,
+        kernel_size: Any,
+        stride: Any = None,
+        padding: Any = 0,
+        dilation: Any = 1,
+        ceil_mode: bool = False,
+        return_indices: bool = False,
+    ) -> Any:
         kernel = _pair(kernel_size)
         if return_indices or not _needs_graph(x) or x.dim() != 4 or kernel[0] * kernel[1] > 256:
             return func(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=return_indices)

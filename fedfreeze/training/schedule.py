@@ -49,9 +49,7 @@ def check_groups(unfreeze: Mapping[str, float], groups: Sequence[str]) -> None:
     """Every group the schedule names must exist in the backbone."""
     unknown = sorted(set(unfreeze) - set(groups))
     if unknown:
-        raise ConfigError(
-            f"train.unfreeze names unknown group(s) {unknown}; this backbone's groups are {list(groups)}"
-        )
+        raise ConfigError(f"train.unfreeze names unknown group(s) {unknown}; this backbone's groups are {list(groups)}")
 
 
 def unfreeze_step(fraction: float, finetune_steps: int) -> int:

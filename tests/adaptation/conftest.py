@@ -35,8 +35,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     device = torch.device("cpu")
     feats = extract_features(model, data.images, device)
     fit(model, data.images, data.labels, cfg.train, rng=np.random.default_rng(0), device=device, probe_features=feats)
-    card = make_card(model, cfg.model, threshold=STORED_THRESHOLD, class_names=CLASSES,
-                     trained_by="tests/adaptation", notes={"data": "kermany_mini/train"})
+    card = make_card(
+        model,
+        cfg.model,
+        threshold=STORED_THRESHOLD,
+        class_names=CLASSES,
+        trained_by="tests/adaptation",
+        notes={"data": "kermany_mini/train"},
+    )
     return save_model(tmp_path_factory.mktemp("model") / "m", model, card)
 
 

@@ -28,15 +28,33 @@ def split_by_patient(rows: list[dict[str, str]]) -> tuple[list[dict[str, str]], 
     return [r for r in rows if r["patient_id"] in fitting], [r for r in rows if r["patient_id"] not in fitting]
 
 
-def test_labelled_adaptation_is_recorded_and_applied_by_evaluate(model_dir: Path, test_rows, tmp_path: Path,
-                                                                  capsys) -> None:
+def test_labelled_adaptation_is_recorded_and_applied_by_evaluate(
+    model_dir: Path, test_rows, tmp_path: Path, capsys
+) -> None:
     fitting, held_out = split_by_patient(test_rows)
     fit_csv = write_rows(tmp_path / "fit.csv", fitting, ["path", "label", "patient_id"])
     held_csv = write_rows(tmp_path / "held.csv", held_out, ["path", "label", "patient_id"])
     out = tmp_path / "adapted"
-    code = main(["adapt", "--model", str(model_dir), "--data", str(fit_csv), "--out", str(out), "--quiet",
-                 "--calibrate", "platt", "--threshold-rule", "target-sensitivity", "--target-sensitivity", "0.9",
-                 "--bootstrap", "300"])
+    code = main(
+        [
+            "adapt",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(fit_csv),
+            "--out",
+            str(out),
+            "--quiet",
+            "--calibrate",
+            "platt",
+            "--threshold-rule",
+            "target-sensitivity",
+            "--target-sensitivity",
+            "0.9",
+            "--bootstrap",
+            "300",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "optimistic" in printed.lower() and "Platt scaling a =" in printed and "target sensitivity 0.9" in printed
@@ -73,10 +91,40 @@ def test_a_second_adaptation_composes_with_the_first(model_dir: Path, test_rows,
     fitting, _ = split_by_patient(test_rows)
     first, second = tmp_path / "first", tmp_path / "second"
     labelled = write_rows(tmp_path / "fit.csv", fitting, ["path", "label", "patient_id"])
-    assert main(["adapt", "--model", str(model_dir), "--data", str(labelled), "--out", str(first), "--quiet",
-                 "--bootstrap", "50"]) == 0
-    assert main(["adapt", "--model", str(first), "--data", str(labelled), "--out", str(second), "--quiet",
-                 "--bootstrap", "50"]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(labelled),
+                "--out",
+                str(first),
+                "--quiet",
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "adapt",
+                "--model",
+                str(first),
+                "--data",
+                str(labelled),
+                "--out",
+                str(second),
+                "--quiet",
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     one, two = json.loads((first / "model.json").read_text()), json.loads((second / "model.json").read_text())
     assert [a["kind"] for a in two["adaptations"]] == ["recalibration-temperature+threshold-youden"] * 2
     assert two["adaptations"][1]["source_model"] == str(first.resolve())
@@ -98,36 +146,52 @@ def run(args: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_bad_inputs_exit_2_with_one_line(model_dir: Path, test_rows, tmp_path: Path, three_class_model: Path,
-                                          capsys) -> None:
+def test_bad_inputs_exit_2_with_one_line(
+    model_dir: Path, test_rows, tmp_path: Path, three_class_model: Path, capsys
+) -> None:
     unlabelled = write_rows(tmp_path / "u.csv", test_rows[::4], ["path", "patient_id"])
     labelled = write_rows(tmp_path / "l.csv", test_rows[::4], ["path", "label", "patient_id"])
     empty = write_rows(tmp_path / "empty.csv", [], ["path", "patient_id"])
     out = str(tmp_path / "out")
     m = str(model_dir)
     cases = {
-        "empty manifest": (["--model", m, "--data", str(empty), "--out", out],
-                           r"empty\.csv is empty: it has a header but no rows"),
-        "labels requested": (["--model", m, "--data", str(unlabelled), "--out", out, "--labels", "use"],
-                             rf"labels requested but {unlabelled} has no label column"),
-        "not a model folder": (["--model", str(tmp_path), "--data", str(unlabelled), "--out", out],
-                               r"is not a model folder: model\.json is missing"),
-        "multi-class EM": (["--model", str(three_class_model), "--data", str(unlabelled), "--out", out],
-                           r"has 3 classes: prevalence estimation \(EM\) is for binary models only"),
-        "multi-class labels": (["--model", str(three_class_model), "--data", str(labelled), "--out", out],
-                               r"has 3 classes: recalibration and threshold choice are for binary models only"),
-        "labelled option without labels": (["--model", m, "--data", str(unlabelled), "--out", out,
-                                            "--calibrate", "platt"],
-                                           r"--calibrate do\(es\) not apply here: no labels are used"),
-        "unlabelled option with labels": (["--model", m, "--data", str(labelled), "--out", out,
-                                           "--objective", "accuracy"],
-                                          r"--objective do\(es\) not apply here: the labelled cases are used"),
-        "nothing to do": (["--model", m, "--data", str(unlabelled), "--out", out, "--prevalence", "none"],
-                          r"nothing to adapt"),
-        "out is the source": (["--model", m, "--data", str(unlabelled), "--out", m],
-                              r"is the source model folder"),
-        "train prior": (["--model", m, "--data", str(unlabelled), "--out", out, "--train-prior", "1.5"],
-                        r"--train-prior should be a prevalence strictly between 0 and 1, got 1\.5"),
+        "empty manifest": (
+            ["--model", m, "--data", str(empty), "--out", out],
+            r"empty\.csv is empty: it has a header but no rows",
+        ),
+        "labels requested": (
+            ["--model", m, "--data", str(unlabelled), "--out", out, "--labels", "use"],
+            rf"labels requested but {unlabelled} has no label column",
+        ),
+        "not a model folder": (
+            ["--model", str(tmp_path), "--data", str(unlabelled), "--out", out],
+            r"is not a model folder: model\.json is missing",
+        ),
+        "multi-class EM": (
+            ["--model", str(three_class_model), "--data", str(unlabelled), "--out", out],
+            r"has 3 classes: prevalence estimation \(EM\) is for binary models only",
+        ),
+        "multi-class labels": (
+            ["--model", str(three_class_model), "--data", str(labelled), "--out", out],
+            r"has 3 classes: recalibration and threshold choice are for binary models only",
+        ),
+        "labelled option without labels": (
+            ["--model", m, "--data", str(unlabelled), "--out", out, "--calibrate", "platt"],
+            r"--calibrate do\(es\) not apply here: no labels are used",
+        ),
+        "unlabelled option with labels": (
+            ["--model", m, "--data", str(labelled), "--out", out, "--objective", "accuracy"],
+            r"--objective do\(es\) not apply here: the labelled cases are used",
+        ),
+        "nothing to do": (
+            ["--model", m, "--data", str(unlabelled), "--out", out, "--prevalence", "none"],
+            r"nothing to adapt",
+        ),
+        "out is the source": (["--model", m, "--data", str(unlabelled), "--out", m], r"is the source model folder"),
+        "train prior": (
+            ["--model", m, "--data", str(unlabelled), "--out", out, "--train-prior", "1.5"],
+            r"--train-prior should be a prevalence strictly between 0 and 1, got 1\.5",
+        ),
     }
     for name, (args, message) in cases.items():
         code, err = run(args, capsys)
@@ -140,8 +204,25 @@ def test_bad_inputs_exit_2_with_one_line(model_dir: Path, test_rows, tmp_path: P
 def test_multi_class_model_can_reestimate_batchnorm_alone(three_class_model: Path, test_rows, tmp_path: Path) -> None:
     data = write_rows(tmp_path / "u.csv", test_rows[::4], ["path", "patient_id"])
     out = tmp_path / "adapted"
-    assert main(["adapt", "--model", str(three_class_model), "--data", str(data), "--out", str(out), "--quiet",
-                 "--bn", "reestimate", "--prevalence", "none"]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                "--model",
+                str(three_class_model),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--quiet",
+                "--bn",
+                "reestimate",
+                "--prevalence",
+                "none",
+            ]
+        )
+        == 0
+    )
     _, card = load_model(out)
     assert card.adaptations[-1]["kind"] == "batchnorm-statistics" and card.calibration is None
     assert np.isclose(card.threshold, load_model(three_class_model)[1].threshold)

@@ -72,10 +72,42 @@ def sha256(path: Path) -> str:
 def test_adapted_folder_differs_only_in_running_statistics(model_dir: Path, test_rows, tmp_path: Path) -> None:
     data = write_rows(tmp_path / "site.csv", test_rows[::2], ["path", "patient_id"])
     bn_out, keep_out = tmp_path / "bn", tmp_path / "keep"
-    assert main(["adapt", "--model", str(model_dir), "--data", str(data), "--out", str(bn_out), "--quiet",
-                 "--bn", "reestimate", "--prevalence", "none"]) == 0
-    assert main(["adapt", "--model", str(model_dir), "--data", str(data), "--out", str(keep_out), "--quiet",
-                 "--bootstrap", "50"]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(bn_out),
+                "--quiet",
+                "--bn",
+                "reestimate",
+                "--prevalence",
+                "none",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "adapt",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(keep_out),
+                "--quiet",
+                "--bootstrap",
+                "50",
+            ]
+        )
+        == 0
+    )
     source = torch.load(model_dir / "weights.pt", weights_only=True)
     adapted = torch.load(bn_out / "weights.pt", weights_only=True)
     assert source.keys() == adapted.keys()

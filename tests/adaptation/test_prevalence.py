@@ -38,23 +38,29 @@ def test_em_uses_the_training_prior() -> None:
     scores, y = calibrated_scores(0.3, 20000, seed=2)
     # the same cases scored by a model trained at prior 0.8: posterior logit shifted by logit(0.8)
     shifted = 1.0 / (1.0 + np.exp(-(logit(scores) + logit(0.8))))
-    assert em_prevalence(shifted, train_prior=0.8).prevalence == pytest.approx(em_prevalence(scores).prevalence,
-                                                                                abs=1e-6)
+    assert em_prevalence(shifted, train_prior=0.8).prevalence == pytest.approx(
+        em_prevalence(scores).prevalence, abs=1e-6
+    )
 
 
 def test_em_fixed_point_is_the_maximum_likelihood_prior() -> None:
     scores, _ = calibrated_scores(0.35, 500, seed=3)
     u, v = scores / 0.5, (1 - scores) / 0.5
-    direct = minimize_scalar(lambda pi: -np.log(pi * u + (1 - pi) * v).sum(), bounds=(1e-9, 1 - 1e-9),
-                             method="bounded", options={"xatol": 1e-12}).x
+    direct = minimize_scalar(
+        lambda pi: -np.log(pi * u + (1 - pi) * v).sum(),
+        bounds=(1e-9, 1 - 1e-9),
+        method="bounded",
+        options={"xatol": 1e-12},
+    ).x
     assert em_prevalence(scores).prevalence == pytest.approx(direct, abs=1e-6)
     assert likelihood_prevalence(scores, np.ones((1, len(scores))), 0.5)[0] == pytest.approx(direct, abs=1e-9)
     # a weight of 2 is the same as the case listed twice (what a bootstrap replicate relies on)
     weights = np.ones(len(scores))
     weights[:100] = 2
     doubled = np.r_[scores, scores[:100]]
-    assert likelihood_prevalence(scores, weights[None], 0.5)[0] == pytest.approx(em_prevalence(doubled).prevalence,
-                                                                                 abs=1e-6)
+    assert likelihood_prevalence(scores, weights[None], 0.5)[0] == pytest.approx(
+        em_prevalence(doubled).prevalence, abs=1e-6
+    )
 
 
 def test_bootstrap_resamples_patients_not_images() -> None:
@@ -62,8 +68,7 @@ def test_bootstrap_resamples_patients_not_images() -> None:
     one_each = estimate_prevalence(scores, [str(i) for i in range(200)], replicates=400)
     # every image listed 5 times under its own patient: the same evidence, so the same interval;
     # counted as independent images it would shrink by sqrt(5)
-    repeated = estimate_prevalence(np.repeat(scores, 5), [str(i) for i in np.repeat(np.arange(200), 5)],
-                                   replicates=400)
+    repeated = estimate_prevalence(np.repeat(scores, 5), [str(i) for i in np.repeat(np.arange(200), 5)], replicates=400)
     assert repeated.prevalence == pytest.approx(one_each.prevalence, abs=1e-6)
     width, width_repeated = one_each.ci_high - one_each.ci_low, repeated.ci_high - repeated.ci_low
     assert width_repeated == pytest.approx(width, rel=0.25)
@@ -74,8 +79,9 @@ def resample(rows: list[dict[str, str]], positives: int, negatives: int, seed: i
     rng = np.random.default_rng(seed)
     pos = [r for r in rows if r["label"] == "1"]
     neg = [r for r in rows if r["label"] == "0"]
-    return [pos[i] for i in rng.choice(len(pos), positives, replace=False)] + \
-        [neg[i] for i in rng.choice(len(neg), negatives, replace=False)]
+    return [pos[i] for i in rng.choice(len(pos), positives, replace=False)] + [
+        neg[i] for i in rng.choice(len(neg), negatives, replace=False)
+    ]
 
 
 def test_adapt_estimates_known_prevalences_of_real_images(model_dir: Path, test_rows, tmp_path: Path) -> None:
@@ -90,8 +96,23 @@ def test_adapt_estimates_known_prevalences_of_real_images(model_dir: Path, test_
         chosen = resample(test_rows, positives, negatives, seed=7)
         data = write_rows(tmp_path / f"{name}.csv", chosen, ["path", "patient_id"])
         out = tmp_path / f"adapted-{name}"
-        assert main(["adapt", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--quiet",
-                     "--bootstrap", "500"]) == 0
+        assert (
+            main(
+                [
+                    "adapt",
+                    "--model",
+                    str(model_dir),
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(out),
+                    "--quiet",
+                    "--bootstrap",
+                    "500",
+                ]
+            )
+            == 0
+        )
         record = json.loads((out / "model.json").read_text())["adaptations"][-1]
         estimate = record["prevalence"]
         truth = positives / (positives + negatives)
@@ -102,20 +123,53 @@ def test_adapt_estimates_known_prevalences_of_real_images(model_dir: Path, test_
     assert estimates["low"] < 0.5 < estimates["high"]
 
 
-def test_prior_shift_keeps_decisions_and_accuracy_objective_moves_them(model_dir: Path, test_rows, test_set,
-                                                                        test_scores, tmp_path: Path, capsys) -> None:
+def test_prior_shift_keeps_decisions_and_accuracy_objective_moves_them(
+    model_dir: Path, test_rows, test_set, test_scores, tmp_path: Path, capsys
+) -> None:
     """Default objective: the threshold moves with the shift, so every decision (hence sensitivity and
     specificity) is the one the source model made; --objective accuracy puts it at 0.5."""
     chosen = resample(test_rows, 13, 50, seed=8)
     unlabelled = write_rows(tmp_path / "site.csv", chosen, ["path", "patient_id"])
     labelled = write_rows(tmp_path / "site-labelled.csv", chosen, ["path", "label", "patient_id"])
     kept, accurate = tmp_path / "kept", tmp_path / "accuracy"
-    assert main(["adapt", "--model", str(model_dir), "--data", str(unlabelled), "--out", str(kept), "--quiet",
-                 "--bootstrap", "200"]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(unlabelled),
+                "--out",
+                str(kept),
+                "--quiet",
+                "--bootstrap",
+                "200",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "estimated prevalence of 'pneumonia'" in printed and "every decision unchanged" in printed
-    assert main(["adapt", "--model", str(model_dir), "--data", str(unlabelled), "--out", str(accurate),
-                 "--quiet", "--bootstrap", "200", "--objective", "accuracy"]) == 0
+    assert (
+        main(
+            [
+                "adapt",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(unlabelled),
+                "--out",
+                str(accurate),
+                "--quiet",
+                "--bootstrap",
+                "200",
+                "--objective",
+                "accuracy",
+            ]
+        )
+        == 0
+    )
     card = json.loads((kept / "model.json").read_text())
     pi = card["adaptations"][-1]["prevalence"]["prevalence"]
     shift = card["calibration"]["b"]
@@ -126,8 +180,12 @@ def test_prior_shift_keeps_decisions_and_accuracy_objective_moves_them(model_dir
 
     before = evaluate_model(model_dir, labelled, bootstrap=0)
     after = evaluate_model(kept, labelled, bootstrap=0)
-    assert (after["tp"], after["fp"], after["tn"], after["fn"]) == (before["tp"], before["fp"], before["tn"],
-                                                                  before["fn"])
+    assert (after["tp"], after["fp"], after["tn"], after["fn"]) == (
+        before["tp"],
+        before["fp"],
+        before["tn"],
+        before["fn"],
+    )
     assert after["auroc"] == pytest.approx(before["auroc"])
     # some raw scores lie between the old and the new threshold: had evaluate not applied the card's
     # calibration, their decisions would have changed

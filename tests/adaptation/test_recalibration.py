@@ -54,8 +54,9 @@ def test_weights_count_as_repeated_cases(cases) -> None:
     weights[1::7] = 0.0
     keep = np.repeat(np.arange(len(z)), weights.astype(int))
     for method in ("temperature", "platt"):
-        assert fit_calibration(z, y, method, weights) == pytest.approx(fit_calibration(z[keep], y[keep], method),
-                                                                        rel=1e-7)
+        assert fit_calibration(z, y, method, weights) == pytest.approx(
+            fit_calibration(z[keep], y[keep], method), rel=1e-7
+        )
     assert choose_threshold(z, y, "youden", weights=weights) == choose_threshold(z[keep], y[keep], "youden")
 
 
@@ -106,6 +107,8 @@ def test_recalibrate_reports_threshold_uncertainty_by_patient(cases, test_set) -
     assert fit.threshold == pytest.approx(youden_threshold(y, calibrated))
     assert (fit.fitted_sensitivity, fit.fitted_specificity) == sensitivity_specificity(calibrated, y, fit.threshold)
     # left-out patients judge the rule less kindly than the cases it was fitted on, on average
-    assert fit.out_of_bootstrap_sensitivity + fit.out_of_bootstrap_specificity \
+    assert (
+        fit.out_of_bootstrap_sensitivity + fit.out_of_bootstrap_specificity
         <= fit.fitted_sensitivity + fit.fitted_specificity
+    )
     assert 0 <= fit.out_of_bootstrap_sensitivity_ci[0] <= fit.out_of_bootstrap_sensitivity_ci[1] <= 1

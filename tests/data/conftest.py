@@ -57,4 +57,3 @@ def write_manifest(tmp_path: Path) -> Callable[..., Path]:
         return target
 
     return write
-

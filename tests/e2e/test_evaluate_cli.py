@@ -40,8 +40,9 @@ def trained(tmp_path_factory) -> Path:
     config = root / "site.toml"
     config.write_text(PROBE_ONLY)
     out = root / "run"
-    code = main(["site-train", "--config", str(config), "--data", str(kermany_mini("train")),
-                 "--out", str(out), "--quiet"])
+    code = main(
+        ["site-train", "--config", str(config), "--data", str(kermany_mini("train")), "--out", str(out), "--quiet"]
+    )
     assert code == 0
     return out
 
@@ -52,7 +53,8 @@ def recalibrated(trained, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("recalibrated") / "model"
     shutil.copytree(trained, folder)
     card = read_card(folder).model_copy(
-        update={"calibration": ScoreCalibration(method="platt", a=1.8, b=-0.6, fitted_on="test")})
+        update={"calibration": ScoreCalibration(method="platt", a=1.8, b=-0.6, fitted_on="test")}
+    )
     (folder / CARD_FILE).write_text(card.model_dump_json(by_alias=True, indent=2), encoding="utf-8")
     return folder
 
@@ -75,17 +77,37 @@ def normal_only(tmp_path_factory) -> Path:
 def _direct_scores(model_dir: Path, data: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels, calibrated scores and raw scores, computed here without the evaluate command."""
     model, card = load_model(model_dir)
-    images = load_image_set(data, image_size=card.model.input_size, channels=card.model.in_channels,
-                            class_names=card.class_names, num_classes=card.model.num_classes)
+    images = load_image_set(
+        data,
+        image_size=card.model.input_size,
+        channels=card.model.in_channels,
+        class_names=card.class_names,
+        num_classes=card.model.num_classes,
+    )
     device = torch.device("cpu")
-    return (images.labels.numpy(), model_scores(model, card, images.images, device),
-            predict_scores(model, images.images, device))
+    return (
+        images.labels.numpy(),
+        model_scores(model, card, images.images, device),
+        predict_scores(model, images.images, device),
+    )
 
 
 def test_json_keeps_the_contract_and_scores_through_the_card_calibration(recalibrated, capsys):
     test = kermany_mini("test")
-    code = main(["evaluate", "--model", str(recalibrated), "--data", str(test), "--json", "--device", "cpu",
-                 "--bootstrap", "200"])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(recalibrated),
+            "--data",
+            str(test),
+            "--json",
+            "--device",
+            "cpu",
+            "--bootstrap",
+            "200",
+        ]
+    )
     result = json.loads(capsys.readouterr().out)
     assert code == 0
     labels, scores, raw = _direct_scores(recalibrated, test)
@@ -107,8 +129,23 @@ def test_json_keeps_the_contract_and_scores_through_the_card_calibration(recalib
 
 def test_text_lines_and_report_files(trained, tmp_path, capsys):
     report = tmp_path / "report"
-    code = main(["evaluate", "--model", str(trained), "--data", str(kermany_mini("test")), "--device", "cpu",
-                 "--report", str(report), "--bootstrap", "300", "--seed", "7"])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(trained),
+            "--data",
+            str(kermany_mini("test")),
+            "--device",
+            "cpu",
+            "--report",
+            str(report),
+            "--bootstrap",
+            "300",
+            "--seed",
+            "7",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     lines = out.splitlines()
@@ -135,8 +172,9 @@ def test_text_lines_and_report_files(trained, tmp_path, capsys):
 
 
 def test_one_class_data_exits_2_with_one_line_and_the_defined_figures(trained, normal_only, capsys):
-    code = main(["evaluate", "--model", str(trained), "--data", str(normal_only), "--device", "cpu",
-                 "--bootstrap", "0"])
+    code = main(
+        ["evaluate", "--model", str(trained), "--data", str(normal_only), "--device", "cpu", "--bootstrap", "0"]
+    )
     captured = capsys.readouterr()
     assert code == 2
     err_lines = captured.err.strip().splitlines()
@@ -154,8 +192,20 @@ def test_one_class_data_exits_2_with_one_line_and_the_defined_figures(trained, n
     assert re.search(r"^auroc\s+undefined", out, re.M), out
     assert "[" not in out  # --bootstrap 0: no intervals
 
-    code = main(["evaluate", "--model", str(trained), "--data", str(normal_only), "--device", "cpu", "--json",
-                 "--bootstrap", "50"])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(trained),
+            "--data",
+            str(normal_only),
+            "--device",
+            "cpu",
+            "--json",
+            "--bootstrap",
+            "50",
+        ]
+    )
     captured = capsys.readouterr()
     result = json.loads(captured.out)
     assert code == 2 and len(captured.err.strip().splitlines()) == 1
@@ -174,7 +224,8 @@ def test_bad_arguments_are_one_clear_line(trained, tmp_path, capsys):
     card = json.loads((multi / CARD_FILE).read_text())
     card["model"]["num-classes"], card["class-names"] = 3, ["a", "b", "c"]
     (multi / CARD_FILE).write_text(json.dumps(card))
-    code = main(["evaluate", "--model", str(multi), "--data", str(kermany_mini("test")),
-                 "--report", str(tmp_path / "r")])
+    code = main(
+        ["evaluate", "--model", str(multi), "--data", str(kermany_mini("test")), "--report", str(tmp_path / "r")]
+    )
     assert code == 2 and "--report needs a binary model" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -31,8 +31,9 @@ def trained(tmp_path_factory) -> Path:
     config = root / "site.toml"
     config.write_text(FAST)
     out = root / "run"
-    code = main(["site-train", "--config", str(config), "--data", str(kermany_mini("train")),
-                 "--out", str(out), "--quiet"])
+    code = main(
+        ["site-train", "--config", str(config), "--data", str(kermany_mini("train")), "--out", str(out), "--quiet"]
+    )
     assert code == 0
     return out
 
@@ -55,9 +56,20 @@ def test_metrics_file_has_folds_and_summary(trained):
 
 def test_evaluate_json_contract_on_unseen_patients(trained):
     proc = subprocess.run(
-        [sys.executable, "-m", "fedfreeze", "evaluate", "--model", str(trained),
-         "--data", str(kermany_mini("test")), "--json"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "fedfreeze",
+            "evaluate",
+            "--model",
+            str(trained),
+            "--data",
+            str(kermany_mini("test")),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     result = json.loads(proc.stdout)
     assert {"auroc", "balanced_accuracy", "f1", "sensitivity", "specificity", "n"} <= set(result)
@@ -71,7 +83,9 @@ def test_evaluate_json_contract_on_unseen_patients(trained):
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nprobe-epochs = -1\n")
-    code = main(["site-train", "--config", str(bad), "--data", str(kermany_mini("train")), "--out", str(tmp_path / "x")])
+    code = main(
+        ["site-train", "--config", str(bad), "--data", str(kermany_mini("train")), "--out", str(tmp_path / "x")]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "train.probe-epochs" in err and "greater than or equal to 0" in err

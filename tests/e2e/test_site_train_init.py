@@ -94,15 +94,30 @@ def init_dir(root) -> Path:
     """A model folder trained elsewhere (ImageNet Lite0, head and layer4 trained on held-out
     patients), with a Platt calibration and an earlier adaptation record, as a federated model
     adapted once might carry."""
-    cfg = SiteConfig.model_validate({"model": {"input-size": 96},
-                                     "train": {"augment": False, "cutmix-prob": 0.0, "batch-size": 16}})
+    cfg = SiteConfig.model_validate(
+        {"model": {"input-size": 96}, "train": {"augment": False, "cutmix-prob": 0.0, "batch-size": 16}}
+    )
     data = load_image_set(kermany_mini("test"), image_size=96, channels=3, progress=False)
     model = site_module.new_model(cfg, seed=0)
-    train_phase(model, data.images[::2], data.labels[::2], frozenset({"head", "layer4"}), cfg.train, epochs=1,
-                rng=np.random.default_rng(0), device=torch.device("cpu"))
-    card = make_card(model, cfg.model, threshold=0.4, class_names=["normal", "pneumonia"], trained_by="the test",
-                     calibration=ScoreCalibration(method="platt", a=0.7, b=0.3, fitted_on="test fixture"),
-                     adaptations=[EARLIER])
+    train_phase(
+        model,
+        data.images[::2],
+        data.labels[::2],
+        frozenset({"head", "layer4"}),
+        cfg.train,
+        epochs=1,
+        rng=np.random.default_rng(0),
+        device=torch.device("cpu"),
+    )
+    card = make_card(
+        model,
+        cfg.model,
+        threshold=0.4,
+        class_names=["normal", "pneumonia"],
+        trained_by="the test",
+        calibration=ScoreCalibration(method="platt", a=0.7, b=0.3, fitted_on="test fixture"),
+        adaptations=[EARLIER],
+    )
     return save_model(root / "init-model", model, card)
 
 
@@ -117,14 +132,32 @@ def adapted(root, init_dir, small_data) -> dict:
     real_fit = site_module.fit
 
     def recording_fit(model, images, labels, cfg, **kw):
-        starts.append({"state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                       "pretrained": model.pretrained, "n": len(labels), "features": kw.get("probe_features")})
+        starts.append(
+            {
+                "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                "pretrained": model.pretrained,
+                "n": len(labels),
+                "features": kw.get("probe_features"),
+            }
+        )
         return real_fit(model, images, labels, cfg, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(site_module, "fit", recording_fit)
-        code, stdout, err = _run(["site-train", "--config", str(config), "--data", str(small_data),
-                                  "--out", str(out), "--init", str(init_dir), "--quiet"])
+        code, stdout, err = _run(
+            [
+                "site-train",
+                "--config",
+                str(config),
+                "--data",
+                str(small_data),
+                "--out",
+                str(out),
+                "--init",
+                str(init_dir),
+                "--quiet",
+            ]
+        )
     assert code == 0, err
     return {"out": out, "starts": starts, "stdout": stdout, "metrics": json.loads((out / "metrics.json").read_text())}
 
@@ -144,8 +177,9 @@ def test_every_fold_and_the_refit_start_from_the_folders_weights(adapted, init_d
     refit = adapted["starts"][-1]
     assert refit["n"] == len(small_images)
     assert torch.allclose(refit["features"][::6], ours, atol=1e-5)
-    imagenet = site_module.new_model(load_site_config(None).model_copy(
-        update={"model": card.model.model_copy(update={"weights": "package"})}), 0)
+    imagenet = site_module.new_model(
+        load_site_config(None).model_copy(update={"model": card.model.model_copy(update={"weights": "package"})}), 0
+    )
     assert not torch.allclose(extract_features(imagenet, some, torch.device("cpu")), ours, atol=1e-3)
     assert adapted["metrics"]["feature_cache"] == {"hits": 2, "misses": 1}
 
@@ -162,8 +196,9 @@ def test_baseline_is_the_calibrated_init_model_at_its_own_threshold(adapted, ini
         assert float(row["init_score"]) == pytest.approx(expected[row["source"]], abs=1e-6)
     for fold in adapted["metrics"]["baseline"]["folds"]:
         mine = [r for r in rows if int(r["fold"]) == fold["fold"]]
-        direct = classification_metrics(np.array([int(r["label"]) for r in mine]),
-                                        np.array([float(r["init_score"]) for r in mine]), card.threshold)
+        direct = classification_metrics(
+            np.array([int(r["label"]) for r in mine]), np.array([float(r["init_score"]) for r in mine]), card.threshold
+        )
         assert fold["threshold"] == card.threshold
         for key in ("auroc", "balanced_accuracy", "sensitivity", "specificity"):
             assert fold[key] == pytest.approx(direct[key], abs=1e-12), key
@@ -174,10 +209,14 @@ def test_comparison_equals_delong_on_the_written_predictions(adapted):
     folds = []
     for key in sorted({(r["repeat"], r["fold"]) for r in rows}):
         mine = [r for r in rows if (r["repeat"], r["fold"]) == key]
-        folds.append(FoldScores(labels=np.array([int(r["label"]) for r in mine]),
-                                scores_a=np.array([float(r["score"]) for r in mine]),
-                                scores_b=np.array([float(r["init_score"]) for r in mine]),
-                                case_ids=[r["patient_id"] for r in mine]))
+        folds.append(
+            FoldScores(
+                labels=np.array([int(r["label"]) for r in mine]),
+                scores_a=np.array([float(r["score"]) for r in mine]),
+                scores_b=np.array([float(r["init_score"]) for r in mine]),
+                case_ids=[r["patient_id"] for r in mine],
+            )
+        )
     direct = delong_test_over_folds(folds).to_dict()
     written = adapted["metrics"]["comparison"]["delong"]
     assert written.keys() == direct.keys()
@@ -215,8 +254,20 @@ def test_without_training_the_refit_is_the_folder_and_the_comparison_is_null(roo
     config = root / "none.toml"
     config.write_text(NO_TRAINING_TOML)
     out = root / "no-training"
-    code, _, err = _run(["site-train", "--config", str(config), "--data", str(_subset(root, 16)), "--out", str(out),
-                         "--init", str(init_dir), "--quiet"])
+    code, _, err = _run(
+        [
+            "site-train",
+            "--config",
+            str(config),
+            "--data",
+            str(_subset(root, 16)),
+            "--out",
+            str(out),
+            "--init",
+            str(init_dir),
+            "--quiet",
+        ]
+    )
     assert code == 0, err
     saved, refit = _weights(init_dir), _weights(out)
     assert refit.keys() == saved.keys()
@@ -227,27 +278,45 @@ def test_without_training_the_refit_is_the_folder_and_the_comparison_is_null(roo
     assert delong["difference"] == 0.0 and delong["p_value"] == 1.0
 
 
-@pytest.mark.parametrize(("line", "field", "ours", "theirs"), [
-    ('backbone = "resnet18"', "model.backbone", "'resnet18'", "'efficientnet_lite0'"),
-    ("input-size = 128", "model.input-size", "128", "96"),
-    ("input-size = 96\nin-channels = 1", "model.in-channels", "1", "3"),
-])
-def test_a_config_that_disagrees_with_the_folder_exits_2_naming_the_field(root, init_dir, small_data, line, field,
-                                                                          ours, theirs):
+@pytest.mark.parametrize(
+    ("line", "field", "ours", "theirs"),
+    [
+        ('backbone = "resnet18"', "model.backbone", "'resnet18'", "'efficientnet_lite0'"),
+        ("input-size = 128", "model.input-size", "128", "96"),
+        ("input-size = 96\nin-channels = 1", "model.in-channels", "1", "3"),
+    ],
+)
+def test_a_config_that_disagrees_with_the_folder_exits_2_naming_the_field(
+    root, init_dir, small_data, line, field, ours, theirs
+):
     config = root / f"bad-{field}.toml"
     config.write_text(f"[model]\n{line}\n")
-    code, _, err = _run(["site-train", "--config", str(config), "--data", str(small_data), "--out",
-                         str(root / "never"), "--init", str(init_dir), "--quiet"])
+    code, _, err = _run(
+        [
+            "site-train",
+            "--config",
+            str(config),
+            "--data",
+            str(small_data),
+            "--out",
+            str(root / "never"),
+            "--init",
+            str(init_dir),
+            "--quiet",
+        ]
+    )
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
-    assert err.startswith(f"fedfreeze site-train: error: {field}: the config has {ours} but the --init model "
-                          f"{init_dir} has {theirs}"), err
+    assert err.startswith(
+        f"fedfreeze site-train: error: {field}: the config has {ours} but the --init model {init_dir} has {theirs}"
+    ), err
     assert not (root / "never").exists()  # refused before anything was loaded or written
 
 
 def test_a_folder_that_is_not_a_model_exits_2(root, small_data):
-    code, _, err = _run(["site-train", "--data", str(small_data), "--out", str(root / "never2"),
-                         "--init", str(root), "--quiet"])
+    code, _, err = _run(
+        ["site-train", "--data", str(small_data), "--out", str(root / "never2"), "--init", str(root), "--quiet"]
+    )
     assert code == 2 and "model.json is missing" in err
 
 
@@ -260,20 +329,26 @@ def test_adapter_rule(init_dir):
     cfg = SiteConfig.model_validate({"model": {"input-size": 96}})
     plain = read_card(init_dir)
     assert check_init_config(plain, cfg, folder) == ()
-    adapters = cfg.model_copy(update={"train": TrainConfig(method="adapters", unfreeze={"layer4": 0.0, "layer3": 0.5},
-                                                           adapter_rank=4)})
+    adapters = cfg.model_copy(
+        update={"train": TrainConfig(method="adapters", unfreeze={"layer4": 0.0, "layer3": 0.5}, adapter_rank=4)}
+    )
     # the folder has none: the schedule's adapters are new, zero-initialised
     assert check_init_config(plain, adapters, folder) == ("layer4", "layer3")
     # the folder's adapters are kept; only missing ones are added, at the folder's one rank
     with_layer4 = _card_with(init_dir, adapter_groups=["layer4"], adapter_rank=4)
     assert check_init_config(with_layer4, adapters, folder) == ("layer3",)
-    with pytest.raises(ConfigError, match=r"^train\.adapter-rank: the config has 8 but the --init model "
-                                          r"/models/global has 4"):
-        check_init_config(with_layer4, adapters.model_copy(
-            update={"train": adapters.train.model_copy(update={"adapter_rank": 8})}), folder)
+    with pytest.raises(
+        ConfigError,
+        match=r"^train\.adapter-rank: the config has 8 but the --init model "
+        r"/models/global has 4",
+    ):
+        check_init_config(
+            with_layer4,
+            adapters.model_copy(update={"train": adapters.train.model_copy(update={"adapter_rank": 8})}),
+            folder,
+        )
     # method "unfreeze" keeps the folder's adapters frozen: no rank to agree on
-    assert check_init_config(with_layer4, cfg.model_copy(
-        update={"train": TrainConfig(adapter_rank=8)}), folder) == ()
+    assert check_init_config(with_layer4, cfg.model_copy(update={"train": TrainConfig(adapter_rank=8)}), folder) == ()
     with pytest.raises(ConfigError, match=r"^train\.recipe: 'dual' builds its model from scratch"):
         check_init_config(plain, cfg.model_copy(update={"train": TrainConfig(recipe="dual")}), folder)
     with pytest.raises(ConfigError, match=r"^model\.mean: the config has \[0\.1, 0\.1, 0\.1\]"):
@@ -283,17 +358,34 @@ def test_adapter_rule(init_dir):
 
 
 def test_new_adapters_leave_the_function_unchanged_and_bn_stats_stay_frozen(init_dir, small_images):
-    cfg = SiteConfig.model_validate({"model": {"input-size": 96},
-                                     "train": {"method": "both", "unfreeze": {"layer4": 0.0}, "augment": False,
-                                               "cutmix-prob": 0.0, "batch-size": 8}})
+    cfg = SiteConfig.model_validate(
+        {
+            "model": {"input-size": 96},
+            "train": {
+                "method": "both",
+                "unfreeze": {"layer4": 0.0},
+                "augment": False,
+                "cutmix-prob": 0.0,
+                "batch-size": 8,
+            },
+        }
+    )
     init = load_init(init_dir, cfg)
     model = init.start_model()
     assert list(model.adapters) == ["layer4"] and not init.model.adapters
     images, labels = small_images.images[::8], small_images.labels[::8]
     cpu = torch.device("cpu")
     assert np.allclose(predict_scores(model, images, cpu), predict_scores(init.model, images, cpu), atol=1e-6)
-    train_phase(model, images, labels, frozenset({"head", "layer4", "layer4.adapters"}), cfg.train, epochs=1,
-                rng=np.random.default_rng(0), device=cpu)
+    train_phase(
+        model,
+        images,
+        labels,
+        frozenset({"head", "layer4", "layer4.adapters"}),
+        cfg.train,
+        epochs=1,
+        rng=np.random.default_rng(0),
+        device=cpu,
+    )
     saved = _weights(init_dir)
     after = model.state_dict()
     stats = [k for k in saved if k.startswith("groups.layer4.") and k.endswith(("running_mean", "running_var"))]

@@ -11,8 +11,9 @@ from fedfreeze.evaluation.analysis import analyze, corrected_t_test
 from fedfreeze.metrics import auroc
 
 
-def fake_results(rng: np.random.Generator, strength: float, *, repeats: int = 2, folds: int = 2,
-                 noise_seed: int | None = None) -> list[dict]:
+def fake_results(
+    rng: np.random.Generator, strength: float, *, repeats: int = 2, folds: int = 2, noise_seed: int | None = None
+) -> list[dict]:
     """Two sites, 10 patients per class each, every patient tested once per repeat."""
     noise = np.random.default_rng(noise_seed) if noise_seed is not None else rng
     out = []
@@ -39,8 +40,9 @@ def test_pooled_is_one_auroc_over_all_sites_not_a_mean(rng):
         p["score"] = [s + (5.0 if site == "s2" else 0.0) for s, site in zip(p["score"], p["site"], strict=False)]
     summary = analyze(results, [], threshold=0.5, replicates=200, confidence=0.95, seed=0)
     fold0 = results["a"][0]["predictions"]
-    assert summary["folds"]["a"]["pooled"][0]["auroc"] == pytest.approx(auroc(np.array(fold0["label"]),
-                                                                              np.array(fold0["score"])))
+    assert summary["folds"]["a"]["pooled"][0]["auroc"] == pytest.approx(
+        auroc(np.array(fold0["label"]), np.array(fold0["score"]))
+    )
     site_mean = np.mean([summary["arms"]["a"][s]["metrics"]["auroc"]["mean"] for s in ("s1", "s2")])
     assert summary["arms"]["a"]["pooled"]["metrics"]["auroc"]["mean"] != pytest.approx(site_mean)
 
@@ -48,8 +50,14 @@ def test_pooled_is_one_auroc_over_all_sites_not_a_mean(rng):
 def test_a_real_difference_is_found_and_no_difference_is_not(rng):
     strong, weak = fake_results(rng, 3.0, noise_seed=1), fake_results(rng, 0.5, noise_seed=1)
     same = fake_results(rng, 3.0, noise_seed=1)
-    summary = analyze({"strong": strong, "weak": weak, "same": same}, [("strong", "weak"), ("strong", "same")],
-                      threshold=0.5, replicates=500, confidence=0.95, seed=0)
+    summary = analyze(
+        {"strong": strong, "weak": weak, "same": same},
+        [("strong", "weak"), ("strong", "same")],
+        threshold=0.5,
+        replicates=500,
+        confidence=0.95,
+        seed=0,
+    )
     differ, identical = (c["scopes"]["pooled"] for c in summary["comparisons"])
     assert differ["delong"]["p_value"] < 0.01 and differ["metrics"]["auroc"]["bootstrap"]["p_value"] < 0.01
     assert differ["metrics"]["auroc"]["bootstrap"]["ci_low"] > 0

@@ -34,8 +34,13 @@ def _loop_table(labels: np.ndarray, scores: np.ndarray, bins: int) -> list[tuple
         lo, hi = k / bins, (k + 1) / bins
         members = [i for i, s in enumerate(scores) if lo <= s < hi or (k == bins - 1 and s == 1.0)]
         if members:
-            rows.append((len(members), sum(scores[i] for i in members) / len(members),
-                         sum(labels[i] for i in members) / len(members)))
+            rows.append(
+                (
+                    len(members),
+                    sum(scores[i] for i in members) / len(members),
+                    sum(labels[i] for i in members) / len(members),
+                )
+            )
         else:
             rows.append((0, None, None))
     return rows
@@ -60,8 +65,7 @@ def test_reliability_table_and_ece_equal_a_direct_loop(rng, bins):
             assert row["observed_frequency"] == pytest.approx(frequency, abs=1e-12)
         else:
             assert row["mean_score"] is None and row["observed_frequency"] is None
-    ece = sum(count / len(scores) * abs(mean_score - frequency)
-              for count, mean_score, frequency in expected if count)
+    ece = sum(count / len(scores) * abs(mean_score - frequency) for count, mean_score, frequency in expected if count)
     assert expected_calibration_error(labels, scores, bins) == pytest.approx(ece, abs=1e-12)
 
 
@@ -86,16 +90,20 @@ def test_weights_equal_repeating_cases(rng):
         repeated_l, repeated_s = np.repeat(labels, weights), np.repeat(scores, weights)
         assert weighted_brier(labels, scores, counts)[row] == pytest.approx(brier_score_loss(repeated_l, repeated_s))
         assert weighted_ece(labels, scores, counts)[row] == pytest.approx(
-            expected_calibration_error(repeated_l, repeated_s))
+            expected_calibration_error(repeated_l, repeated_s)
+        )
 
 
-@pytest.mark.parametrize(("labels", "scores", "match"), [
-    ([0, 1], [0.2, 1.5], r"scores in \[0, 1\], got 1.5"),
-    ([0, 1], [0.2, float("nan")], r"scores in \[0, 1\]"),
-    ([0, 2], [0.2, 0.4], r"binary labels 0/1, got \[0, 2\]"),
-    ([0, 1, 1], [0.2, 0.4], "one label per score"),
-    ([], [], "labelled cases, got none"),
-])
+@pytest.mark.parametrize(
+    ("labels", "scores", "match"),
+    [
+        ([0, 1], [0.2, 1.5], r"scores in \[0, 1\], got 1.5"),
+        ([0, 1], [0.2, float("nan")], r"scores in \[0, 1\]"),
+        ([0, 2], [0.2, 0.4], r"binary labels 0/1, got \[0, 2\]"),
+        ([0, 1, 1], [0.2, 0.4], "one label per score"),
+        ([], [], "labelled cases, got none"),
+    ],
+)
 def test_bad_input_is_rejected(labels, scores, match):
     with pytest.raises(DataError, match=match):
         brier_score(np.array(labels), np.array(scores, dtype=float))

@@ -127,10 +127,21 @@ def test_report_files(finished):
     for name in ("roc.png", "sites.png", "rounds.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
-    for text in ("## Results, all sites pooled", "## Results per site", "### federated − site-alone",
-                 "### federated − pooled", "DeLong's test on the mean AUROC over folds",
-                 "p (paired bootstrap)", "p (corrected t-test)", "One image per patient at test",
-                 "Balanced test folds", "![", "site-a", "site-b", "site-c"):
+    for text in (
+        "## Results, all sites pooled",
+        "## Results per site",
+        "### federated − site-alone",
+        "### federated − pooled",
+        "DeLong's test on the mean AUROC over folds",
+        "p (paired bootstrap)",
+        "p (corrected t-test)",
+        "One image per patient at test",
+        "Balanced test folds",
+        "![",
+        "site-a",
+        "site-b",
+        "site-c",
+    ):
         assert text in report, text
     assert "### site-alone − pooled" not in report  # only the comparisons asked for
 
@@ -157,8 +168,10 @@ def test_summary_numbers_are_consistent(finished):
 def test_same_test_cases_for_every_arm(finished):
     _, out, _, _ = finished
     rows = list(csv.DictReader((out / "predictions.csv").open()))
-    cases = {arm: sorted((r["fold"], r["site"], r["source"]) for r in rows if r["arm"] == arm)
-             for arm in ("federated", "site-alone", "pooled")}
+    cases = {
+        arm: sorted((r["fold"], r["site"], r["source"]) for r in rows if r["arm"] == arm)
+        for arm in ("federated", "site-alone", "pooled")
+    }
     assert cases["federated"] == cases["site-alone"] == cases["pooled"]
 
 
@@ -175,8 +188,9 @@ def test_changed_arm_or_protocol_is_refused(finished, small_data):
 def test_config_errors_name_the_field(tmp_path):
     base = {"experiment": {"data": "x.csv"}, "arms": {"a": {"mode": "site"}}}
     with pytest.raises(ConfigError, match=r"arms\.b: model\.weigths: unknown key"):
-        parse_experiment({**base, "arms": {"a": {"mode": "site"}, "b": {"mode": "site", "model": {"weigths": "x"}}}},
-                         "exp.toml")
+        parse_experiment(
+            {**base, "arms": {"a": {"mode": "site"}, "b": {"mode": "site", "model": {"weigths": "x"}}}}, "exp.toml"
+        )
     with pytest.raises(ConfigError, match=r"arms\.a\.mode: Input should be 'site', 'federated' or 'pooled'"):
         parse_experiment({**base, "arms": {"a": {"mode": "central"}}}, "exp.toml")
     with pytest.raises(ConfigError, match=r"arms\.a: train\.epochs: Input should be greater than or equal to 0"):
@@ -184,8 +198,9 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="federation settings apply to federated arms only"):
         parse_experiment({**base, "arms": {"a": {"mode": "site", "federation": {"rounds": 2}}}}, "exp.toml")
     with pytest.raises(ConfigError, match="comparisons names unknown arm 'b'"):
-        parse_experiment({"experiment": {"data": "x.csv", "comparisons": [["a", "b"]]}, "arms": base["arms"]},
-                         "exp.toml")
+        parse_experiment(
+            {"experiment": {"data": "x.csv", "comparisons": [["a", "b"]]}, "arms": base["arms"]}, "exp.toml"
+        )
     with pytest.raises(ConfigError, match=r"experiment\.folds: Input should be greater than or equal to 2"):
         parse_experiment({**base, "experiment": {"data": "x.csv", "folds": 1}}, "exp.toml")
     with pytest.raises(ConfigError, match=r"experiment\.bootstrp: unknown key"):

@@ -66,8 +66,9 @@ def test_a_patients_images_move_together(rng):
     the copies their own patient ids (what an image-level bootstrap assumes) narrows it."""
     labels, scores, ids = _set(rng, patients=50, images_per_patient=1)
     one = external_validation(labels, scores, ids, 0.45, bootstrap=500)["ci"]
-    twice = external_validation(np.repeat(labels, 2), np.repeat(scores, 2), np.repeat(ids, 2), 0.45,
-                                bootstrap=500)["ci"]
+    twice = external_validation(np.repeat(labels, 2), np.repeat(scores, 2), np.repeat(ids, 2), 0.45, bootstrap=500)[
+        "ci"
+    ]
     split_ids = [f"{p}-{copy}" for p in ids for copy in ("a", "b")]
     split = external_validation(np.repeat(labels, 2), np.repeat(scores, 2), split_ids, 0.45, bootstrap=500)["ci"]
     for key in (*METRIC_KEYS, "brier", "ece"):
@@ -95,8 +96,9 @@ def test_threshold_analysis_rows(rng):
     assert "diagnostic only" in rows["youden_on_this_set"]["note"]
     assert "fitted to the data it is scored on" in rows["youden_on_this_set"]["note"]
     # Youden's row is the best balanced accuracy this set allows
-    assert rows["youden_on_this_set"]["balanced_accuracy"] >= max(rows["stored"]["balanced_accuracy"],
-                                                                  rows["0.5"]["balanced_accuracy"])
+    assert rows["youden_on_this_set"]["balanced_accuracy"] >= max(
+        rows["stored"]["balanced_accuracy"], rows["0.5"]["balanced_accuracy"]
+    )
 
 
 def test_score_summary_per_class(rng):
@@ -136,19 +138,29 @@ def test_bootstrap_zero_turns_intervals_off(rng):
     assert external_validation(labels, scores, ids, 0.5, bootstrap=0)["ci"] is None
 
 
-@pytest.mark.parametrize(("change", "match"), [
-    ({"scores": np.full((4, 2), 0.5)}, r"1-D positive-class scores .*shape \(4, 2\)"),
-    ({"scores": np.array([0.1, 0.2, 1.2, 0.3])}, r"scores in \[0, 1\] .*got 1.2 at case 2"),
-    ({"labels": np.array([0, 1, 2, 1])}, r"binary labels 0/1, got \[0, 1, 2\]"),
-    ({"patient_ids": ["a", "b"]}, "one label and one patient id per score"),
-    ({"threshold": 1.0}, r"threshold should be in \(0, 1\), got 1.0"),
-    ({"bootstrap": -5}, "bootstrap replicates should be 0 .* got -5"),
-    ({"confidence": 95}, r"confidence should be in \(0, 1\), got 95"),
-])
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"scores": np.full((4, 2), 0.5)}, r"1-D positive-class scores .*shape \(4, 2\)"),
+        ({"scores": np.array([0.1, 0.2, 1.2, 0.3])}, r"scores in \[0, 1\] .*got 1.2 at case 2"),
+        ({"labels": np.array([0, 1, 2, 1])}, r"binary labels 0/1, got \[0, 1, 2\]"),
+        ({"patient_ids": ["a", "b"]}, "one label and one patient id per score"),
+        ({"threshold": 1.0}, r"threshold should be in \(0, 1\), got 1.0"),
+        ({"bootstrap": -5}, "bootstrap replicates should be 0 .* got -5"),
+        ({"confidence": 95}, r"confidence should be in \(0, 1\), got 95"),
+    ],
+)
 def test_bad_input_is_rejected(change, match):
-    args = {"labels": np.array([0, 1, 0, 1]), "scores": np.array([0.1, 0.8, 0.3, 0.6]),
-            "patient_ids": ["a", "b", "c", "d"], "threshold": 0.5, "bootstrap": 10, "confidence": 0.95}
+    args = {
+        "labels": np.array([0, 1, 0, 1]),
+        "scores": np.array([0.1, 0.8, 0.3, 0.6]),
+        "patient_ids": ["a", "b", "c", "d"],
+        "threshold": 0.5,
+        "bootstrap": 10,
+        "confidence": 0.95,
+    }
     args.update(change)
     with pytest.raises(DataError, match=match):
-        external_validation(args.pop("labels"), args.pop("scores"), args.pop("patient_ids"), args.pop("threshold"),
-                            **args)
+        external_validation(
+            args.pop("labels"), args.pop("scores"), args.pop("patient_ids"), args.pop("threshold"), **args
+        )

@@ -61,7 +61,9 @@ def test_test_folds_are_balanced_with_one_image_per_patient(shipped, folds):
 def test_test_image_varies_between_repeats_but_not_between_calls(shipped, folds):
     labels, patients, sites = shipped
     again = experiment_folds(labels, patients, sites, folds=3, repeats=2, seed=5)
-    assert all(np.array_equal(a.test, b.test) and np.array_equal(a.train, b.train) for a, b in zip(folds, again, strict=False))
+    assert all(
+        np.array_equal(a.test, b.test) and np.array_equal(a.train, b.train) for a, b in zip(folds, again, strict=False)
+    )
     assert not np.array_equal(folds[0].test, folds[3].test)
     other_seed = experiment_folds(labels, patients, sites, folds=3, repeats=1, seed=6)
     assert not np.array_equal(folds[0].test, other_seed[0].test)
@@ -69,8 +71,7 @@ def test_test_image_varies_between_repeats_but_not_between_calls(shipped, folds)
 
 def test_unbalanced_all_images_option(shipped):
     labels, patients, sites = shipped
-    folds = experiment_folds(labels, patients, sites, folds=3, repeats=1, seed=0, balance_test=False,
-                             test_images="all")
+    folds = experiment_folds(labels, patients, sites, folds=3, repeats=1, seed=0, balance_test=False, test_images="all")
     # every image is tested exactly once per repeat, and a tested patient brings all its images
     tested = np.sort(np.concatenate([f.test for f in folds]))
     assert np.array_equal(tested, np.arange(len(labels)))

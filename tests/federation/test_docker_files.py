@@ -39,8 +39,10 @@ def test_three_sites_each_with_its_own_read_only_data_and_key(compose):
         keys.add(key)
         assert "${FEDFREEZE_SECRETS:-./secrets}/ca.pem:/certs/ca.pem:ro" in volumes
         assert not any("server.key" in v for v in volumes)
-        assert service["depends_on"] == {"coordinator": {"condition": "service_healthy"},
-                                         "admin": {"condition": "service_completed_successfully"}}
+        assert service["depends_on"] == {
+            "coordinator": {"condition": "service_healthy"},
+            "admin": {"condition": "service_completed_successfully"},
+        }
     assert len(keys) == len(found)
 
 
@@ -76,8 +78,11 @@ def test_images_non_root_from_a_wheelhouse_with_a_public_base():
 
 
 def test_build_context_and_git_keep_secrets_and_wheelhouses_out():
-    ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    ignore = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert ignore[0] == "*"  # an allow-list: only what is named below enters the build context
     allowed = [line[1:] for line in ignore if line.startswith("!")]
     assert not any(word in a for a in allowed for word in ("wheels", "secrets", "site-keys", "sites", ".venv"))

@@ -37,7 +37,10 @@ min-sites = 3
 def test_changed_keys_keep_buffers_and_updated_parameters_in_order():
     sent = ["a.weight", "a.running_mean", "b.weight", "c.weight"]
     assert changed_keys(sent, ["a.weight", "b.weight", "c.weight"], {"c.weight", "a.weight"}) == [
-        "a.weight", "a.running_mean", "c.weight"]
+        "a.weight",
+        "a.running_mean",
+        "c.weight",
+    ]
 
 
 def test_key_groups_pair_each_key_with_exactly_the_replies_that_hold_it():
@@ -60,7 +63,7 @@ def test_partial_replies_are_checked_like_complete_ones():
 
 def test_dynamic_freezing_with_differential_privacy_is_refused(tmp_path):
     config = tmp_path / "fed.toml"
-    config.write_text(DYNAMIC_FED.replace("min-sites = 3", "min-sites = 3\ndp = \"server\""))
+    config.write_text(DYNAMIC_FED.replace("min-sites = 3", 'min-sites = 3\ndp = "server"'))
     with pytest.raises(ConfigError, match="federation.dp"):
         load_fed_config(config)
 
@@ -68,14 +71,19 @@ def test_dynamic_freezing_with_differential_privacy_is_refused(tmp_path):
 @pytest.mark.parametrize("strategy", ["median", "trimmed-mean"])
 def test_dynamic_freezing_with_a_robust_strategy_is_refused(tmp_path, strategy):
     config = tmp_path / "fed.toml"
-    config.write_text(DYNAMIC_FED.replace("min-sites = 3", f"min-sites = 3\nstrategy = \"{strategy}\""))
+    config.write_text(DYNAMIC_FED.replace("min-sites = 3", f'min-sites = 3\nstrategy = "{strategy}"'))
     with pytest.raises(ConfigError, match="federation.strategy"):
         load_fed_config(config)
 
 
 def test_a_site_memory_budget_must_be_a_positive_number(tmp_path):
-    context = Context(run_id=1, node_id=1, node_config={"data-path": str(tmp_path), "max-train-memory-mb": "lots"},
-                      state=RecordDict(), run_config={})
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"data-path": str(tmp_path), "max-train-memory-mb": "lots"},
+        state=RecordDict(),
+        run_config={},
+    )
     with pytest.raises(ConfigError, match="max-train-memory-mb"):
         runtime_for(context)
     context.node_config["max-train-memory-mb"] = 512
@@ -91,8 +99,11 @@ def test_sites_return_only_what_they_trained_and_each_key_averages_over_its_send
     final, _ = load_model(metrics["model"])
     final_state = final.state_dict()
 
-    layer4 = [(sent, reply) for sent, reply in audit
-              if sent.metadata.message_type == "train" and int(sent.content["config"]["round"]) == 2]
+    layer4 = [
+        (sent, reply)
+        for sent, reply in audit
+        if sent.metadata.message_type == "train" and int(sent.content["config"]["round"]) == 2
+    ]
     assert len(layer4) == 3
     sent_arrays = layer4[0][0].content["arrays"]
     sent_keys = list(sent_arrays.keys())

@@ -36,8 +36,11 @@ def with_evaluator(tmp_path_factory, site_folders, held_out_folder):
     """The three shipped sites train; a fourth site holding the held-out patients only evaluates."""
     tmp = tmp_path_factory.mktemp("evaluator")
     nodes = node_configs(site_folders, tmp / "state")
-    nodes[len(nodes) + 1] = {"data-path": str(held_out_folder), "site-name": "held-out",
-                             "state-dir": str(tmp / "state" / "held-out")}
+    nodes[len(nodes) + 1] = {
+        "data-path": str(held_out_folder),
+        "site-name": "held-out",
+        "state-dir": str(tmp / "state" / "held-out"),
+    }
     config = fast_config(tmp, rounds=4, extra='evaluation-sites = ["held-out"]\nexport = "best"')
     audit: list = []
     metrics = run(tmp / "out", config, nodes, audit=audit)
@@ -51,8 +54,11 @@ def test_evaluation_only_site_never_sends_arrays_and_is_reported_every_round(wit
         if reply.content["proof"]["site"] == "held-out":
             assert reply.content["proof"]["role"] == "evaluate"
             assert len(reply.content.array_records.get("arrays", {})) == 0
-            assert "num-examples" not in reply.content["metrics"] or sent.metadata.message_type == "evaluate" \
+            assert (
+                "num-examples" not in reply.content["metrics"]
+                or sent.metadata.message_type == "evaluate"
                 or reply.content["metrics"]["num-examples"] == reply.content["metrics"]["val-n"]
+            )
         else:
             assert reply.content["proof"]["role"] == "train"
     for record in [*metrics["rounds"], metrics["final"]]:
@@ -61,7 +67,8 @@ def test_evaluation_only_site_never_sends_arrays_and_is_reported_every_round(wit
         assert evaluators["at_threshold_used"]["n"] == 100  # every held-out image, none kept back
         # the training sites' pooled validation does not include the held-out site's cases
         assert record["pooled"]["at_threshold_used"]["n"] == sum(
-            s["val_n"] for s in record["sites"] if s["site"] != "held-out")
+            s["val_n"] for s in record["sites"] if s["site"] != "held-out"
+        )
 
 
 def test_evaluation_only_figures_are_the_global_models_on_that_data(with_evaluator):
@@ -93,8 +100,12 @@ def test_best_round_export_equals_that_rounds_weights(with_evaluator):
     # the arrays the coordinator sent in the round that scored the best model are that model's weights
     round_number = records[best]["round"]
     kind = "evaluate" if best == len(records) - 1 else "train"
-    sent = next(s for s, _ in audit if s.metadata.message_type == kind
-                and int(s.content["config"]["round"]) == min(round_number, metrics["completed_rounds"]))
+    sent = next(
+        s
+        for s, _ in audit
+        if s.metadata.message_type == kind
+        and int(s.content["config"]["round"]) == min(round_number, metrics["completed_rounds"])
+    )
     arrays = sent.content["arrays"]
     assert len(arrays) > 0
     for key, array in arrays.items():

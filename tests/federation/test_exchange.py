@@ -62,7 +62,8 @@ def test_frozen_hash_changes_with_any_frozen_weight(model):
     # memory layout does not matter
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["groups.layer1.0._expand_conv.weight"] = state["groups.layer1.0._expand_conv.weight"].to(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     assert frozen_hash(state, plan) == before
 
 
@@ -74,9 +75,11 @@ def test_check_arrays_names_every_problem():
     assert got == ["unexpected keys c"]
     assert check_arrays({"b": expected["b"], "a": expected["a"]}, expected) == ["keys in a different order than sent"]
     assert check_arrays({"a": np.zeros((3, 2), np.float32), "b": expected["b"]}, expected) == [
-        "a: shape (3, 2), expected (2, 3)"]
+        "a: shape (3, 2), expected (2, 3)"
+    ]
     assert check_arrays({"a": np.zeros((2, 3), np.float64), "b": expected["b"]}, expected) == [
-        "a: dtype float64, expected float32"]
+        "a: dtype float64, expected float32"
+    ]
     bad = np.zeros(4, np.float32)
     bad[1] = np.nan
     assert check_arrays({"a": expected["a"], "b": bad}, expected) == ["b: holds NaN or Inf"]

@@ -5,8 +5,9 @@ from fedfreeze.federation.config import from_run_config, load_fed_config, site_s
 
 
 def test_run_config_names_a_shipped_config_and_overrides_dotted_keys():
-    cfg = from_run_config({"config": "fed-demo.toml", "federation.rounds": 4, "out-dir": "/x", "sites-dir": "/s",
-                           "resume": False})
+    cfg = from_run_config(
+        {"config": "fed-demo.toml", "federation.rounds": 4, "out-dir": "/x", "sites-dir": "/s", "resume": False}
+    )
     assert cfg.federation.rounds == 4
     assert cfg.federation.out_dir == "/x"
     assert cfg.model.input_size == 160  # from the shipped fed-demo.toml

@@ -64,11 +64,22 @@ def tampering_client(tampers: dict[str, Tamper], crash: dict[str, set[int]] | No
     return app
 
 
-def run(out: Path, config: Path, nodes: dict, client: ClientApp = real_client, *, resume: bool = False,
-        audit: list | None = None) -> dict:
+def run(
+    out: Path,
+    config: Path,
+    nodes: dict,
+    client: ClientApp = real_client,
+    *,
+    resume: bool = False,
+    audit: list | None = None,
+) -> dict:
     run_config = {"config": str(config), "out-dir": str(out), "resume": resume}
-    grid = LocalGrid(client, nodes, run_config,
-                     on_reply=(lambda sent, reply: audit.append((sent, reply))) if audit is not None else None)
+    grid = LocalGrid(
+        client,
+        nodes,
+        run_config,
+        on_reply=(lambda sent, reply: audit.append((sent, reply))) if audit is not None else None,
+    )
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     try:
         run_federation(grid, context)
@@ -126,10 +137,26 @@ def test_only_the_rounds_trainable_arrays_travel(honest):
 def test_no_image_label_or_per_case_score_leaves_a_site(honest):
     """Every reply a site sent, train and evaluate, holds only the allowed records and aggregate numbers."""
     _, metrics, audit = honest
-    allowed_metrics = {"num-examples", "train-loss", "train-seconds", "eval-seconds", "process-seconds", "val-n",
-                       "val-auroc",
-                       "val-balanced-accuracy", "val-f1", "val-sensitivity", "val-specificity", "val-tp",
-                       "val-fp", "val-tn", "val-fn", "val-threshold", "val-hist-neg", "val-hist-pos"}
+    allowed_metrics = {
+        "num-examples",
+        "train-loss",
+        "train-seconds",
+        "eval-seconds",
+        "process-seconds",
+        "val-n",
+        "val-auroc",
+        "val-balanced-accuracy",
+        "val-f1",
+        "val-sensitivity",
+        "val-specificity",
+        "val-tp",
+        "val-fp",
+        "val-tn",
+        "val-fn",
+        "val-threshold",
+        "val-hist-neg",
+        "val-hist-pos",
+    }
     model, _ = load_model(metrics["model"])
     state = model.state_dict()
     assert audit
@@ -158,8 +185,9 @@ def test_pooled_figures_equal_sklearn_on_the_concatenated_predictions(honest, si
     model, card = load_model(metrics["model"])
     final = metrics["final"]["pooled"]["at_threshold_used"]
     threshold = final["threshold"]
-    evaluate_orders = [orders_from(sent.content["config"]) for sent, _ in audit
-                       if sent.metadata.message_type == "evaluate"][0]
+    evaluate_orders = [
+        orders_from(sent.content["config"]) for sent, _ in audit if sent.metadata.message_type == "evaluate"
+    ][0]
     labels, scores = [], []
     for name, folder in site_folders.items():
         _, val = SiteRuntime(folder, name, tmp / "state" / name).datasets(evaluate_orders)
@@ -209,10 +237,16 @@ def _payload(reply: Message) -> None:
     reply.content["metrics"]["padding"] = [0.0] * 50_000
 
 
-TAMPERS = {"nan": (_nan, "NaN or Inf"), "shape": (_shape, "shape (3,)"), "dtype": (_dtype, "dtype float64"),
-           "extra": (_extra_key, "unexpected keys"), "missing": (_missing_key, "missing keys head.fc.bias"),
-           "hash": (_hash, "frozen-weight hash"), "count": (_count, "num-examples 1000000000"),
-           "payload": (_payload, "far larger")}
+TAMPERS = {
+    "nan": (_nan, "NaN or Inf"),
+    "shape": (_shape, "shape (3,)"),
+    "dtype": (_dtype, "dtype float64"),
+    "extra": (_extra_key, "unexpected keys"),
+    "missing": (_missing_key, "missing keys head.fc.bias"),
+    "hash": (_hash, "frozen-weight hash"),
+    "count": (_count, "num-examples 1000000000"),
+    "payload": (_payload, "far larger"),
+}
 
 
 def test_bad_replies_are_rejected_and_leave_no_trace(tmp_path, site_folders, honest):
@@ -220,8 +254,9 @@ def test_bad_replies_are_rejected_and_leave_no_trace(tmp_path, site_folders, hon
     extra = {f"bad-{kind}": "site-a" for kind in TAMPERS}
     client = tampering_client({f"bad-{kind}": fn for kind, (fn, _) in TAMPERS.items()}, crash={"bad-crash": {1, 2, 3}})
     extra["bad-crash"] = "site-b"
-    metrics = run(tmp_path / "out", fast_config(tmp_path, min_sites=3), node_configs(site_folders, tmp_path, extra),
-                  client)
+    metrics = run(
+        tmp_path / "out", fast_config(tmp_path, min_sites=3), node_configs(site_folders, tmp_path, extra), client
+    )
     assert metrics["status"] == "completed", metrics["reason"]
     for record in metrics["rounds"]:
         assert sorted(s["site"] for s in record["sites"]) == ["site-a", "site-b", "site-c"]
@@ -256,8 +291,9 @@ def test_fedbn_keeps_batchnorm_at_each_site(tmp_path, site_folders, honest):
     audit: list = []
     metrics = run(tmp_path / "out", config, node_configs(site_folders, tmp_path / "state"), audit=audit)
     assert metrics["status"] == "completed", metrics["reason"]
-    layer4_round = [reply for sent, reply in audit if sent.content["config"]["round"] == 3
-                    and sent.metadata.message_type == "train"]
+    layer4_round = [
+        reply for sent, reply in audit if sent.content["config"]["round"] == 3 and sent.metadata.message_type == "train"
+    ]
     sent_keys = set(layer4_round[0].content["arrays"].keys())
     assert "groups.layer4.0._expand_conv.weight" in sent_keys
     assert not any("_bn" in k for k in sent_keys)
@@ -269,8 +305,10 @@ def test_fedbn_keeps_batchnorm_at_each_site(tmp_path, site_folders, honest):
     assert "groups.layer4.0._bn0.weight" in averaged[0].content["arrays"]
 
 
-@pytest.mark.parametrize("name, expected", [("fedavg", "FedAvg"), ("fedprox", "FedProx"),
-                                            ("trimmed-mean", "FedTrimmedAvg"), ("median", "FedMedian")])
+@pytest.mark.parametrize(
+    "name, expected",
+    [("fedavg", "FedAvg"), ("fedprox", "FedProx"), ("trimmed-mean", "FedTrimmedAvg"), ("median", "FedMedian")],
+)
 def test_strategy_choice(name, expected):
     cfg = load_fed_config(None, {"federation.strategy": name, "federation.min-sites": 3})
     strategy = make_strategy(cfg)

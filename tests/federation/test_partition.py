@@ -28,9 +28,11 @@ def test_every_patient_at_exactly_one_site(alpha):
 
 def test_dirichlet_skews_labels_more_than_iid():
     labels, ids = data(400)
+
     def spread(sites):
         shares = [labels[sites == s].mean() for s in range(5)]
         return max(shares) - min(shares)
+
     iid = spread(assign_sites(labels, ids, 5, alpha=None, seed=2))
     skewed = spread(assign_sites(labels, ids, 5, alpha=0.3, seed=2))
     assert skewed > iid + 0.1

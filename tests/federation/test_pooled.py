@@ -195,9 +195,7 @@ def test_pooled_auroc_is_within_the_bin_width_bound(sites: list[Site], site_stat
     assert 0 < gap <= bound < 0.005
 
 
-def test_weighted_mean_of_site_aurocs_is_not_the_pooled_auroc(
-    sites: list[Site], site_stats: list[SiteStats]
-) -> None:
+def test_weighted_mean_of_site_aurocs_is_not_the_pooled_auroc(sites: list[Site], site_stats: list[SiteStats]) -> None:
     y, p = _concatenated(sites)
     exact = roc_auc_score(y, p)
     mean_of_sites = weighted_mean([roc_auc_score(sy, sp) for sy, sp in sites], [len(sy) for sy, _ in sites])
@@ -209,9 +207,7 @@ def test_weighted_mean_of_site_aurocs_is_not_the_pooled_auroc(
 # --- thresholds chosen on pooled histograms -----------------------------------------------------
 
 
-def test_youden_from_histograms_is_within_one_bin_of_roc_curve(
-    sites: list[Site], site_stats: list[SiteStats]
-) -> None:
+def test_youden_from_histograms_is_within_one_bin_of_roc_curve(sites: list[Site], site_stats: list[SiteStats]) -> None:
     y, p = _concatenated(sites)
     total = pool(site_stats)
     fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)

@@ -23,8 +23,16 @@ from fedfreeze.federation.site_runtime import SiteRuntime
 
 @pytest.fixture()
 def coordinator(tmp_path) -> Coordinator:
-    cfg = load_fed_config(None, {"model.input-size": 64, "federation.rounds": 3, "federation.probe-rounds": 1,
-                                 "federation.unfreeze": {"layer4": 0.0}, "federation.evaluation-sites": ["x"]})
+    cfg = load_fed_config(
+        None,
+        {
+            "model.input-size": 64,
+            "federation.rounds": 3,
+            "federation.probe-rounds": 1,
+            "federation.unfreeze": {"layer4": 0.0},
+            "federation.evaluation-sites": ["x"],
+        },
+    )
     return Coordinator(cfg, tmp_path)
 
 
@@ -112,19 +120,30 @@ def test_wise_ft_interpolates_every_floating_array(coordinator):
             assert torch.equal(value, tuned[key]), key
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"federation.evaluation-sites": ["a"], "federation.dp": "client"}, "evaluation-sites"),
-    ({"federation.patience": 2}, "patience"),
-    ({"federation.wise-alpha": 0.5, "federation.probe-rounds": 0}, "wise-alpha"),
-    ({"federation.evaluation-sites": ["a", "a"]}, "twice"),
-    ({"federation.threshold": "median"}, "threshold"),
-    # one schedule: a federation's runs in rounds from [federation]; [train]'s epoch schedule is refused
-    ({"train.unfreeze": {"layer4": 0.5}}, "train.unfreeze: not used in a federation.*federation.unfreeze"),
-    ({"train.method": "adapters"}, "train.method: .*set federation.method"),
-    ({"train.probe-epochs": 3}, "set federation.probe-rounds"),
-    ({"train.recipe": "dual", "federation.dual-rounds": 1, "federation.method": "adapters",
-      "model.backbone": "lwcnn", "model.weights": "none"}, "federation.method: train.recipe = 'dual' needs"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"federation.evaluation-sites": ["a"], "federation.dp": "client"}, "evaluation-sites"),
+        ({"federation.patience": 2}, "patience"),
+        ({"federation.wise-alpha": 0.5, "federation.probe-rounds": 0}, "wise-alpha"),
+        ({"federation.evaluation-sites": ["a", "a"]}, "twice"),
+        ({"federation.threshold": "median"}, "threshold"),
+        # one schedule: a federation's runs in rounds from [federation]; [train]'s epoch schedule is refused
+        ({"train.unfreeze": {"layer4": 0.5}}, "train.unfreeze: not used in a federation.*federation.unfreeze"),
+        ({"train.method": "adapters"}, "train.method: .*set federation.method"),
+        ({"train.probe-epochs": 3}, "set federation.probe-rounds"),
+        (
+            {
+                "train.recipe": "dual",
+                "federation.dual-rounds": 1,
+                "federation.method": "adapters",
+                "model.backbone": "lwcnn",
+                "model.weights": "none",
+            },
+            "federation.method: train.recipe = 'dual' needs",
+        ),
+    ],
+)
 def test_settings_that_do_not_go_together_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_fed_config(None, overrides)

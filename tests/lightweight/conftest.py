@@ -26,8 +26,14 @@ dropout = 0.0
 
 def lwcnn_config(**updates: object) -> ModelConfig:
     """The lightweight backbone on 28 x 28 grey digits, 10 classes, no dropout (outputs compare exactly)."""
-    values: dict[str, object] = {"backbone": "lwcnn", "weights": "none", "in_channels": 1, "input_size": 28,
-                                 "num_classes": 10, "dropout": 0.0}
+    values: dict[str, object] = {
+        "backbone": "lwcnn",
+        "weights": "none",
+        "in_channels": 1,
+        "input_size": 28,
+        "num_classes": 10,
+        "dropout": 0.0,
+    }
     values.update(updates)
     return ModelConfig(**values)
 

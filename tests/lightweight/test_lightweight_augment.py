@@ -22,8 +22,9 @@ SIDE = 28
 
 def blob(cx: float = 13.5, cy: float = 13.5, sx: float = 2.0, sy: float = 2.0) -> torch.Tensor:
     """A Gaussian spot ``[1, 1, 28, 28]`` centred at pixel (cx, cy), well inside the image."""
-    y, x = torch.meshgrid(torch.arange(SIDE, dtype=torch.float64), torch.arange(SIDE, dtype=torch.float64),
-                          indexing="ij")
+    y, x = torch.meshgrid(
+        torch.arange(SIDE, dtype=torch.float64), torch.arange(SIDE, dtype=torch.float64), indexing="ij"
+    )
     return torch.exp(-0.5 * (((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2)).float()[None, None]
 
 
@@ -33,23 +34,37 @@ def moments(image: torch.Tensor) -> tuple[float, float, np.ndarray]:
     y, x = np.mgrid[:SIDE, :SIDE]
     total = w.sum()
     cx, cy = (w * x).sum() / total, (w * y).sum() / total
-    cov = np.array([[(w * (x - cx) ** 2).sum(), (w * (x - cx) * (y - cy)).sum()],
-                    [(w * (x - cx) * (y - cy)).sum(), (w * (y - cy) ** 2).sum()]]) / total
+    cov = (
+        np.array(
+            [
+                [(w * (x - cx) ** 2).sum(), (w * (x - cx) * (y - cy)).sum()],
+                [(w * (x - cx) * (y - cy)).sum(), (w * (y - cy) ** 2).sum()],
+            ]
+        )
+        / total
+    )
     return cx, cy, cov
 
 
 def only(**values: float) -> AugmentParams:
     """Parameters of one image: the identity except for the values given."""
-    return AugmentParams(angle=np.array([values.get("angle", 0.0)]), scale=np.array([values.get("scale", 1.0)]),
-                         shift=np.array([[values.get("dx", 0.0), values.get("dy", 0.0)]]),
-                         brightness=np.array([values.get("brightness", 0.0)]))
+    return AugmentParams(
+        angle=np.array([values.get("angle", 0.0)]),
+        scale=np.array([values.get("scale", 1.0)]),
+        shift=np.array([[values.get("dx", 0.0), values.get("dy", 0.0)]]),
+        brightness=np.array([values.get("brightness", 0.0)]),
+    )
 
 
 def test_draws_cover_exactly_the_configured_ranges():
     settings = DualAugmentSettings(rotation=15.0, zoom=0.2, translation=0.1, brightness=0.3)
     p = sample_params(5000, settings, np.random.default_rng(0))
-    for values, low, high in ((p.angle, -15.0, 15.0), (p.scale, 0.8, 1.2), (p.shift, -0.1, 0.1),
-                              (p.brightness, -0.3, 0.3)):
+    for values, low, high in (
+        (p.angle, -15.0, 15.0),
+        (p.scale, 0.8, 1.2),
+        (p.shift, -0.1, 0.1),
+        (p.brightness, -0.3, 0.3),
+    ):
         assert values.min() >= low and values.max() <= high
         span = high - low
         assert values.min() < low + 0.01 * span and values.max() > high - 0.01 * span  # the whole range is used
@@ -110,8 +125,11 @@ def test_same_seed_same_batch_other_seed_other_batch_input_untouched(digits):
 
 
 def test_configured_ranges_reach_the_pipeline_and_bad_ones_name_the_field():
-    cfg = parse_config({"train": {"recipe": "dual", "dual": {"rotation": 20, "zoom": 0.15, "translation": 0.05,
-                                                               "brightness": 0.25}}}, SiteConfig, "site.toml")
+    cfg = parse_config(
+        {"train": {"recipe": "dual", "dual": {"rotation": 20, "zoom": 0.15, "translation": 0.05, "brightness": 0.25}}},
+        SiteConfig,
+        "site.toml",
+    )
     assert augment_settings(cfg.train.dual) == DualAugmentSettings(20.0, 0.15, 0.05, 0.25)
     with pytest.raises(ConfigError, match=r"site.toml: train.dual.translation: .*less than or equal to 0.5"):
         parse_config({"train": {"dual": {"translation": 0.7}}}, SiteConfig, "site.toml")

@@ -21,7 +21,9 @@ from fedfreeze.models.dual import merge_state
 from fedfreeze.models.registry import build_model
 from tests.lightweight.conftest import LWCNN_MODEL_TOML, MNIST_FIXTURE, lwcnn_config
 
-DUAL_FED = LWCNN_MODEL_TOML + """[train]
+DUAL_FED = (
+    LWCNN_MODEL_TOML
+    + """[train]
 recipe = "dual"
 batch-size = 25
 cutmix-prob = 0.0
@@ -41,6 +43,7 @@ unfreeze = { layer4 = 0.0 }
 min-sites = 3
 val-fraction = 0.2
 """
+)
 EVERY_PART = ["head", "layer1", "layer2", "layer3", "layer4", "stem"]
 
 
@@ -51,8 +54,14 @@ def federation(tmp_path_factory, mnist_train):
     config.write_text(DUAL_FED)
     index = assign_sites(mnist_train.labels.numpy(), mnist_train.patient_ids, 3, alpha=None, seed=0)
     write_sites(mnist_train, index, root / "sites", as_manifest=False)
-    nodes = {i + 1: {"data-path": str(root / "sites" / f"site-{i}" / "data"), "site-name": f"site-{i}",
-                     "state-dir": str(root / "state" / f"site-{i}")} for i in range(3)}
+    nodes = {
+        i + 1: {
+            "data-path": str(root / "sites" / f"site-{i}" / "data"),
+            "site-name": f"site-{i}",
+            "state-dir": str(root / "state" / f"site-{i}"),
+        }
+        for i in range(3)
+    }
     run_config = {"config": str(config), "out-dir": str(root / "out")}
     audit: list = []
     grid = LocalGrid(client_app, nodes, run_config, on_reply=lambda sent, reply: audit.append((sent, reply)))
@@ -104,8 +113,11 @@ def test_the_first_merged_round_starts_from_the_merge_of_the_aggregated_dual_mod
     replies = [reply for _, reply in train_messages(audit, 2)]
     weights = np.array([int(r.content["metrics"]["num-examples"]) for r in replies], dtype=np.float64)
     keys = list(replies[0].content["arrays"].keys())
-    fedavg = {k: np.sum([w * r.content["arrays"][k].numpy() for w, r in zip(weights, replies, strict=False)], axis=0) / weights.sum()
-              for k in keys}
+    fedavg = {
+        k: np.sum([w * r.content["arrays"][k].numpy() for w, r in zip(weights, replies, strict=False)], axis=0)
+        / weights.sum()
+        for k in keys
+    }
     import torch
 
     expected = merge_state({k: torch.from_numpy(v.astype(np.float32)) for k, v in fedavg.items()})
@@ -123,16 +135,27 @@ def test_the_federated_model_beats_chance_on_unseen_digits(federation):
     assert result["accuracy"] > 0.3, result  # chance is 0.1
 
 
-@pytest.mark.parametrize(("edits", "message"), [
-    ([("dual-rounds = 2", "dual-rounds = 0")],
-     "federation.dual-rounds: train.recipe = 'dual' needs at least one dual-stage round, got 0"),
-    ([('recipe = "dual"', 'recipe = "standard"')],
-     "federation.dual-rounds: 2 dual-stage rounds need train.recipe = 'dual', got 'standard'"),
-    ([("rounds = 4\n", "rounds = 2\n"), ("probe-rounds = 1", "probe-rounds = 0")],
-     r"federation: dual-rounds \(2\) should be fewer than rounds \(2\)"),
-    ([("min-sites = 3", 'min-sites = 3\nbn-policy = "local"')],
-     r"federation.bn-policy: 'local' \(FedBN\) is not supported with train.recipe = 'dual'"),
-])
+@pytest.mark.parametrize(
+    ("edits", "message"),
+    [
+        (
+            [("dual-rounds = 2", "dual-rounds = 0")],
+            "federation.dual-rounds: train.recipe = 'dual' needs at least one dual-stage round, got 0",
+        ),
+        (
+            [('recipe = "dual"', 'recipe = "standard"')],
+            "federation.dual-rounds: 2 dual-stage rounds need train.recipe = 'dual', got 'standard'",
+        ),
+        (
+            [("rounds = 4\n", "rounds = 2\n"), ("probe-rounds = 1", "probe-rounds = 0")],
+            r"federation: dual-rounds \(2\) should be fewer than rounds \(2\)",
+        ),
+        (
+            [("min-sites = 3", 'min-sites = 3\nbn-policy = "local"')],
+            r"federation.bn-policy: 'local' \(FedBN\) is not supported with train.recipe = 'dual'",
+        ),
+    ],
+)
 def test_inconsistent_recipe_settings_name_the_field(tmp_path, edits, message):
     text = DUAL_FED
     for old, new in edits:

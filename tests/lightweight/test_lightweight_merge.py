@@ -35,8 +35,15 @@ def trained_dual(mnist_train) -> DualNet:
     torch.manual_seed(0)
     dual = build_dual(lwcnn_config())
     cfg = TrainConfig(recipe="dual", batch_size=50, balanced_sampling=False, dual={"epochs": 2, "lr": 5e-3})
-    train_dual(dual, mnist_train.images, mnist_train.labels, cfg, epochs=2, rng=np.random.default_rng(0),
-               device=torch.device("cpu"))
+    train_dual(
+        dual,
+        mnist_train.images,
+        mnist_train.labels,
+        cfg,
+        epochs=2,
+        rng=np.random.default_rng(0),
+        device=torch.device("cpu"),
+    )
     return dual.eval()
 
 
@@ -91,7 +98,9 @@ def test_merged_state_is_a_plain_lwcnn_with_the_heads_side_by_side_halved(traine
     dual_state = trained_dual.state_dict()
     merged = merge_state(dual_state)
     reference, _ = build_model(lwcnn_config())
-    assert {k: tuple(v.shape) for k, v in merged.items()} == {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in merged.items()} == {
+        k: tuple(v.shape) for k, v in reference.state_dict().items()
+    }
     w = dual_state["head.weight"].numpy()  # [2, 10, 24]
     np.testing.assert_allclose(merged["head.fc.weight"].numpy(), np.concatenate([w[0], w[1]], axis=1) / 2)
     np.testing.assert_allclose(merged["head.fc.bias"].numpy(), dual_state["head.bias"].numpy().mean(0))

@@ -12,7 +12,9 @@ from fedfreeze.evaluate import evaluate_model
 from fedfreeze.model_io import load_model
 from tests.lightweight.conftest import LWCNN_MODEL_TOML, MNIST_FIXTURE
 
-DUAL_SITE = LWCNN_MODEL_TOML + """[train]
+DUAL_SITE = (
+    LWCNN_MODEL_TOML
+    + """[train]
 recipe = "dual"
 probe-epochs = 1
 epochs = 2
@@ -29,6 +31,7 @@ lr = 5e-3
 [cv]
 folds = 2
 """
+)
 CHANCE = 0.1
 
 
@@ -38,8 +41,9 @@ def trained(tmp_path_factory) -> Path:
     config = root / "site.toml"
     config.write_text(DUAL_SITE)
     out = root / "run"
-    assert main(["site-train", "--config", str(config), "--data", str(MNIST_FIXTURE), "--out", str(out),
-                 "--quiet"]) == 0
+    assert (
+        main(["site-train", "--config", str(config), "--data", str(MNIST_FIXTURE), "--out", str(out), "--quiet"]) == 0
+    )
     return out
 
 
@@ -51,8 +55,11 @@ def test_each_fold_runs_the_dual_stage_then_unfreezes_from_the_head_back(trained
         epochs = fold["epochs"]
         assert [e["stage"] for e in epochs] == ["dual"] * 5 + ["merged"] * 3
         assert [e["epoch"] for e in epochs] == list(range(8))
-        assert [e["parts"] for e in epochs] == [every_part] * 5 + [["head"], ["head", "layer4"],
-                                                                     ["head", "layer3", "layer4"]]
+        assert [e["parts"] for e in epochs] == [every_part] * 5 + [
+            ["head"],
+            ["head", "layer4"],
+            ["head", "layer3", "layer4"],
+        ]
         assert epochs[5]["cached_features"] is True  # the probe trains on the merged backbone's features
         assert epochs[4]["loss"] < epochs[0]["loss"]
         assert fold["balanced_accuracy"] > 5 * CHANCE, fold  # 250 held-out digits of 10 classes
@@ -70,7 +77,8 @@ def test_the_refit_model_is_a_plain_lwcnn_that_beats_chance_on_unseen_digits(tra
 def test_the_recipe_refuses_a_backbone_without_two_sub_models(tmp_path, capsys):
     config = tmp_path / "bad.toml"
     config.write_text(DUAL_SITE.replace('backbone = "lwcnn"', 'backbone = "lwcnn-branch"'))
-    code = main(["site-train", "--config", str(config), "--data", str(MNIST_FIXTURE), "--out", str(tmp_path / "x"),
-                 "--quiet"])
+    code = main(
+        ["site-train", "--config", str(config), "--data", str(MNIST_FIXTURE), "--out", str(tmp_path / "x"), "--quiet"]
+    )
     assert code == 2
     assert "model.backbone: the dual recipe needs a backbone of two sub-models" in capsys.readouterr().err

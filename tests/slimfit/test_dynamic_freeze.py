@@ -58,8 +58,12 @@ def test_change_score_by_hand():
 def test_candidates_are_conv_linear_norm_layers_of_the_parts_but_never_the_head():
     model = toy_net()
     units, always = freeze_units(model, {"stem", "layer1", "head"})
-    assert [u.key for u in units] == ["groups.stem.0.weight", "groups.layer1.0.weight", "groups.layer1.1.weight",
-                                      "groups.layer1.2.weight"]
+    assert [u.key for u in units] == [
+        "groups.stem.0.weight",
+        "groups.layer1.0.weight",
+        "groups.layer1.1.weight",
+        "groups.layer1.2.weight",
+    ]
     # a layer's bias follows its weight; the head always trains
     assert [k for k, _ in units[3].params] == ["groups.layer1.2.weight", "groups.layer1.2.bias"]
     assert [k for k, _ in always] == ["head.fc.weight", "head.fc.bias"]
@@ -71,15 +75,23 @@ def test_scores_of_a_sgd_step_by_hand():
     model = toy_net()
     apply_parts(model, {"stem", "layer1", "head"})
     freezer = DynamicFreezer(model, {"stem", "layer1", "head"}, rate=0.5, seed=0)
-    freezer.scores.update({"groups.stem.0.weight": 0.9, "groups.layer1.0.weight": 0.8,
-                           "groups.layer1.1.weight": 0.1, "groups.layer1.2.weight": 0.2})
+    freezer.scores.update(
+        {
+            "groups.stem.0.weight": 0.9,
+            "groups.layer1.0.weight": 0.8,
+            "groups.layer1.1.weight": 0.1,
+            "groups.layer1.2.weight": 0.2,
+        }
+    )
     chosen = [u.key for u in freezer.choose()]
     assert chosen == ["groups.stem.0.weight", "groups.layer1.0.weight"]  # the two highest scores train
     with torch.no_grad():
         model.groups["stem"][0].weight.copy_(torch.tensor([2.0, -4.0]).view(2, 1, 1, 1))
         model.groups["layer1"][0].weight.copy_(torch.tensor([[1.0, 0.0], [-0.5, 2.0]]).view(2, 2, 1, 1))
-    grads = {"groups.stem.0.weight": torch.tensor([1.0, 2.0]).view(2, 1, 1, 1),
-             "groups.layer1.0.weight": torch.tensor([[1.0, 5.0], [0.5, -2.0]]).view(2, 2, 1, 1)}
+    grads = {
+        "groups.stem.0.weight": torch.tensor([1.0, 2.0]).view(2, 1, 1, 1),
+        "groups.layer1.0.weight": torch.tensor([[1.0, 5.0], [0.5, -2.0]]).view(2, 2, 1, 1),
+    }
     sgd_step(freezer, grads, lr=0.1)
     # stem: dW = 0.1 * [1, 2] on W = [2, -4]: ratios 0.05, 0.05
     assert freezer.scores["groups.stem.0.weight"] == pytest.approx(0.05, rel=1e-5)
@@ -94,8 +106,14 @@ def test_frozen_layers_rotate_back_in_when_trained_scores_fall_below_theirs():
     parts = {"stem", "layer1", "head"}
     apply_parts(model, parts)
     freezer = DynamicFreezer(model, parts, rate=0.5, seed=0)
-    freezer.scores.update({"groups.stem.0.weight": 0.9, "groups.layer1.0.weight": 0.8,
-                           "groups.layer1.1.weight": 0.1, "groups.layer1.2.weight": 0.2})
+    freezer.scores.update(
+        {
+            "groups.stem.0.weight": 0.9,
+            "groups.layer1.0.weight": 0.8,
+            "groups.layer1.1.weight": 0.1,
+            "groups.layer1.2.weight": 0.2,
+        }
+    )
     first = {u.key for u in freezer.choose()}
     assert first == {"groups.stem.0.weight", "groups.layer1.0.weight"}
     for unit in freezer.units:
@@ -131,8 +149,12 @@ def test_the_sweep_never_trains_the_largest_inputs_together():
     parts = {"stem", "layer1", "head"}
     apply_parts(model, parts)
     big = {"groups.stem.0.weight", "groups.layer1.0.weight"}
-    sizes = {"groups.stem.0.weight": 100.0, "groups.layer1.0.weight": 90.0,
-             "groups.layer1.1.weight": 2.0, "groups.layer1.2.weight": 1.0}
+    sizes = {
+        "groups.stem.0.weight": 100.0,
+        "groups.layer1.0.weight": 90.0,
+        "groups.layer1.1.weight": 2.0,
+        "groups.layer1.2.weight": 1.0,
+    }
     together = {True: [], False: []}
     for balanced in (True, False):
         for seed in range(10):
@@ -158,9 +180,18 @@ def test_config_keys_and_defaults_keep_the_schedule():
     default = TrainConfig()
     assert default.freezing == "schedule" and default.max_train_memory_mb is None
     assert default.activation_storage == "auto" and default.dynamic_freeze.rate == 0.9
-    cfg = parse_config({"train": {"freezing": "dynamic", "dynamic-freeze": {"rate": 0.95, "optimizer-state": "drop"},
-                                  "activation-storage": "int8-channel", "max-train-memory-mb": 1500}},
-                       SiteConfig, "site.toml").train
+    cfg = parse_config(
+        {
+            "train": {
+                "freezing": "dynamic",
+                "dynamic-freeze": {"rate": 0.95, "optimizer-state": "drop"},
+                "activation-storage": "int8-channel",
+                "max-train-memory-mb": 1500,
+            }
+        },
+        SiteConfig,
+        "site.toml",
+    ).train
     assert (cfg.freezing, cfg.dynamic_freeze.rate, cfg.dynamic_freeze.optimizer_state) == ("dynamic", 0.95, "drop")
     assert cfg.activation_storage == "int8-channel" and cfg.max_train_memory_mb == 1500
 

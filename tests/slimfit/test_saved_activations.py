@@ -110,14 +110,25 @@ def test_training_memory_is_measured_lower_with_dynamic_freezing():
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1] * 8)
     peaks = {}
-    for arm, extra in {"full": {}, "dynamic": {"freezing": "dynamic"},
-                       "dynamic-int8": {"freezing": "dynamic", "activation_storage": "int8-channel"}}.items():
+    for arm, extra in {
+        "full": {},
+        "dynamic": {"freezing": "dynamic"},
+        "dynamic-int8": {"freezing": "dynamic", "activation_storage": "int8-channel"},
+    }.items():
         torch.manual_seed(0)
         model, _ = build_model(ModelConfig(weights="none", input_size=32))
         cfg = TrainConfig(batch_size=8, cutmix_prob=0.0, augment=False, lr=LR, bn_stats="frozen", **extra)
         with SavedTensorMeter(model.parameters()) as meter:
-            train_phase(model, images, labels, frozenset(model.parts), cfg, epochs=1, rng=np.random.default_rng(0),
-                        device=torch.device("cpu"))
+            train_phase(
+                model,
+                images,
+                labels,
+                frozenset(model.parts),
+                cfg,
+                epochs=1,
+                rng=np.random.default_rng(0),
+                device=torch.device("cpu"),
+            )
         peaks[arm] = meter.peak
     assert peaks["dynamic"] * 4 < peaks["full"]
     assert peaks["dynamic-int8"] < peaks["dynamic"] * 0.7
@@ -151,8 +162,10 @@ def test_bit_packed_masks_round_trip_in_any_memory_layout():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation", "ceil_mode"),
-                         [(3, 2, 1, 1, False), (2, 2, 0, 1, True), (3, 1, 1, 2, False)])
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation", "ceil_mode"),
+    [(3, 2, 1, 1, False), (2, 2, 0, 1, True), (3, 1, 1, 2, False)],
+)
 def test_max_pooling_gradient_matches_pytorch(channels_last, kernel, stride, padding, dilation, ceil_mode):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 13, 11, generator=gen)

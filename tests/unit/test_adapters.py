@@ -17,8 +17,7 @@ def test_zero_initialised_adapters_leave_the_function_unchanged(lite0_random):
     with torch.no_grad():
         after = model(x)
     assert torch.allclose(before, after, atol=1e-6)
-    assert model.parts == ["stem", "layer1", "layer2", "layer3", "layer3.adapters", "layer4",
-                           "layer4.adapters", "head"]
+    assert model.parts == ["stem", "layer1", "layer2", "layer3", "layer3.adapters", "layer4", "layer4.adapters", "head"]
 
 
 def test_adapters_sized_per_block_with_the_blocks_stride(lite0_random):
@@ -39,8 +38,16 @@ def test_training_adapters_only_changes_adapters_and_head(lite0_random):
     from fedfreeze.config import TrainConfig
 
     cfg = TrainConfig(batch_size=8, augment=False, cutmix_prob=0.0)
-    train_phase(model, images, labels, frozenset({"head", "layer4.adapters"}), cfg, epochs=1,
-                rng=np.random.default_rng(0), device=torch.device("cpu"))
+    train_phase(
+        model,
+        images,
+        labels,
+        frozenset({"head", "layer4.adapters"}),
+        cfg,
+        epochs=1,
+        rng=np.random.default_rng(0),
+        device=torch.device("cpu"),
+    )
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed, "nothing trained"
     assert {model.part_of_key(k) for k in changed} == {"head", "layer4.adapters"}

@@ -71,7 +71,10 @@ def test_unexpected_key_is_named(tmp_path, tv_resnet18_state):
 def test_wrong_shape_is_named(tmp_path, tv_resnet18_state):
     state = dict(tv_resnet18_state)
     state["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
-    with pytest.raises(CheckpointError, match=r"groups\.layer1\.0\.conv1\.weight: checkpoint \(64, 64, 1, 1\) vs model \(64, 64, 3, 3\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"groups\.layer1\.0\.conv1\.weight: checkpoint \(64, 64, 1, 1\) vs model \(64, 64, 3, 3\)",
+    ):
         build_model(ModelConfig(backbone="resnet18", weights=save(state, tmp_path / "s.pth")))
 
 

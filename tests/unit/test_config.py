@@ -15,7 +15,7 @@ def test_empty_file_gives_the_documented_defaults(tmp_path):
 
 def test_kebab_case_keys(tmp_path):
     path = tmp_path / "site.toml"
-    path.write_text('[train]\nprobe-epochs = 3\ncutmix-prob = 0.25\n[cv]\nfolds = 3\n')
+    path.write_text("[train]\nprobe-epochs = 3\ncutmix-prob = 0.25\n[cv]\nfolds = 3\n")
     cfg = load_site_config(path)
     assert (cfg.train.probe_epochs, cfg.train.cutmix_prob, cfg.cv.folds) == (3, 0.25, 3)
 

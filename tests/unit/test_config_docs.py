@@ -27,7 +27,8 @@ def make_docs() -> ModuleType:
 def test_committed_reference_equals_what_the_models_generate(make_docs: ModuleType) -> None:
     committed = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert committed == make_docs.render(), (
-        "docs/configuration.md is out of date: run .venv/bin/python scripts/make_config_docs.py")
+        "docs/configuration.md is out of date: run .venv/bin/python scripts/make_config_docs.py"
+    )
 
 
 def test_every_field_of_every_table_is_listed_with_its_default(make_docs: ModuleType) -> None:

@@ -56,4 +56,3 @@ def test_bad_shapes_rejected():
         apply_cutmix(torch.rand(3, 1, 8, 8), torch.zeros(2), Box(0, 1, 0, 1), torch.arange(3))
     with pytest.raises(ValueError, match="alpha should be positive"):
         sample_lambda(0.0, np.random.default_rng(0))
-

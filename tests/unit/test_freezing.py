@@ -33,8 +33,9 @@ def test_frozen_batchnorm_statistics_do_not_move_during_training(lite0_random, f
     images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
     labels = torch.tensor([0, 1] * 8)
     cfg = fast_train.model_copy(update={"bn_stats": "update"})
-    train_phase(model, images, labels, frozenset({"head", "layer4"}), cfg, epochs=1, rng=rng,
-                device=torch.device("cpu"))
+    train_phase(
+        model, images, labels, frozenset({"head", "layer4"}), cfg, epochs=1, rng=rng, device=torch.device("cpu")
+    )
     for group in ("stem", "layer1", "layer2", "layer3"):
         after = bn_stats(model.groups[group])
         assert all(torch.equal(before[group][k], after[k]) for k in after), group
@@ -51,8 +52,9 @@ def test_bn_stats_frozen_keeps_trainable_statistics_but_trains_scale_and_shift(l
     images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
     labels = torch.tensor([0, 1] * 8)
     frozen = fast_train.model_copy(update={"bn_stats": "frozen"})
-    train_phase(model, images, labels, frozenset({"head", "layer4"}), frozen, epochs=1, rng=rng,
-                device=torch.device("cpu"))
+    train_phase(
+        model, images, labels, frozenset({"head", "layer4"}), frozen, epochs=1, rng=rng, device=torch.device("cpu")
+    )
     after = bn_stats(layer4)
     assert all(torch.equal(stats_before[k], after[k]) for k in after)
     assert not torch.equal(scale_before, layer4[0]._bn2.weight)
@@ -63,15 +65,18 @@ def test_frozen_weights_unchanged_and_trainable_ones_change(lite0_random, fast_t
     before = copy.deepcopy(model.state_dict())
     images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
     labels = torch.tensor([0, 1] * 8)
-    train_phase(model, images, labels, frozenset({"head", "layer4"}), fast_train, epochs=1, rng=rng,
-                device=torch.device("cpu"))
+    train_phase(
+        model, images, labels, frozenset({"head", "layer4"}), fast_train, epochs=1, rng=rng, device=torch.device("cpu")
+    )
     after = model.state_dict()
     for key, value in after.items():
         part = model.part_of_key(key)
         if part in {"stem", "layer1", "layer2", "layer3"}:
             assert torch.equal(before[key], value), key
     assert not torch.equal(before["head.fc.weight"], after["head.fc.weight"])
-    assert not torch.equal(before["groups.layer4.0._project_conv.weight"], after["groups.layer4.0._project_conv.weight"])
+    assert not torch.equal(
+        before["groups.layer4.0._project_conv.weight"], after["groups.layer4.0._project_conv.weight"]
+    )
 
 
 def test_frozen_prefix_runs_without_autograd(lite0_random):
@@ -82,6 +87,7 @@ def test_frozen_prefix_runs_without_autograd(lite0_random):
     def hook(name):
         def record(module, inputs, output):
             seen[name] = output.requires_grad
+
         return record
 
     for name in model.groups:
@@ -113,8 +119,9 @@ def test_bn_stats_auto_freezes_pretrained_statistics_and_learns_random_ones(fast
     for weights, should_move in (("package", False), ("none", True)):
         model, _ = build_model(ModelConfig(weights=weights, input_size=64))
         before = bn_stats(model.groups["layer4"])
-        train_phase(model, images, labels, frozenset({"head", "layer4"}), cfg, epochs=1, rng=rng,
-                    device=torch.device("cpu"))
+        train_phase(
+            model, images, labels, frozenset({"head", "layer4"}), cfg, epochs=1, rng=rng, device=torch.device("cpu")
+        )
         after = bn_stats(model.groups["layer4"])
         moved = any(not torch.equal(before[k], after[k]) for k in after)
         assert moved == should_move, weights
@@ -128,8 +135,9 @@ def test_learnt_batchnorm_statistics_are_reestimated_on_the_data_after_training(
     gen = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8, generator=gen)
     labels = torch.tensor([0, 1] * 8)
-    train_phase(model, images, labels, frozenset({"head", "layer4"}), fast_train, epochs=1, rng=rng,
-                device=torch.device("cpu"))  # bn-stats "auto" from random weights: statistics learnt
+    train_phase(
+        model, images, labels, frozenset({"head", "layer4"}), fast_train, epochs=1, rng=rng, device=torch.device("cpu")
+    )  # bn-stats "auto" from random weights: statistics learnt
     bn = model.groups["layer4"][0]._bn0  # the first BatchNorm of the trainable group
     seen = []
     handle = bn.register_forward_hook(lambda module, args, out: seen.append(args[0]))
