@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from fedfreeze.data import arrays, manifest
+from fedfreeze.data.arrays import load_idx_folder, load_npz
 from fedfreeze.data.images import check_channels
 from fedfreeze.data.imageset import UNLABELLED, ImageSet  # noqa: F401 - re-exported: the loader's result type
 from fedfreeze.data.labels import resolve_class_names
+from fedfreeze.data.manifest import load_manifest
 from fedfreeze.errors import ConfigError, DataError
 
 MANIFEST_NAME = "manifest.csv"
@@ -56,12 +57,12 @@ def load_image_set(
     elif path.is_dir() and (path / ARRAYS_NAME).is_file():
         path = path / ARRAYS_NAME  # a site's data folder holding its images as arrays
     if path.is_dir():
-        return arrays.load_idx_folder(
+        return load_idx_folder(
             path, split=split or "train", image_size=image_size, channels=channels, class_names=names, progress=progress
         )
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        return arrays.load_npz(
+        return load_npz(
             path, split=split or "train", image_size=image_size, channels=channels, class_names=names, progress=progress
         )
     if suffix == ".csv":
@@ -70,7 +71,7 @@ def load_image_set(
                 f"split={split!r} applies to .npz and MNIST IDX data only; {path} is a CSV manifest "
                 "(write one manifest per split)"
             )
-        return manifest.load_manifest(
+        return load_manifest(
             path, image_size=image_size, channels=channels, class_names=names, progress=progress, labels=labels
         )
     raise DataError(
