@@ -21,13 +21,41 @@ OUT=docker/secrets
 DAYS=825
 OWNER=49999
 NAMES=()
+
+usage() {
+  cat <<'USAGE'
+usage: bash docker/make-certs.sh [--out DIR] [--days N] [--owner UID] [NAME ...]
+
+Make the federation's certificate authority (CA) and the coordinator's TLS certificate.
+
+  NAME ...     every DNS name and IP address that sites and operators use to reach the
+               coordinator (the certificate's subject alternative names; a site dialling any
+               other name is refused). Default: coordinator localhost 127.0.0.1 ::1
+  --out DIR    where the files go (default: docker/secrets, ignored by git and the image build)
+  --days N     validity of the coordinator's certificate in days (default: 825; the CA: 3650)
+  --owner UID  owner of server.key (default: 49999, the containers' user; give your own uid
+               when the coordinator runs without containers, e.g. --owner "$(id -u)")
+  -h, --help   this message
+
+Writes:
+  ca.pem      the CA certificate: public, every site gets a copy
+  ca.key      the CA private key: only needed to sign the next server certificate; keep it offline
+  server.pem  the coordinator's certificate, signed by the CA
+  server.key  the coordinator's private key (mode 600), for the coordinator only
+An existing ca.pem + ca.key in DIR is kept, so a new server certificate needs no change at the sites.
+
+Example (a real coordinator): bash docker/make-certs.sh fl.hospital-a.example.org 10.1.2.3
+USAGE
+}
+
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) OUT=$2; shift 2 ;;
-    --days) DAYS=$2; shift 2 ;;
-    --owner) OWNER=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    -*) echo "make-certs: unknown option $1" >&2; exit 2 ;;
+    --out|--days|--owner)
+      [ $# -ge 2 ] || { echo "make-certs: $1 needs a value (see --help)" >&2; exit 2; }
+      case "$1" in --out) OUT=$2 ;; --days) DAYS=$2 ;; --owner) OWNER=$2 ;; esac
+      shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    -*) echo "make-certs: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) NAMES+=("$1"); shift ;;
   esac
 done

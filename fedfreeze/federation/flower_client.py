@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-
-from flwr.clientapp import ClientApp
 
 from fedfreeze.errors import ConfigError
 from fedfreeze.federation.protocol import ARRAYS, BASE, CONFIG, METRICS, PROOF, RoundOrders
@@ -48,7 +47,7 @@ def runtime_for(context: Context) -> SiteRuntime:
         data = sample_partition(int(node["partition-id"]), int(node.get("num-partitions", 1)), state / "data")
     else:
         raise ConfigError(
-            "this site has no data: start the SuperNode with --node-config 'data-path=\"/path\" site-name=\"name\"' "
+            'this site has no data: start the SuperNode with --node-config \'data-path="/path" site-name="name"\' '
             "(or run a simulation whose run config sets sites-dir)"
         )
     weights = node.get("weights")
@@ -57,9 +56,14 @@ def runtime_for(context: Context) -> SiteRuntime:
     memory = node.get("max-train-memory-mb")
     if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0):
         raise ConfigError(f"node config max-train-memory-mb: expected a positive number of MB, got {memory!r}")
-    return SiteRuntime(data, site, state, weights=str(weights) if weights else None,
-                       device=str(node.get("device", "auto")),
-                       max_train_memory_mb=float(memory) if memory is not None else None)
+    return SiteRuntime(
+        data,
+        site,
+        state,
+        weights=str(weights) if weights else None,
+        device=str(node.get("device", "auto")),
+        max_train_memory_mb=float(memory) if memory is not None else None,
+    )
 
 
 def site_names(sites_dir: Path) -> dict[str, str]:
@@ -91,8 +95,9 @@ def sample_partition(partition: int, partitions: int, folder: Path) -> Path:
     if partitions == len(names):
         index = [names.index(r["site"]) for r in rows]
     else:
-        index = assign_sites(np.array([int(r["label"]) for r in rows]), [r["patient_id"] for r in rows],
-                             partitions, alpha=None, seed=0).tolist()
+        index = assign_sites(
+            np.array([int(r["label"]) for r in rows]), [r["patient_id"] for r in rows], partitions, alpha=None, seed=0
+        ).tolist()
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", "patient_id"])
@@ -115,10 +120,12 @@ def to_reply(message: Message, result: SiteReply, site: str, *, with_arrays: boo
     metrics: dict[str, Any] = {k: v for k, v in result.metrics.items()}
     if "num-examples" not in metrics:
         metrics["num-examples"] = int(metrics.get("val-n", 0))
-    content = RecordDict({
-        METRICS: MetricRecord(metrics),
-        PROOF: ConfigRecord({"frozen-hash": result.frozen_hash, "site": site, "role": result.role}),
-    })
+    content = RecordDict(
+        {
+            METRICS: MetricRecord(metrics),
+            PROOF: ConfigRecord({"frozen-hash": result.frozen_hash, "site": site, "role": result.role}),
+        }
+    )
     if with_arrays:
         content[ARRAYS] = ArrayRecord(result.arrays)
     return Message(content=content, reply_to=message)

@@ -38,7 +38,6 @@ from fedfreeze.federation.report import write_report
 log = logging.getLogger("fedfreeze.server")
 
 
-
 def make_strategy(cfg: FedConfig, sites: int | None = None) -> Strategy:
     """Flower's own strategy for the configured aggregation rule, wrapped by Flower's DP wrapper
     (with Flower's RDP accountant) when ``federation.dp`` is on.
@@ -67,13 +66,17 @@ def make_strategy(cfg: FedConfig, sites: int | None = None) -> Strategy:
     if fed.dp == "off":
         return strategy
     sampled = sites or fed.min_sites
-    accountant = RdpAccountant(PrivacyConfig(
-        target_delta=fed.dp_delta, population_size=sampled,
-        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-        sampling_method=SamplingMethod.NO_AMPLIFICATION,
-    ))
-    wrapper = (DifferentialPrivacyClientSideFixedClipping if fed.dp == "client"
-               else DifferentialPrivacyServerSideFixedClipping)
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=fed.dp_delta,
+            population_size=sampled,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    wrapper = (
+        DifferentialPrivacyClientSideFixedClipping if fed.dp == "client" else DifferentialPrivacyServerSideFixedClipping
+    )
     return wrapper(strategy, fed.dp_noise_multiplier, fed.dp_clipping_norm, sampled, accountant=accountant)
 
 
@@ -83,8 +86,12 @@ def privacy_spent(strategy: Strategy) -> dict[str, Any] | None:
     spent = spent_fn() if spent_fn is not None else None
     if spent is None:
         return None
-    return {"epsilon": spent.epsilon, "delta": spent.delta, "releases": spent.num_releases,
-            "method": spent.accounting_method}
+    return {
+        "epsilon": spent.epsilon,
+        "delta": spent.delta,
+        "releases": spent.num_releases,
+        "method": spent.accounting_method,
+    }
 
 
 PROGRESS_SECONDS = 10.0  # how often a wait (for sites to connect, for a round's replies) says where it stands
@@ -111,12 +118,19 @@ def wait_for_sites(grid: Grid, coord: Coordinator) -> int:
     while len(nodes := list(grid.get_node_ids())) < coord.fed.min_sites:
         now = time.monotonic()
         if now > deadline:
-            raise FederationFailed(f"{len(nodes)} site(s) connected after {coord.fed.site_wait:.0f} s; "
-                                   f"min-sites is {coord.fed.min_sites} (connected: "
-                                   f"{listing(nodes, coord.node_names)})")
+            raise FederationFailed(
+                f"{len(nodes)} site(s) connected after {coord.fed.site_wait:.0f} s; "
+                f"min-sites is {coord.fed.min_sites} (connected: "
+                f"{listing(nodes, coord.node_names)})"
+            )
         if now >= next_note:
-            log.info("waiting for sites: %d connected (%s), min-sites is %d; giving up in %.0f s",
-                     len(nodes), listing(nodes, coord.node_names), coord.fed.min_sites, deadline - now)
+            log.info(
+                "waiting for sites: %d connected (%s), min-sites is %d; giving up in %.0f s",
+                len(nodes),
+                listing(nodes, coord.node_names),
+                coord.fed.min_sites,
+                deadline - now,
+            )
             next_note = now + PROGRESS_SECONDS
         time.sleep(POLL_SECONDS)
     return len(nodes)
@@ -145,17 +159,26 @@ def unpack(message: Message, bytes_down: int, node: int | None = None) -> Reply 
         bytes_up = record_bytes(content)
     except (KeyError, TypeError, ValueError) as err:
         return f"malformed reply ({err})"
-    return Reply(node=node, site=str(proof.get("site", node)), arrays=arrays, metrics=metrics,
-                 frozen_hash=str(proof.get("frozen-hash", "")), bytes_down=bytes_down, bytes_up=bytes_up,
-                 role=str(proof.get("role", TRAIN_ROLE)))
+    return Reply(
+        node=node,
+        site=str(proof.get("site", node)),
+        arrays=arrays,
+        metrics=metrics,
+        frozen_hash=str(proof.get("frozen-hash", "")),
+        bytes_down=bytes_down,
+        bytes_up=bytes_up,
+        role=str(proof.get("role", TRAIN_ROLE)),
+    )
 
 
 def error_reason(message: Message) -> str:
     """An error reply in words: what most likely happened, then Flower's own text."""
     error = message.error
     if error.code == ErrorCode.NODE_UNAVAILABLE:
-        return ("the site's SuperNode stopped reporting to the coordinator (stopped, crashed, or lost its "
-                f"network); Flower: {error.reason}")
+        return (
+            "the site's SuperNode stopped reporting to the coordinator (stopped, crashed, or lost its "
+            f"network); Flower: {error.reason}"
+        )
     if error.code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
         return f"the message or its reply expired at the SuperLink; Flower: {error.reason}"
     return f"the site failed: {error.reason}"
@@ -184,19 +207,21 @@ class Exchanged:
     seconds: float = 0.0  # from the push to the last reply, or to the timeout
 
 
-def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float,
-                     names: dict[int, str] | None = None, what: str = "round") -> Exchanged:
+def send_and_receive(
+    grid: Grid, messages: list[Message], *, timeout: float, names: dict[int, str] | None = None, what: str = "round"
+) -> Exchanged:
     """Push the messages, then poll for replies every 0.2 s until all are in or ``timeout`` passes.
 
     Flower's ``Grid.send_and_receive`` polls every 3 s, which alone adds 1.5 s to every round on
     average; the sites' own polling (3 s, inside flower-supernode) is not ours to change. Every
-    ``PROGRESS_SECONDS`` it logs which sites have replied, which are pending and the seconds left.
+    ``PROGRESS_SECONDS`` it logs which sites have replied, which failed (an error reply), which are
+    pending and the seconds left.
     ``names`` (node -> site) is completed from the replies as they come in.
     """
     names = {} if names is None else names
     started = time.monotonic()
     ids = list(grid.push_messages(messages))
-    sent = {mid: m.metadata.dst_node_id for m, mid in zip(messages, ids) if mid}
+    sent = {mid: m.metadata.dst_node_id for m, mid in zip(messages, ids, strict=False) if mid}  # ids may be short
     unsent = [m.metadata.dst_node_id for i, m in enumerate(messages) if i >= len(ids) or not ids[i]]
     result = Exchanged(sent=sent, unsent=unsent)
     pending = set(sent)
@@ -213,10 +238,19 @@ def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float,
                 names[sent[mid]] = site
         now = time.monotonic()
         if pending and now >= next_note:
-            answered = [sent[m] for m in result.replies]
-            log.info("%s: %d of %d sites replied (%s); waiting for %d (%s); giving up in %.0f s", what,
-                     len(answered), len(sent), listing(answered, names), len(pending),
-                     listing((sent[m] for m in pending), names), max(deadline - now, 0.0))
+            replied = [sent[m] for m, (r, _) in result.replies.items() if not r.has_error()]
+            failed = [sent[m] for m, (r, _) in result.replies.items() if r.has_error()]
+            log.info(
+                "%s: %d of %d sites replied (%s)%s; waiting for %d (%s); giving up in %.0f s",
+                what,
+                len(replied),
+                len(sent),
+                listing(replied, names),
+                f", {len(failed)} failed ({listing(failed, names)})" if failed else "",
+                len(pending),
+                listing((sent[m] for m in pending), names),
+                max(deadline - now, 0.0),
+            )
             next_note = now + PROGRESS_SECONDS
         if pending:
             time.sleep(POLL_SECONDS)
@@ -225,8 +259,14 @@ def send_and_receive(grid: Grid, messages: list[Message], *, timeout: float,
 
 
 def exchange(
-    grid: Grid, messages: Iterable[Message], coord: Coordinator, plan: ExchangePlan, orders: RoundOrders,
-    record: RoundRecord, *, with_arrays: bool,
+    grid: Grid,
+    messages: Iterable[Message],
+    coord: Coordinator,
+    plan: ExchangePlan,
+    orders: RoundOrders,
+    record: RoundRecord,
+    *,
+    with_arrays: bool,
 ) -> tuple[list[Message], list[Reply]]:
     """Send a round's messages, then sort the replies into valid ones, rejections and failures.
 
@@ -311,10 +351,11 @@ def aggregate_per_key(
 
 def restricted(message: Message, keys: Iterable[str]) -> Message:
     """A copy of a reply whose ``arrays`` record holds only ``keys`` (metrics and proof unchanged)."""
-    arrays = message.content[ARRAYS]
+    arrays = message.content.array_records[ARRAYS]
     content = RecordDict({name: record for name, record in message.content.items() if name != ARRAYS})
     content[ARRAYS] = ArrayRecord({k: arrays[k] for k in keys})
-    return Message(content=content, metadata=message.metadata)
+    # (Flower's typed overloads omit ``metadata``, which its constructor takes for a received message)
+    return Message(content=content, metadata=message.metadata)  # type: ignore[call-overload]
 
 
 def train_round(grid: Grid, coord: Coordinator, strategy: Strategy, rnd: int) -> RoundRecord:
@@ -330,8 +371,11 @@ def train_round(grid: Grid, coord: Coordinator, strategy: Strategy, rnd: int) ->
     valid_msgs, valid = exchange(grid, messages, coord, plan, orders, record, with_arrays=True)
     training = [i for i, r in enumerate(valid) if r.role != EVALUATE_ROLE]  # evaluation-only sites train nothing
     scored = dict(coord.state)  # the model every site scored before training (apply replaces arrays, in no place)
-    coord.apply(plan, aggregate_per_key(strategy, rnd, [valid_msgs[i] for i in training],
-                                        [valid[i] for i in training], plan), orders)
+    coord.apply(
+        plan,
+        aggregate_per_key(strategy, rnd, [valid_msgs[i] for i in training], [valid[i] for i in training], plan),
+        orders,
+    )
     record.privacy = privacy_spent(strategy)
     coord.pool(valid, record)
     coord.note_scored(record, scored, rnd - 1)
@@ -348,8 +392,9 @@ def final_evaluation(grid: Grid, coord: Coordinator, strategy: Strategy) -> Roun
     orders = coord.orders(rnd)
     plan = coord.plan(orders)
     record = RoundRecord(round=rnd + 1, parts=sorted(orders.parts), evaluated_model=f"global model after round {rnd}")
-    messages = strategy.configure_evaluate(rnd, ArrayRecord(coord.arrays_for(plan)), ConfigRecord(orders.to_config()),
-                                           grid)
+    messages = strategy.configure_evaluate(
+        rnd, ArrayRecord(coord.arrays_for(plan)), ConfigRecord(orders.to_config()), grid
+    )
     messages = with_base(messages, coord.base_for(plan))
     _, valid = exchange(grid, messages, coord, plan, orders, record, with_arrays=False)
     coord.pool(valid, record)
@@ -366,13 +411,23 @@ def run_federation(grid: Grid, context: Context) -> None:
     if bool(context.run_config.get("resume", False)):
         coord.resume()
     strategy = make_strategy(cfg, sites=_sampled_sites(grid, coord) if cfg.federation.dp != "off" else None)
-    log.info("fedfreeze: %d rounds (%d probe), strategy %s, out %s", cfg.federation.rounds,
-             cfg.federation.probe_rounds, cfg.federation.strategy, coord.out)
+    log.info(
+        "fedfreeze: %d rounds (%d probe), strategy %s, out %s",
+        cfg.federation.rounds,
+        cfg.federation.probe_rounds,
+        cfg.federation.strategy,
+        coord.out,
+    )
     try:
         for rnd in range(coord.completed + 1, cfg.federation.rounds + 1):
-            if coord.should_stop():
-                log.info("stopping early after round %d: no better pooled validation AUROC since the model after "
-                         "round %d (patience %d)", coord.completed, coord.best["round"], cfg.federation.patience)
+            if coord.should_stop() and coord.best is not None:
+                log.info(
+                    "stopping early after round %d: no better pooled validation AUROC since the model after "
+                    "round %d (patience %d)",
+                    coord.completed,
+                    coord.best["round"],
+                    cfg.federation.patience,
+                )
                 break
             record = train_round(grid, coord, strategy, rnd)
             coord.history.append(record)
@@ -385,8 +440,12 @@ def run_federation(grid: Grid, context: Context) -> None:
         final = final_evaluation(grid, coord, strategy)
         log_round(final, final=True)
         model_dir, exported = coord.export_model(final)
-        log.info("exported the global model after round %d (%s) with threshold %.3f", exported["round"],
-                 exported["rule"], exported["threshold"])
+        log.info(
+            "exported the global model after round %d (%s) with threshold %.3f",
+            exported["round"],
+            exported["rule"],
+            exported["threshold"],
+        )
         write_report(coord, status="completed", final=final, model_dir=model_dir, exported=exported)
     except Exception as err:
         write_report(coord, status="failed", reason=f"{type(err).__name__}: {err}")
@@ -420,13 +479,25 @@ def log_round(record: RoundRecord, *, final: bool = False) -> None:
     external = ""
     if record.evaluation_sites:
         ext = record.evaluation_sites["at_threshold_used"]
-        external = (f" | evaluation-only sites ({', '.join(record.evaluation_sites['sites'])}): {first} "
-                    f"{ext.get(key, float('nan')):.4f}, balanced acc {ext.get('balanced_accuracy', float('nan')):.4f}")
+        external = (
+            f" | evaluation-only sites ({', '.join(record.evaluation_sites['sites'])}): {first} "
+            f"{ext.get(key, float('nan')):.4f}, balanced acc {ext.get('balanced_accuracy', float('nan')):.4f}"
+        )
     log.info(
         "%s, %s: validation %s %.4f, balanced acc %.4f, F1 %.4f%s (weighted mean of sites: AUROC %.4f)%s "
         "| %d sites, %d rejected, %d failed, up %d B, %.1f s",
-        label, record.evaluated_model, first, pooled.get(key, float("nan")),
-        pooled.get("balanced_accuracy", float("nan")), pooled.get("f1", float("nan")), at,
-        mean.get("auroc", float("nan")), external, len(record.sites), len(record.rejected), len(record.failures),
-        record.bytes_up, record.round_seconds,
+        label,
+        record.evaluated_model,
+        first,
+        pooled.get(key, float("nan")),
+        pooled.get("balanced_accuracy", float("nan")),
+        pooled.get("f1", float("nan")),
+        at,
+        mean.get("auroc", float("nan")),
+        external,
+        len(record.sites),
+        len(record.rejected),
+        len(record.failures),
+        record.bytes_up,
+        record.round_seconds,
     )

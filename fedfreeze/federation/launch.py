@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -67,8 +68,9 @@ def bin_dir() -> Path:
 TAG_VARIABLE = "FEDFREEZE_LAUNCH_TAG"
 
 
-def flower_env(flwr_home: Path | None = None, extra: Mapping[str, str] | None = None,
-               tag: str | None = None) -> dict[str, str]:
+def flower_env(
+    flwr_home: Path | None = None, extra: Mapping[str, str] | None = None, tag: str | None = None
+) -> dict[str, str]:
     """The environment for Flower processes: this venv first on PATH, no update check.
 
     ``tag`` marks every process started with this environment, and their children (Flower starts
@@ -114,12 +116,28 @@ def node_config_arg(values: Mapping[str, Any]) -> str:
 
 
 def superlink_command(
-    *, host: str = "127.0.0.1", port: int = 9093, database: Path | None = None, simulation: bool = False,
-    tls: TLSFiles | None = None, supernode_auth: bool = False,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 9093,
+    database: Path | None = None,
+    simulation: bool = False,
+    tls: TLSFiles | None = None,
+    supernode_auth: bool = False,
+    insecure: bool = False,
 ) -> list[str]:
-    """``flower-superlink`` with a state database and no run-time dependency installation."""
-    cmd = [str(bin_dir() / "flower-superlink"), "--host", host, "--port", str(port),
-           "--disable-runtime-dependency-installation"]
+    """``flower-superlink`` with a state database and no run-time dependency installation.
+
+    TLS is the default: without ``tls`` the caller must say ``insecure=True`` (a simulation or a test
+    on loopback), so no code path ends up in clear text by leaving an argument out.
+    """
+    cmd = [
+        str(bin_dir() / "flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     if database is not None:
         cmd += ["--database", str(database)]
     if simulation:
@@ -127,8 +145,12 @@ def superlink_command(
     if tls is None:
         if supernode_auth:
             raise LaunchError("SuperNode authentication needs TLS: give the CA, certificate and key")
+        if not insecure:
+            raise LaunchError("a SuperLink without TLS files must be asked for explicitly (insecure=True)")
         cmd.append("--insecure")
     else:
+        if insecure:
+            raise LaunchError("TLS files and insecure=True contradict each other: give one of them")
         cmd += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key)]
         if supernode_auth:
             cmd.append("--enable-supernode-auth")
@@ -136,16 +158,171 @@ def superlink_command(
 
 
 def supernode_command(
-    *, superlink: str, node_config: Mapping[str, Any], port: int = 9094, root_certificates: Path | None = None,
+    *,
+    superlink: str,
+    node_config: Mapping[str, Any],
+    port: int = 9094,
+    root_certificates: Path | None = None,
     auth_key: Path | None = None,
+    insecure: bool = False,
 ) -> list[str]:
-    """``flower-supernode`` for one site, with its node config (data path, site name, state folder)."""
-    cmd = [str(bin_dir() / "flower-supernode"), "--superlink", superlink, "--port", str(port),
-           "--node-config", node_config_arg(node_config)]
+    """``flower-supernode`` for one site, with its node config (data path, site name, state folder).
+
+    Like ``superlink_command``: without ``root_certificates`` the caller must say ``insecure=True``.
+    """
+    if root_certificates is None and not insecure:
+        raise LaunchError(
+            "a SuperNode without the coordinator's CA certificate must be asked for explicitly (insecure=True)"
+        )
+    if root_certificates is not None and insecure:
+        raise LaunchError("a CA certificate and insecure=True contradict each other: give one of them")
+    cmd = [
+        str(bin_dir() / "flower-supernode"),
+        "--superlink",
+        superlink,
+        "--port",
+        str(port),
+        "--node-config",
+        node_config_arg(node_config),
+    ]
     cmd += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
     if auth_key is not None:
         cmd += ["--auth-supernode-private-key", str(auth_key)]
     return cmd
+
+
+def flwr_home_in(state_dir: Path) -> Path:
+    """The ``FLWR_HOME`` of a SuperLink or SuperNode: inside its state folder, so the apps Flower
+    installs for every run (``FLWR_HOME/apps``) land there and not in the user's ``~/.flwr``."""
+    return state_dir / "flwr-home"
+
+
+def port_busy(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``host:port`` cannot be bound now (another SuperNode or SuperLink holds it).
+
+    Binds like Flower's servers do (``SO_REUSEADDR``, so a port in TIME_WAIT counts as free).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port_from(start: int, host: str = "127.0.0.1", tries: int = 100) -> int:
+    """The first port from ``start`` on that is free (for a suggestion in an error message)."""
+    for port in range(start, min(start + tries, 65536)):
+        if not port_busy(port, host):
+            return port
+    return free_port()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies; True when it is set.
+
+    A site's ``flwr-clientapp`` is started by the SuperNode's ``flower-superexec``; when the SuperNode
+    is killed, the superexec exits but the ClientApp used to go on training and retrying, orphaned.
+    The parent may die before this call: then the parent is gone already (reparented), and ``sig``
+    is sent at once. A no-op (False) off Linux.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent or _orphaned(parent):
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def _orphaned(parent: int) -> bool:
+    """Reparented to init already: the parent is PID 1 and PID 1 is no Flower process (in a
+    container whose PID 1 is ``flower-superexec`` that is the real parent)."""
+    if parent != 1:
+        return False
+    try:
+        init = Path("/proc/1/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"flower-superexec" not in init and b"flwr" not in init
+
+
+def run_supervised(
+    cmd: Sequence[str], env: Mapping[str, str], out: IO[str] | None = None, markers: Sequence[str] = ()
+) -> tuple[int, set[str]]:
+    """Run a Flower process as a child, echoing its output; return its exit code and which of
+    ``markers`` its output held.
+
+    Unlike ``exec``, the caller can explain the exit code afterwards. SIGTERM, SIGINT and SIGHUP
+    are passed on to the child (which runs in a session of its own, so a terminal's Ctrl-C reaches
+    it once, through us); if this process is killed outright, Linux sends the child SIGTERM. The
+    child's own children (Flower's superexec, ClientApps) write to the same pipe: once the child
+    has ended we read on for a moment only, so none of them can keep us waiting.
+    """
+    out = out or sys.stdout
+    proc = subprocess.Popen(
+        list(cmd),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=dict(env),
+        start_new_session=True,
+        preexec_fn=_child_dies_with_us,
+    )
+    seen: set[str] = set()
+
+    def echo() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            out.write(line)
+            out.flush()
+            seen.update(m for m in markers if m in line)
+
+    def forward(signum: int, frame: object) -> None:
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # we are leaving early (an exception): do not leave the child behind
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    reader.join(timeout=5.0)
+    return code, set(seen)
+
+
+def _child_dies_with_us() -> None:
+    """In the child, before exec: SIGTERM when the parent (this fedfreeze process) dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
 
 
 def register_command(*, public_key: Path, connection: str, name: str | None = None) -> list[str]:
@@ -177,8 +354,12 @@ def register(cmd: Sequence[str], env: Mapping[str, str]) -> str | None:
 
 
 def run_command(
-    *, connection: str, run_config: Mapping[str, Any], app_dir: Path = APP_DIR,
-    federation_config: Mapping[str, Any] | None = None, stream: bool = True,
+    *,
+    connection: str,
+    run_config: Mapping[str, Any],
+    app_dir: Path = APP_DIR,
+    federation_config: Mapping[str, Any] | None = None,
+    stream: bool = True,
 ) -> list[str]:
     """``flwr run APP CONNECTION`` with run-config overrides."""
     cmd = [str(bin_dir() / "flwr"), "run", str(app_dir), connection]
@@ -209,8 +390,9 @@ class Managed:
     def start(self) -> Managed:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         handle = self.log_path.open("ab")
-        self.process = subprocess.Popen(self.cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.env or None,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            self.cmd, stdout=handle, stderr=subprocess.STDOUT, env=self.env or None, start_new_session=True
+        )
         handle.close()
         return self
 
@@ -284,8 +466,9 @@ def _running(pid: int) -> bool:
         return False
 
 
-def wait_healthy(address: str, process: Managed | None = None, *, tls: TLSFiles | None = None,
-                 timeout: float = 60.0) -> None:
+def wait_healthy(
+    address: str, process: Managed | None = None, *, tls: TLSFiles | None = None, timeout: float = 60.0
+) -> None:
     """Wait until a SuperLink answers ``/health`` (a process that dies meanwhile is an error)."""
     scheme = "http" if tls is None else "https"
     url = f"{scheme}://{address}/health"
@@ -310,8 +493,9 @@ def wait_healthy(address: str, process: Managed | None = None, *, tls: TLSFiles 
 
 def flwr_json(args: Sequence[str], env: Mapping[str, str]) -> dict[str, Any]:
     """Run ``flwr ... --format json`` and parse its answer."""
-    proc = subprocess.run([str(bin_dir() / "flwr"), *args, "--format", "json"], capture_output=True, text=True,
-                          env=dict(env), timeout=120)
+    proc = subprocess.run(
+        [str(bin_dir() / "flwr"), *args, "--format", "json"], capture_output=True, text=True, env=dict(env), timeout=120
+    )
     try:
         return json.loads(proc.stdout)
     except json.JSONDecodeError as err:

@@ -126,15 +126,22 @@ def run_cli(args: Sequence[str], track: Tracker, log: Path, timeout: float = RUN
     """``python -m fedfreeze ARGS`` in its own process group (killed on timeout), watching what it starts."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as handle:
-        proc = subprocess.Popen([sys.executable, "-m", "fedfreeze", *args], stdout=handle,
-                                stderr=subprocess.STDOUT, env=track.env, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedfreeze", *args],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=track.env,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                pytest.fail(f"`fedfreeze {' '.join(args)}` ran past {timeout} s; its log ends:\n"
-                            + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+                pytest.fail(
+                    f"`fedfreeze {' '.join(args)}` ran past {timeout} s; its log ends:\n"
+                    + "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+                )
             track.running()
             time.sleep(0.5)
     return proc.returncode, log.read_text(errors="replace")
@@ -153,8 +160,11 @@ def names(processes: Mapping[int, str]) -> set[str]:
 def site_folder(folder: Path, site: str, *, only_label: str | None = None) -> Path:
     """``folder/manifest.csv`` with one site's rows of the shipped train.csv (absolute image paths)."""
     source = kermany_mini("train")
-    rows = [r for r in csv.DictReader(source.open()) if r["site"] == site
-            and (only_label is None or r["label"] == only_label)]
+    rows = [
+        r
+        for r in csv.DictReader(source.open())
+        if r["site"] == site and (only_label is None or r["label"] == only_label)
+    ]
     assert rows, f"no rows for {site}"
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "manifest.csv").open("w", newline="") as handle:
@@ -165,8 +175,9 @@ def site_folder(folder: Path, site: str, *, only_label: str | None = None) -> Pa
     return folder
 
 
-def wait_online(connection: str, env: Mapping[str, str], count: int, processes: Sequence[launch.Managed],
-                timeout: float = 60.0) -> None:
+def wait_online(
+    connection: str, env: Mapping[str, str], count: int, processes: Sequence[launch.Managed], timeout: float = 60.0
+) -> None:
     """Poll ``flwr supernode ls`` until ``count`` SuperNodes are online."""
     deadline = time.monotonic() + timeout
     online: list = []

@@ -44,8 +44,8 @@ def tracker(tmp_path: Path) -> Iterator[Tracker]:
 
 
 def superlink(tmp_path: Path, port: int, tracker: Tracker) -> launch.Managed:
-    return launch.Managed("superlink", launch.superlink_command(port=port, database=tmp_path / "superlink.db"),
-                          tmp_path / "logs" / "superlink.log", tracker.env)
+    cmd = launch.superlink_command(port=port, database=tmp_path / "superlink.db", insecure=True)
+    return launch.Managed("superlink", cmd, tmp_path / "logs" / "superlink.log", tracker.env)
 
 
 def wait_for_round(metrics_path: Path, rounds: int, run: subprocess.Popen, timeout: float = 180.0) -> dict:
@@ -75,17 +75,38 @@ def test_coordinator_restart_resumes_without_losing_or_repeating_a_round(tracker
     try:
         launch.wait_healthy(address, link)
         for name in ("site-a", "site-b"):
-            cmd = [sys.executable, "-m", "fedfreeze", "site", "--data", str(site_folder(tmp_path / name, name)),
-                   "--name", name, "--superlink", address, "--port", str(launch.free_port()),
-                   "--state-dir", str(tmp_path / "state" / name), "--threads", "1"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "fedfreeze",
+                "site",
+                "--data",
+                str(site_folder(tmp_path / name, name)),
+                "--name",
+                name,
+                "--insecure",
+                "--superlink",
+                address,
+                "--port",
+                str(launch.free_port()),
+                "--state-dir",
+                str(tmp_path / "state" / name),
+                "--threads",
+                "1",
+            ]
             env = tracker.env_with(FLWR_HOME=str(tmp_path / "home" / name))
             sites.append(launch.Managed(name, cmd, tmp_path / "logs" / f"{name}.log", env).start())
         wait_online(CONNECTION, tracker.env, 2, [link, *sites])
 
-        run_args = ["run", "--superlink", address, "--config", str(config), "--out", str(out)]
+        run_args = ["run", "--superlink", address, "--insecure", "--config", str(config), "--out", str(out)]
         log = (tmp_path / "logs" / "run-1.log").open("w")
-        first = subprocess.Popen([sys.executable, "-m", "fedfreeze", *run_args], stdout=log,
-                                 stderr=subprocess.STDOUT, env=tracker.env, start_new_session=True)
+        first = subprocess.Popen(
+            [sys.executable, "-m", "fedfreeze", *run_args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=tracker.env,
+            start_new_session=True,
+        )
         before = wait_for_round(out / "metrics.json", 1, first)
         link.stop()  # the coordinator goes down mid-federation
         assert first.wait(timeout=120) != 0  # and the interrupted run reports failure

@@ -73,8 +73,11 @@ def check_uplink(metrics: dict) -> None:
 # ---------------------------------------------------------------------------------------- simulation
 def test_simulation_completes_and_leaves_nothing_running(tracker: Tracker, tmp_path: Path, capsys):
     out = tmp_path / "sim"
-    code, log = run_cli(["simulate", "--config", str(write_config(tmp_path / "fed.toml")), "--out", str(out)],
-                        tracker, tmp_path / "logs" / "simulate.log")
+    code, log = run_cli(
+        ["simulate", "--config", str(write_config(tmp_path / "fed.toml")), "--out", str(out)],
+        tracker,
+        tmp_path / "logs" / "simulate.log",
+    )
     assert code == 0, log[-3000:]
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -118,15 +121,29 @@ def deploy(tracker: Tracker, tmp_path: Path) -> Iterator[Callable[[Mapping[str, 
         port = launch.free_port()
         address = f"127.0.0.1:{port}"
         launch.write_flwr_home(Path(tracker.env["FLWR_HOME"]), [launch.Connection(CONNECTION, address)])
-        link = launch.Managed("superlink", launch.superlink_command(port=port, database=tmp_path / "superlink.db"),
-                              tmp_path / "logs" / "superlink.log", tracker.env)
+        cmd = launch.superlink_command(port=port, database=tmp_path / "superlink.db", insecure=True)
+        link = launch.Managed("superlink", cmd, tmp_path / "logs" / "superlink.log", tracker.env)
         started.append(link.start())
         launch.wait_healthy(address, link)
         nodes = []
         for name, data in sites.items():
-            cmd = [sys.executable, "-m", "fedfreeze", "site", "--data", str(data), "--name", name,
-                   "--superlink", address, "--port", str(launch.free_port()),
-                   "--state-dir", str(tmp_path / "state" / name)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "fedfreeze",
+                "site",
+                "--data",
+                str(data),
+                "--name",
+                name,
+                "--insecure",
+                "--superlink",
+                address,
+                "--port",
+                str(launch.free_port()),
+                "--state-dir",
+                str(tmp_path / "state" / name),
+            ]
             # Each site its own FLWR_HOME, as on its own machine. The two sites share this machine's
             # cores: one thread each, as Ray gives each simulated site (with torch's default threads
             # per process, one fine-tuning epoch took 10.3 s instead of 1.2 s here).
@@ -149,17 +166,37 @@ def overhead_rows(metrics: dict) -> list[dict]:
     rows = []
     for record in metrics["rounds"]:
         train = max(s["train_seconds"] for s in record["sites"])
-        rows.append({"round": record["round"], "parts": record["parts"], "round_seconds": record["round_seconds"],
-                     "max_site_train_seconds": train, "overhead_seconds": record["round_seconds"] - train})
+        rows.append(
+            {
+                "round": record["round"],
+                "parts": record["parts"],
+                "round_seconds": record["round_seconds"],
+                "max_site_train_seconds": train,
+                "overhead_seconds": record["round_seconds"] - train,
+            }
+        )
     return rows
 
 
 def test_loopback_deployment_completes(deploy, tracker: Tracker, tmp_path: Path, capsys):
-    dep = deploy({"site-a": site_folder(tmp_path / "site-a", "site-a"),
-                  "site-b": site_folder(tmp_path / "site-b", "site-b")})
+    dep = deploy(
+        {"site-a": site_folder(tmp_path / "site-a", "site-a"), "site-b": site_folder(tmp_path / "site-b", "site-b")}
+    )
     out = tmp_path / "fed"
-    code, log = run_cli(["run", "--superlink", dep.address, "--config", str(write_config(tmp_path / "fed.toml")),
-                         "--out", str(out)], tracker, tmp_path / "logs" / "run.log")
+    code, log = run_cli(
+        [
+            "run",
+            "--superlink",
+            dep.address,
+            "--insecure",
+            "--config",
+            str(write_config(tmp_path / "fed.toml")),
+            "--out",
+            str(out),
+        ],
+        tracker,
+        tmp_path / "logs" / "run.log",
+    )
     assert code == 0, log[-3000:]
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -173,9 +210,11 @@ def test_loopback_deployment_completes(deploy, tracker: Tracker, tmp_path: Path,
     with capsys.disabled():
         print("\nloopback deployment, 2 SuperNodes on one 2-core machine:")
         for row in rows:
-            print(f"  round {row['round']} ({'+'.join(row['parts'])}): {row['round_seconds']:.1f} s, "
-                  f"slowest site's training {row['max_site_train_seconds']:.2f} s, "
-                  f"overhead {row['overhead_seconds']:.1f} s")
+            print(
+                f"  round {row['round']} ({'+'.join(row['parts'])}): {row['round_seconds']:.1f} s, "
+                f"slowest site's training {row['max_site_train_seconds']:.2f} s, "
+                f"overhead {row['overhead_seconds']:.1f} s"
+            )
         print(f"  final evaluation: {final['round_seconds']:.1f} s  ({tmp_path / 'overhead.json'})")
     assert all(row["overhead_seconds"] > 0 for row in rows)
 
@@ -185,8 +224,13 @@ def test_loopback_deployment_completes(deploy, tracker: Tracker, tmp_path: Path,
 
     # every process of the topology was seen, the SuperLink's and the SuperNodes' children too ...
     dep.stop()
-    assert {"flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp"} \
-        <= tracker.names()
+    assert {
+        "flower-superlink",
+        "flower-supernode",
+        "flower-superexec",
+        "flwr-serverapp",
+        "flwr-clientapp",
+    } <= tracker.names()
     # ... and none is left once the SuperNodes and the SuperLink are stopped
     left = tracker.leftovers()
     assert not left, f"still running after stopping the SuperLink and the SuperNodes: {left}"
@@ -198,8 +242,12 @@ def test_run_fails_when_the_server_app_fails(deploy, tracker: Tracker, tmp_path:
     ``fedfreeze run`` runs in this process, so a spy on ``launch.submit`` sees what ``flwr run`` itself
     returned for the same run (one run shows both sides of Flower's trap).
     """
-    dep = deploy({"site-a": site_folder(tmp_path / "site-a", "site-a"),
-                  "site-b": site_folder(tmp_path / "site-b", "site-b", only_label="1")})
+    dep = deploy(
+        {
+            "site-a": site_folder(tmp_path / "site-a", "site-a"),
+            "site-b": site_folder(tmp_path / "site-b", "site-b", only_label="1"),
+        }
+    )
     submit = launch.submit
     flwr_codes = []
 
@@ -211,8 +259,20 @@ def test_run_fails_when_the_server_app_fails(deploy, tracker: Tracker, tmp_path:
     monkeypatch.setattr(launch, "submit", spy)
     monkeypatch.setenv(TAG_VAR, tracker.tag)
     out = tmp_path / "fed"
-    code = main(["run", "--superlink", dep.address, "--config", str(write_config(tmp_path / "fed.toml")),
-                 "--out", str(out), "--flwr-home", str(tmp_path / "flwr-cli")])
+    code = main(
+        [
+            "run",
+            "--superlink",
+            dep.address,
+            "--insecure",
+            "--config",
+            str(write_config(tmp_path / "fed.toml")),
+            "--out",
+            str(out),
+            "--flwr-home",
+            str(tmp_path / "flwr-cli"),
+        ]
+    )
     captured = capsys.readouterr()
 
     assert flwr_codes == [0]  # `flwr run --stream` exits 0 although the ServerApp failed (flwr 1.42) ...

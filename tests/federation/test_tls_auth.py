@@ -72,10 +72,26 @@ def test_tls_and_site_authentication_on_loopback(tracker: Tracker, tmp_path: Pat
     port = launch.free_port()
     address = f"127.0.0.1:{port}"
     ca = secrets / "ca.pem"
-    link = launch.Managed("superlink", [sys.executable, "-m", "fedfreeze", "server", "--host", "127.0.0.1",
-                                        "--port", str(port), "--state-dir", str(tmp_path / "state" / "coordinator"),
-                                        "--tls-dir", str(secrets), "--auth"],
-                          tmp_path / "logs" / "superlink.log", tracker.env).start()
+    link = launch.Managed(
+        "superlink",
+        [
+            sys.executable,
+            "-m",
+            "fedfreeze",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(tmp_path / "state" / "coordinator"),
+            "--tls-dir",
+            str(secrets),
+            "--auth",
+        ],
+        tmp_path / "logs" / "superlink.log",
+        tracker.env,
+    ).start()
     sites: list[launch.Managed] = []
     try:
         launch.wait_healthy(address, link, tls=launch.TLSFiles(ca))
@@ -97,10 +113,26 @@ def test_tls_and_site_authentication_on_loopback(tracker: Tracker, tmp_path: Pat
         assert "site-a: this public key is registered already" in register("site-a")
 
         def site(name: str, root_cert: Path, data_site: str) -> launch.Managed:
-            cmd = [sys.executable, "-m", "fedfreeze", "site", "--data", str(site_folder(tmp_path / name, data_site)),
-                   "--name", name, "--superlink", address, "--port", str(launch.free_port()),
-                   "--state-dir", str(tmp_path / "state" / name), "--root-cert", str(root_cert),
-                   "--auth-key", str(secrets / f"{name}.key")]
+            cmd = [
+                sys.executable,
+                "-m",
+                "fedfreeze",
+                "site",
+                "--data",
+                str(site_folder(tmp_path / name, data_site)),
+                "--name",
+                name,
+                "--superlink",
+                address,
+                "--port",
+                str(launch.free_port()),
+                "--state-dir",
+                str(tmp_path / "state" / name),
+                "--root-cert",
+                str(root_cert),
+                "--auth-key",
+                str(secrets / f"{name}.key"),
+            ]
             # each site its own FLWR_HOME, as on its own machine; one thread each on this shared machine
             env = tracker.env_with(FLWR_HOME=str(tmp_path / "home" / name), OMP_NUM_THREADS="1")
             proc = launch.Managed(name, cmd, tmp_path / "logs" / f"{name}.log", env).start()
@@ -128,8 +160,21 @@ def test_tls_and_site_authentication_on_loopback(tracker: Tracker, tmp_path: Pat
         # a federation over TLS, between the two registered sites
         (tmp_path / "fed.toml").write_text(CONFIG)
         out = tmp_path / "fed"
-        code, log = run_cli(["run", "--superlink", address, "--root-cert", str(ca), "--config",
-                             str(tmp_path / "fed.toml"), "--out", str(out)], tracker, tmp_path / "logs" / "run.log")
+        code, log = run_cli(
+            [
+                "run",
+                "--superlink",
+                address,
+                "--root-cert",
+                str(ca),
+                "--config",
+                str(tmp_path / "fed.toml"),
+                "--out",
+                str(out),
+            ],
+            tracker,
+            tmp_path / "logs" / "run.log",
+        )
         assert code == 0, log[-3000:]
         assert "federation completed: 1 rounds" in log
         metrics = json.loads((out / "metrics.json").read_text())
