@@ -9,6 +9,7 @@ dependencies at run time, and a run counts as done only when ``flwr ls`` says
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -291,8 +292,11 @@ def run_supervised(
             seen.update(m for m in markers if m in line)
 
     def forward(signum: int, frame: object) -> None:
+        # to the child's whole process group: the SuperNode and the ClientApps it started, as when the
+        # SuperNode itself is stopped by its group (a ClientApp that has not loaded our app yet has no
+        # parent-death signal of its own)
         try:
-            proc.send_signal(signum)
+            os.killpg(proc.pid, signum)
         except ProcessLookupError:
             pass
 
@@ -305,11 +309,12 @@ def run_supervised(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if proc.poll() is None:  # we are leaving early (an exception): do not leave the child behind
-            proc.terminate()
+            forward(signal.SIGTERM, None)
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
     reader.join(timeout=5.0)
     return code, set(seen)
 
