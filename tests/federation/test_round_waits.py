@@ -81,13 +81,15 @@ def progress(monkeypatch, caplog) -> pytest.LogCaptureFixture:
     """The coordinator's log lines, with a progress line every 0.2 s instead of every 10 s."""
     monkeypatch.setattr(flower_server, "PROGRESS_SECONDS", 0.2)
     logger = logging.getLogger("fedfreeze.server")
-    routed = not logging.getLogger("fedfreeze").propagate  # a ServerApp run in this process sends it to Flower's
-    if routed:
-        logger.addHandler(caplog.handler)
+    # straight to caplog's handler, and nowhere else: whether an earlier test in this process routed
+    # "fedfreeze" to Flower's handlers (a ServerApp run) must not change what is captured, or how often
+    propagate = logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.propagate = False
     caplog.set_level(logging.INFO, logger="fedfreeze.server")
     yield caplog
-    if routed:
-        logger.removeHandler(caplog.handler)
+    logger.removeHandler(caplog.handler)
+    logger.propagate = propagate
 
 
 def test_one_failure_per_site_with_its_cause_seconds_and_name(progress):
