@@ -169,8 +169,9 @@ def compare(
     confidence: float,
 ) -> list[dict[str, Any]]:
     """Paired, on the shifted mean: the defaults, the seed defaults and each distinct winner (arm, rule)
-    minus the plain probe at 0.5, and the balanced-accuracy winner minus the AUROC winner at the same
-    threshold rule (when they differ)."""
+    minus the plain probe at 0.5; the balanced-accuracy winner minus the AUROC winner at the same
+    threshold rule (when they differ); the defaults minus the seed defaults, each at its stored
+    threshold and both at 0.5."""
     if BASELINE not in out["arms"]:
         return []
     ranking = out["ranking"]
@@ -189,6 +190,11 @@ def compare(
         ba_arm, ba_rule = ranking["best_balanced_accuracy_any_rule"]
         if ba_arm != ranking["best_auroc"] and ba_rule in out["arms"][ranking["best_auroc"]]["sets"]:
             pairs.append(((ba_arm, ba_rule), (ranking["best_auroc"], ba_rule)))
+    if "defaults" in out["arms"] and "seed-defaults" in out["arms"]:  # the new defaults against the old, always
+        for rule in ("stored", "0.5"):
+            pair = (("defaults", rule), ("seed-defaults", rule))
+            if pair not in pairs:
+                pairs.append(pair)
     rows = []
     for (arm, rule), (other, other_rule) in pairs:
         row: dict[str, Any] = {
