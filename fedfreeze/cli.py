@@ -191,13 +191,13 @@ def _server(args: argparse.Namespace) -> int:
     from fedfreeze.errors import ConfigError
     from fedfreeze.federation import launch
 
-    if args.insecure and args.tls_dir:
-        raise ConfigError("--insecure and --tls-dir contradict each other: give one of them")
-    if not args.insecure and not args.tls_dir:
-        raise ConfigError(
-            "give --tls-dir DIR (ca.pem, server.pem, server.key from docker/make-certs.sh), "
-            "or --insecure for a test on this machine only (no TLS, no site authentication)"
-        )
+    _tls_or_insecure(
+        args.insecure,
+        args.tls_dir,
+        "--tls-dir",
+        "give --tls-dir DIR (ca.pem, server.pem, server.key from docker/make-certs.sh), "
+        "or --insecure for a test on this machine only (no TLS, no site authentication)",
+    )
     if args.insecure and args.auth:
         raise ConfigError("--auth needs TLS: give --tls-dir instead of --insecure")
     host = args.host or ("127.0.0.1" if args.insecure else "0.0.0.0")
@@ -265,13 +265,13 @@ def _site(args: argparse.Namespace) -> int:
     from fedfreeze.errors import ConfigError
     from fedfreeze.federation import launch
 
-    if args.insecure and args.root_cert:
-        raise ConfigError("--insecure and --root-cert contradict each other: give one of them")
-    if not args.insecure and not args.root_cert:
-        raise ConfigError(
-            "give --root-cert CA.pem (the federation's CA certificate, from the coordinator), "
-            "or --insecure to join a coordinator started with --insecure (no TLS, no site key)"
-        )
+    _tls_or_insecure(
+        args.insecure,
+        args.root_cert,
+        "--root-cert",
+        "give --root-cert CA.pem (the federation's CA certificate, from the coordinator), "
+        "or --insecure to join a coordinator started with --insecure (no TLS, no site key)",
+    )
     if args.insecure and args.auth_key:
         raise ConfigError("--auth-key needs TLS: give --root-cert instead of --insecure")
     if not args.insecure and not args.auth_key and not args.no_auth:
@@ -391,15 +391,24 @@ def _register(args: argparse.Namespace) -> int:
 
 def _check_client_tls(args: argparse.Namespace) -> None:
     """An operator's command talks TLS unless told otherwise, like ``fedfreeze server`` and ``site``."""
+    _tls_or_insecure(
+        args.insecure,
+        args.root_cert,
+        "--root-cert",
+        "give --root-cert CA.pem (the federation's CA certificate), or --insecure for a "
+        "coordinator started with --insecure",
+    )
+
+
+def _tls_or_insecure(insecure: bool, given: object, option: str, missing: str) -> None:
+    """Exactly one of a TLS option and ``--insecure``: the one rule of server, site and the operator's
+    commands (``missing`` says what to give when neither is)."""
     from fedfreeze.errors import ConfigError
 
-    if args.insecure and args.root_cert:
-        raise ConfigError("--insecure and --root-cert contradict each other: give one of them")
-    if not args.insecure and not args.root_cert:
-        raise ConfigError(
-            "give --root-cert CA.pem (the federation's CA certificate), or --insecure for a "
-            "coordinator started with --insecure"
-        )
+    if insecure and given:
+        raise ConfigError(f"--insecure and {option} contradict each other: give one of them")
+    if not insecure and not given:
+        raise ConfigError(missing)
 
 
 def _flwr_listing(args: argparse.Namespace, flwr_args: list[str]) -> dict:
