@@ -245,10 +245,10 @@ def run_federated(args: argparse.Namespace) -> dict:
     from flwr.app import Context, RecordDict
 
     from client.app import app as client_app
+    from fedfreeze.data.partition import assign_sites, write_sites
     from fedfreeze.evaluate import evaluate_model
-    from fedfreeze.federation.flower_server import run_federation
-    from fedfreeze.federation.local_grid import LocalGrid
-    from fedfreeze.federation.partition import assign_sites, write_sites
+    from fedfreeze.flower.local_grid import LocalGrid
+    from fedfreeze.flower.server import run_federation
 
     root = args.out or Path(tempfile.mkdtemp(prefix="lightweight-fed-"))
     train = dataset(args.dataset, "train")

@@ -4,7 +4,7 @@ their scores so a stopped or repeated run skips the finished ones.
 * ``probe-lr``: scikit-learn's LogisticRegression (defaults, max_iter=2000) on frozen ImageNet Lite0
   features of every training site's images pooled (centralised), threshold 0.5: the plain baseline.
 * every other arm is one federation of the 3 training sites through the real ServerApp loop and
-  ClientApp in process (``fedfreeze.federation.inprocess.run_in_process``); its exported model folder
+  ClientApp in process (``fedfreeze.flower.inprocess.run_in_process``); its exported model folder
   scores each benchmark set (``PrefixScorer``: the pretrained prefix runs once per set, and every
   model's scores are checked against ``fedfreeze.model_io.model_scores``).
 
@@ -332,7 +332,7 @@ def run_federated(
     scorer: PrefixScorer,
 ) -> dict[str, Any]:
     """One federation in process; its exported model scores every set."""
-    from fedfreeze.federation.inprocess import run_in_process
+    from fedfreeze.flower.inprocess import run_in_process
     from fedfreeze.model_io import load_model
 
     started = time.perf_counter()
@@ -373,7 +373,7 @@ def run_federated(
 def histograms_of(metrics: Mapping[str, Any], cfg: Any) -> dict[str, list[float]] | None:
     """The pooled validation histograms of the training sites for the exported model, with their bin
     edges, wherever this checkout's ``metrics.json`` keeps them (None when it keeps none)."""
-    from fedfreeze.federation.pooled import score_bin_edges
+    from fedfreeze.evaluation.pooled import score_bin_edges
 
     final = metrics.get("final") or {}
     candidates = [

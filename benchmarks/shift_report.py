@@ -37,7 +37,7 @@ BASELINE = "probe-lr"
 def arm_thresholds(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Each threshold rule's threshold for an arm, with the pooled validation figures at it when the
     federation's histograms are known: ``stored`` (what the model folder holds), ``0.5`` and, replayed
-    on the histograms with ``fedfreeze.federation.pooled.choose_threshold``, ``youden`` and ``youden-mid``."""
+    on the histograms with ``fedfreeze.evaluation.pooled.choose_threshold``, ``youden`` and ``youden-mid``."""
     out: dict[str, dict[str, Any]] = {"stored": {"threshold": float(result["threshold"])}, "0.5": {"threshold": 0.5}}
     hist = result.get("histograms")
     if not hist:

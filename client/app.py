@@ -3,8 +3,8 @@
 import sys
 from pathlib import Path
 
-from fedfreeze.federation.flower_client import client_app
-from fedfreeze.federation.launch import die_with_parent
+from fedfreeze.deploy.launch import die_with_parent
+from fedfreeze.flower.client import client_app
 
 if Path(sys.argv[0]).name == "flwr-clientapp":
     # Started by the SuperNode's flower-superexec for this one message: end with it (SIGTERM), rather

@@ -171,7 +171,7 @@ def _is_number(text: str) -> bool:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedfreeze.federation.simulate import simulate
+    from fedfreeze.deploy.simulate import simulate
 
     metrics = simulate(
         args.config,
@@ -188,8 +188,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
+    from fedfreeze.deploy import launch
     from fedfreeze.errors import ConfigError
-    from fedfreeze.federation import launch
 
     _tls_or_insecure(
         args.insecure,
@@ -262,8 +262,8 @@ SITE_HINTS = {  # what the SuperNode's own output says -> why a site with exit c
 
 
 def _site(args: argparse.Namespace) -> int:
+    from fedfreeze.deploy import launch
     from fedfreeze.errors import ConfigError
-    from fedfreeze.federation import launch
 
     _tls_or_insecure(
         args.insecure,
@@ -337,7 +337,7 @@ SUPERNODE_CONNECTION_ERROR = "Exit Code: 305"
 def _run(args: argparse.Namespace) -> int:
     import json as _json
 
-    from fedfreeze.federation import launch
+    from fedfreeze.deploy import launch
     from fedfreeze.federation.config import resolve_config_path
 
     _check_client_tls(args)
@@ -368,7 +368,7 @@ def _run(args: argparse.Namespace) -> int:
 def _register(args: argparse.Namespace) -> int:
     import tempfile
 
-    from fedfreeze.federation import launch
+    from fedfreeze.deploy import launch
 
     if not args.public_key.is_file():
         raise launch.LaunchError(f"no public key at {args.public_key}")
@@ -415,7 +415,7 @@ def _flwr_listing(args: argparse.Namespace, flwr_args: list[str]) -> dict:
     """``flwr ARGS fedfreeze --format json`` with a private FLWR_HOME holding only this connection."""
     import tempfile
 
-    from fedfreeze.federation import launch
+    from fedfreeze.deploy import launch
 
     _check_client_tls(args)
     with tempfile.TemporaryDirectory(prefix="fedfreeze-flwr-") as tmp:

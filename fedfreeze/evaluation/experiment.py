@@ -5,7 +5,7 @@ For every fold (repeat x fold, each site keeping its own test fold; see ``folds.
 * ``site``: each site trains its own model on its training fold (the ``site-train`` schedule);
 * ``pooled``: one model trains on all sites' training folds put together (centralised);
 * ``federated``: the sites train one model together through the real ServerApp loop and ClientApp,
-  in process (``fedfreeze.federation.inprocess``), each holding only its training fold;
+  in process (``fedfreeze.flower.inprocess``), each holding only its training fold;
 
 then the model(s) score each site's test fold. Each (fold, arm) result, with every test
 prediction, is written atomically to ``OUT/folds/<fold>/<arm>.json`` as soon as it is done, so a
@@ -92,7 +92,7 @@ class ExperimentData:
     def _sites(self, base: ImageSet) -> list[str]:
         n = self.exp.settings.sites
         if n > 0:
-            from fedfreeze.federation.partition import assign_sites  # plain NumPy: no Flower import
+            from fedfreeze.data.partition import assign_sites  # plain NumPy: no Flower import
 
             index = assign_sites(
                 self.labels,
@@ -251,7 +251,7 @@ def _train_federated(
     arm: Arm, fold: ExperimentFold, data: ExperimentData, seed: int, device: Any, device_name: str, work: Path
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """One federation over the sites' training folds, then the global model scores each test fold."""
-    from fedfreeze.federation.inprocess import run_in_process
+    from fedfreeze.flower.inprocess import run_in_process
     from fedfreeze.model_io import load_model
     from fedfreeze.training.engine import predict_scores
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,16 @@ import torch
 
 from fedfreeze.config import resolve_bn_stats
 from fedfreeze.errors import FedfreezeError, ProtocolError
+from fedfreeze.evaluation.pooled import (
+    SiteStats,
+    choose_threshold,
+    pooled_metrics,
+    pooled_multiclass_metrics,
+    score_bin_edges,
+    snap_threshold,
+    threshold_interval,
+    weighted_mean,
+)
 from fedfreeze.federation.config import FedConfig
 from fedfreeze.federation.dual_stage import recipe_for
 from fedfreeze.federation.exchange import (
@@ -30,18 +39,8 @@ from fedfreeze.federation.exchange import (
     plan_for,
     set_trainable_state,
 )
-from fedfreeze.federation.pooled import (
-    SiteStats,
-    choose_threshold,
-    pooled_metrics,
-    pooled_multiclass_metrics,
-    score_bin_edges,
-    snap_threshold,
-    threshold_interval,
-    weighted_mean,
-)
 from fedfreeze.federation.protocol import DUAL, EVALUATE_ROLE, RoundOrders
-from fedfreeze.federation.report import json_default
+from fedfreeze.federation.records import Reply, RoundRecord, json_default
 from fedfreeze.federation.rounds import RoundPlan, plan_round
 from fedfreeze.model_io import make_card, save_model
 from fedfreeze.models.grouped import GroupedNet
@@ -57,42 +56,6 @@ PAYLOAD_SLACK_BYTES = 65536  # room for metrics and statistics beside the arrays
 
 class FederationFailed(FedfreezeError):
     """The federation cannot go on (too few valid replies, for example)."""
-
-
-@dataclass
-class Reply:
-    """One site's reply, unpacked from whatever transport carried it."""
-
-    node: int
-    site: str
-    arrays: dict[str, np.ndarray]
-    metrics: dict[str, Any]
-    frozen_hash: str
-    bytes_down: int = 0
-    bytes_up: int = 0
-    role: str = "train"  # protocol.TRAIN_ROLE, or EVALUATE_ROLE for a site that only scores the global model
-
-
-@dataclass
-class RoundRecord:
-    """Everything measured in one round, as written to metrics.json."""
-
-    round: int
-    parts: list[str]
-    sites: list[dict[str, Any]] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    failures: list[dict[str, Any]] = field(default_factory=list)
-    pooled: dict[str, Any] | None = None
-    weighted_mean: dict[str, float] | None = None
-    threshold_used: float | None = None
-    threshold_next: float | None = None
-    threshold_interval: list[float] | None = None  # bootstrap interval of threshold_next under the rule
-    evaluation_sites: dict[str, Any] | None = None  # pooled figures of the sites that never train, kept apart
-    round_seconds: float = 0.0
-    bytes_down: int = 0
-    bytes_up: int = 0
-    evaluated_model: str = ""
-    privacy: dict[str, Any] | None = None
 
 
 class Coordinator:

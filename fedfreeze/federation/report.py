@@ -11,10 +11,10 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from fedfreeze.federation.coordinator import Coordinator, RoundRecord
+from fedfreeze.federation.coordinator import Coordinator
+from fedfreeze.federation.records import RoundRecord, json_default
 
 METRICS_FILE = "metrics.json"
 ROUNDS_CSV = "rounds.csv"
@@ -152,17 +152,3 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-
-
-def json_default(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")

@@ -21,6 +21,7 @@ from fedfreeze.config import ModelConfig
 from fedfreeze.data.dataset import MANIFEST_NAME, ImageSet, load_image_set
 from fedfreeze.data.splits import split_patients
 from fedfreeze.errors import DataError, ProtocolError
+from fedfreeze.evaluation.pooled import SiteStats, multiclass_confusion, score_bin_edges, snap_threshold
 from fedfreeze.federation.exchange import (
     ExchangePlan,
     changed_keys,
@@ -30,7 +31,6 @@ from fedfreeze.federation.exchange import (
     set_trainable_state,
     subset,
 )
-from fedfreeze.federation.pooled import SiteStats, multiclass_confusion, score_bin_edges, snap_threshold
 from fedfreeze.federation.protocol import EVALUATE_ROLE, TRAIN_ROLE, RoundOrders
 from fedfreeze.federation.site_stages import stage_for
 from fedfreeze.metrics import classification_metrics

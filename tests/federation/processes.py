@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from fedfreeze.federation import launch
+from fedfreeze.deploy import launch
 from fedfreeze.sample_data import kermany_mini
 
 TAG_VAR = "FEDFREEZE_TEST_TAG"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fedfreeze.federation import launch
+from fedfreeze.deploy import launch
 from tests.federation.processes import Tracker, check_completed, run_cli, site_folder, tracked, wait_online
 
 CONFIG = """

@@ -12,7 +12,7 @@ from flwr.app import Context, RecordDict
 from fedfreeze.errors import ConfigError
 from fedfreeze.federation.config import load_fed_config
 from fedfreeze.federation.exchange import changed_keys, check_arrays, key_groups
-from fedfreeze.federation.flower_client import runtime_for
+from fedfreeze.flower.client import runtime_for
 from fedfreeze.model_io import load_model
 from tests.federation.test_federation_inprocess import node_configs, run
 

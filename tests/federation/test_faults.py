@@ -16,9 +16,9 @@ from flwr.app import Array, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.app import app as real_client
-from fedfreeze.federation.flower_client import handle_evaluate, handle_train
-from fedfreeze.federation.flower_server import run_federation
-from fedfreeze.federation.local_grid import LocalGrid
+from fedfreeze.flower.client import handle_evaluate, handle_train
+from fedfreeze.flower.local_grid import LocalGrid
+from fedfreeze.flower.server import run_federation
 from fedfreeze.model_io import load_model
 from tests.federation.conftest import fast_config
 from tests.federation.test_federation_inprocess import node_configs

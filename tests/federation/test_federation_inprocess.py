@@ -19,12 +19,12 @@ from sklearn.metrics import roc_auc_score
 
 from client.app import app as real_client
 from fedfreeze.evaluate import evaluate_model
+from fedfreeze.evaluation.pooled import score_bin_edges, snap_threshold
 from fedfreeze.federation.config import load_fed_config
-from fedfreeze.federation.flower_client import handle_evaluate, handle_train, orders_from
-from fedfreeze.federation.flower_server import make_strategy, run_federation
-from fedfreeze.federation.local_grid import LocalGrid
-from fedfreeze.federation.pooled import score_bin_edges, snap_threshold
 from fedfreeze.federation.site_runtime import SiteRuntime
+from fedfreeze.flower.client import handle_evaluate, handle_train, orders_from
+from fedfreeze.flower.local_grid import LocalGrid
+from fedfreeze.flower.server import make_strategy, run_federation
 from fedfreeze.model_io import load_model
 from fedfreeze.sample_data import kermany_mini
 from fedfreeze.training.engine import predict_scores

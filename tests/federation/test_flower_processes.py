@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fedfreeze.cli import main
-from fedfreeze.federation import launch
+from fedfreeze.deploy import launch
 from fedfreeze.sample_data import kermany_mini
 from tests.federation.processes import TAG_VAR, Tracker, check_completed, run_cli, site_folder, tracked, wait_online
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from fedfreeze.cli import build_parser, main
-from fedfreeze.federation import launch
+from fedfreeze.deploy import launch
 from tests.federation.processes import Tracker, run_cli, site_folder, tracked, wait_online
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
@@ -454,7 +454,7 @@ def test_make_certs_help_is_a_usage_message():
 
 CHILD = """
 import sys, time
-from fedfreeze.federation.launch import die_with_parent
+from fedfreeze.deploy.launch import die_with_parent
 if sys.argv[1] == "guard":
     die_with_parent()
 print("armed", flush=True)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
+from fedfreeze.data.partition import assign_sites
 from fedfreeze.errors import DataError
-from fedfreeze.federation.partition import assign_sites
 
 
 def data(n_patients=120, seed=0):

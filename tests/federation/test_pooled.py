@@ -17,7 +17,7 @@ from sklearn.metrics import (
 )
 
 from fedfreeze.errors import ProtocolError
-from fedfreeze.federation.pooled import (
+from fedfreeze.evaluation.pooled import (
     SiteStats,
     confusion_from_histograms,
     multiclass_confusion,

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from fedfreeze.errors import ConfigError, ProtocolError
-from fedfreeze.federation.config import load_fed_config
-from fedfreeze.federation.coordinator import Coordinator
-from fedfreeze.federation.pooled import (
+from fedfreeze.evaluation.pooled import (
     choose_threshold,
     score_bin_edges,
     threshold_interval,
     youden_mid_threshold_from_histograms,
     youden_threshold_from_histograms,
 )
+from fedfreeze.federation.config import load_fed_config
+from fedfreeze.federation.coordinator import Coordinator
 from fedfreeze.federation.protocol import RoundOrders
 from fedfreeze.federation.site_runtime import SiteRuntime
 

@@ -17,10 +17,11 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-from fedfreeze.federation import flower_server
-from fedfreeze.federation.coordinator import FederationFailed, RoundRecord
-from fedfreeze.federation.local_grid import LocalGrid
+from fedfreeze.federation.coordinator import FederationFailed
 from fedfreeze.federation.protocol import METRICS, PROOF
+from fedfreeze.federation.records import RoundRecord
+from fedfreeze.flower import server as flower_server
+from fedfreeze.flower.local_grid import LocalGrid
 
 SITES = {1: "site-a", 2: "site-b", 3: "site-c"}
 

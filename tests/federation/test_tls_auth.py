@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from fedfreeze.cli import main
-from fedfreeze.federation import launch
+from fedfreeze.deploy import launch
 from tests.federation.processes import TAG_VAR, Tracker, check_completed, run_cli, site_folder, tracked, wait_online
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"

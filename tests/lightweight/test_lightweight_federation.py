@@ -11,12 +11,12 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from client.app import app as client_app
+from fedfreeze.data.partition import assign_sites, write_sites
 from fedfreeze.errors import ConfigError
 from fedfreeze.evaluate import evaluate_model
 from fedfreeze.federation.config import load_fed_config
-from fedfreeze.federation.flower_server import run_federation
-from fedfreeze.federation.local_grid import LocalGrid
-from fedfreeze.federation.partition import assign_sites, write_sites
+from fedfreeze.flower.local_grid import LocalGrid
+from fedfreeze.flower.server import run_federation
 from fedfreeze.models.dual import merge_state
 from fedfreeze.models.registry import build_model
 from tests.lightweight.conftest import LWCNN_MODEL_TOML, MNIST_FIXTURE, lwcnn_config

@@ -70,7 +70,7 @@ def site_names(sites_dir: Path) -> dict[str, str]:
     """Folder -> site name, from the ``sites.json`` that ``fedfreeze simulate`` writes."""
     import json
 
-    from fedfreeze.federation.partition import SITES_FILE
+    from fedfreeze.data.partition import SITES_FILE
 
     path = sites_dir / SITES_FILE
     if not path.is_file():
@@ -86,7 +86,7 @@ def sample_partition(partition: int, partitions: int, folder: Path) -> Path:
 
     import numpy as np
 
-    from fedfreeze.federation.partition import assign_sites
+    from fedfreeze.data.partition import assign_sites
     from fedfreeze.sample_data import kermany_mini
 
     manifest = kermany_mini("train")

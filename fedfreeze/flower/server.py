@@ -30,9 +30,10 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedfreeze.federation.config import FedConfig, from_run_config
-from fedfreeze.federation.coordinator import Coordinator, FederationFailed, Reply, RoundRecord
+from fedfreeze.federation.coordinator import Coordinator, FederationFailed
 from fedfreeze.federation.exchange import ExchangePlan, key_groups
 from fedfreeze.federation.protocol import ARRAYS, BASE, EVALUATE_ROLE, METRICS, PROOF, TRAIN_ROLE, RoundOrders
+from fedfreeze.federation.records import Reply, RoundRecord
 from fedfreeze.federation.report import write_report
 
 log = logging.getLogger("fedfreeze.server")

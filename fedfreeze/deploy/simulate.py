@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 
 from fedfreeze.data.dataset import load_image_set
-from fedfreeze.errors import FedfreezeError
-from fedfreeze.federation.config import load_fed_config, resolve_config_path
-from fedfreeze.federation.launch import (
+from fedfreeze.data.partition import SITES_FILE, assign_sites, write_site, write_sites, write_summary
+from fedfreeze.deploy.launch import (
     Connection,
     LaunchError,
     Managed,
@@ -31,7 +30,8 @@ from fedfreeze.federation.launch import (
     wait_healthy,
     write_flwr_home,
 )
-from fedfreeze.federation.partition import SITES_FILE, assign_sites, write_site, write_sites, write_summary
+from fedfreeze.errors import FedfreezeError
+from fedfreeze.federation.config import load_fed_config, resolve_config_path
 from fedfreeze.federation.report import METRICS_FILE
 from fedfreeze.sample_data import kermany_mini
 

@@ -21,10 +21,10 @@ from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfreeze.federation.config import SITE_SCHEDULE_KEYS, FedConfig
-from fedfreeze.federation.flower_client import client_app as project_client_app
-from fedfreeze.federation.flower_server import run_federation
-from fedfreeze.federation.local_grid import LocalGrid
 from fedfreeze.federation.report import METRICS_FILE
+from fedfreeze.flower.client import client_app as project_client_app
+from fedfreeze.flower.local_grid import LocalGrid
+from fedfreeze.flower.server import run_federation
 
 CONFIG_FILE = "fed.toml"
 
