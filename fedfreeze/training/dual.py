@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -27,9 +26,8 @@ from fedfreeze.config import DualConfig, TrainConfig
 from fedfreeze.models.dual import DualNet, merge_dual
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.training.dual_augment import DualAugmentSettings, augment_dual
-from fedfreeze.training.engine import EpochLog, extract_features, fit, loss_fn, targets_for, to_unit
+from fedfreeze.training.engine import EpochLog, extract_features, fit, loss_fn, run_epochs, targets_for, to_unit
 from fedfreeze.training.freezing import apply_parts
-from fedfreeze.training.sampling import epoch_order
 
 DUAL_STAGE = "dual"
 MERGED_STAGE = "merged"
@@ -118,32 +116,26 @@ def train_dual(
         batch = min(cfg.batch_size, n)
         steps_per_epoch = max(n // batch, 1)
         optimizer, scheduler = dual_optimizer(model, cfg, steps_per_epoch * epochs)
-        labels_np = labels.numpy()
         all_targets = targets_for(labels, model.num_classes)
+
+        def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, float]:
+            targets = all_targets[idx].to(device)
+            original = to_unit(images[idx], device)
+            logits = model(DualNet.pair(original, augment_dual(original, rng, settings)))
+            branch_losses = torch.stack([loss_fn(logits[:, i], targets) for i in range(model.branches)])
+            return branch_losses.sum(), float(branch_losses.detach().mean())
+
         logs = []
-        for epoch in range(epochs):
-            start = time.perf_counter()
-            order = epoch_order(labels_np, cfg.balanced_sampling, rng)
-            losses = []
-            for step in range(steps_per_epoch):
-                idx = torch.from_numpy(order[step * batch : (step + 1) * batch])
-                targets = all_targets[idx].to(device)
-                original = to_unit(images[idx], device)
-                logits = model(DualNet.pair(original, augment_dual(original, rng, settings)))
-                branch_losses = [loss_fn(logits[:, i], targets) for i in range(model.branches)]
-                loss = torch.stack(branch_losses).sum()
-                if regularizer is not None:
-                    loss = loss + regularizer()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                losses.append(float(torch.stack(branch_losses).detach().mean()))
+        epochs_run = run_epochs(
+            model, labels, cfg, optimizer, scheduler, batch_loss,
+            epochs=epochs, batch=batch, rng=rng, regularizer=regularizer,
+        )  # fmt: skip
+        for epoch, done in enumerate(epochs_run):
             log = StageEpochLog(
                 epoch=first_epoch + epoch,
                 parts=sorted(model.parts),
-                loss=float(np.mean(losses)),
-                seconds=time.perf_counter() - start,
+                loss=done.loss,
+                seconds=done.seconds,
                 cached_features=False,
                 stage=DUAL_STAGE,
             )

@@ -12,7 +12,7 @@ shortcuts follow from freezing:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -114,6 +114,61 @@ def predict_scores(
     return torch.cat(out).numpy()
 
 
+@dataclass
+class EpochDone:
+    """What ``run_epochs`` measured in one epoch; the caller turns it into its log."""
+
+    loss: float  # mean over the epoch's steps of the logged loss
+    seconds: float
+    trained: set[str]  # parameters that got a gradient in at least one step
+
+
+def run_epochs(
+    model: torch.nn.Module,
+    labels: torch.Tensor,
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch_loss: Callable[[torch.Tensor], tuple[torch.Tensor, float | None]],
+    *,
+    epochs: int,
+    batch: int,
+    rng: np.random.Generator,
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    freezer: DynamicFreezer | None = None,
+) -> Iterator[EpochDone]:
+    """The one training loop: epochs of shuffled (or class-balanced) batches, each step
+    ``batch_loss(indices)`` (+ ``regularizer()``), backward, optimizer and scheduler steps.
+
+    ``batch_loss`` returns the loss to minimise and, optionally, the value to log instead of it (the
+    dual recipe logs its sub-models' mean loss). A dynamic ``freezer`` chooses the step's layers
+    before it and takes the optimizer step. Yields after every epoch, so callers log as it runs.
+    """
+    labels_np = labels.numpy()
+    steps_per_epoch = max(len(labels) // batch, 1)
+    for _ in range(epochs):
+        start = time.perf_counter()
+        order = epoch_order(labels_np, cfg.balanced_sampling, rng)
+        losses = []
+        trained: set[str] = set()
+        for step in range(steps_per_epoch):
+            if freezer is not None:
+                freezer.choose(optimizer)
+            loss, logged = batch_loss(torch.from_numpy(order[step * batch : (step + 1) * batch]))
+            if regularizer is not None:
+                loss = loss + regularizer()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            trained.update(key for key, param in model.named_parameters() if param.grad is not None)
+            if freezer is not None:
+                freezer.step(optimizer)  # optimizer.step(), then the trained layers' scores
+            else:
+                optimizer.step()
+            scheduler.step()
+            losses.append(loss.item() if logged is None else logged)
+        yield EpochDone(float(np.mean(losses)), time.perf_counter() - start, trained)
+
+
 def train_phase(
     model: GroupedNet,
     images: torch.Tensor,
@@ -166,51 +221,37 @@ def train_phase(
             input_sizes=unit_input_sizes(model, parts, trace),
         )
     lean = activation_context(plan.choice.storage)
-    labels_np = labels.numpy()
     all_targets = targets_for(labels, model.num_classes)
+
+    def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        targets = all_targets[idx].to(device)
+        if use_features and features is not None:
+            return loss_fn(model.head(features[idx].to(device)), targets), None
+        x = to_unit(images[idx], device)
+        if cfg.augment and (not head_only or cfg.probe_augment):
+            x = augment_batch(x, rng)
+        if not head_only and cfg.cutmix_prob > 0 and rng.random() < cfg.cutmix_prob:
+            box = sample_box(x.shape[-2], x.shape[-1], sample_lambda(cfg.cutmix_alpha, rng), rng)
+            perm = torch.from_numpy(rng.permutation(len(idx))).to(device)
+            x, targets, _ = apply_cutmix(x, targets, box, perm)
+        with lean():
+            logits = model(x)
+        return loss_fn(logits, targets), None
+
     logs = []
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        order = epoch_order(labels_np, cfg.balanced_sampling, rng)
-        losses = []
-        trained: set[str] = set()
-        for step in range(steps_per_epoch):
-            if freezer is not None:
-                freezer.choose(optimizer)
-            idx = torch.from_numpy(order[step * batch : (step + 1) * batch])
-            targets = all_targets[idx].to(device)
-            if use_features and features is not None:
-                logits = model.head(features[idx].to(device))
-            else:
-                x = to_unit(images[idx], device)
-                if cfg.augment and (not head_only or cfg.probe_augment):
-                    x = augment_batch(x, rng)
-                if not head_only and cfg.cutmix_prob > 0 and rng.random() < cfg.cutmix_prob:
-                    box = sample_box(x.shape[-2], x.shape[-1], sample_lambda(cfg.cutmix_alpha, rng), rng)
-                    perm = torch.from_numpy(rng.permutation(len(idx))).to(device)
-                    x, targets, _ = apply_cutmix(x, targets, box, perm)
-                with lean():
-                    logits = model(x)
-            loss = loss_fn(logits, targets)
-            if regularizer is not None:
-                loss = loss + regularizer()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            trained.update(key for key, param in model.named_parameters() if param.grad is not None)
-            if freezer is not None:
-                freezer.step(optimizer)  # optimizer.step(), then the trained layers' scores
-            else:
-                optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+    epochs_run = run_epochs(
+        model, labels, cfg, optimizer, scheduler, batch_loss,
+        epochs=epochs, batch=batch, rng=rng, regularizer=regularizer, freezer=freezer,
+    )  # fmt: skip
+    for epoch, done in enumerate(epochs_run):
         log = EpochLog(
             first_epoch + epoch,
             sorted(parts),
-            float(np.mean(losses)),
-            time.perf_counter() - start,
+            done.loss,
+            done.seconds,
             use_features,
             batch,
-            tuple(sorted(trained)),
+            tuple(sorted(done.trained)),
             None if freezer is None else freezer.summary(),
             plan.record() if epoch == 0 else None,
         )
