@@ -49,6 +49,11 @@ class ModelConfig(Section):
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     mean: list[float] | None = None
     std: list[float] | None = None
+    top_group: bool = Field(
+        False,
+        description="cut the backbone's last block (Lite0's 1x1 conv_head, ResNet's last bottleneck) out of its "
+        "last group into a group 'top' that a schedule can unfreeze first; name it in unfreeze",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:

@@ -14,9 +14,11 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from fedfreeze.errors import ConfigError
 from fedfreeze.models.adapters import StageAdapters
 
 HEAD = "head"
+TOP = "top"  # the last block, cut out of the last group by ``split_top``
 
 
 class Head(nn.Module):
@@ -94,6 +96,27 @@ class GroupedNet(nn.Module):
         if not isinstance(stage, nn.Sequential):
             raise ValueError(f"adapters need group {group!r} to be a sequence of blocks")
         self.adapters[group] = StageAdapters.for_stage(stage, self._input_of(group), rank)
+
+    def split_top(self) -> None:
+        """Move the last block of the last group into a group of its own, ``top``.
+
+        Why: in some backbones one group holds most of the weights (Lite0's ``layer4`` holds about 83 %,
+        most of it the final 1x1 ``conv_head``), so unfreezing it sends almost the whole model each round.
+        With ``top`` (Lite0's ``conv_head``; ResNet's last bottleneck) a schedule can unfreeze a small top
+        part first. Call it before adapters are attached; the moved block's weights are kept.
+        """
+        if TOP in self.groups or self.adapters:
+            raise ValueError("split_top: the model already has a top group or adapters")
+        last = list(self.groups)[-1]
+        stage = self.groups[last]
+        if not isinstance(stage, nn.Sequential) or len(stage) < 2:
+            raise ConfigError(
+                f"model.top-group: the last group {last!r} of this backbone is not a sequence of two or more"
+                " blocks, so it has no last block to cut out"
+            )
+        blocks = list(stage)
+        self.groups[last] = nn.Sequential(*blocks[:-1])
+        self.groups[TOP] = nn.Sequential(blocks[-1])
 
     @torch.no_grad()
     def _input_of(self, group: str) -> torch.Tensor:

@@ -126,6 +126,8 @@ def build_model(
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.momentum = 0.1
+    if cfg.top_group:
+        model.split_top()  # after loading: checkpoints map to the backbone's own layout
     mean, std = resolve_normalisation(cfg, fmt)
     model.normalize = Normalize(mean, std)
     for group in adapter_groups or []:
