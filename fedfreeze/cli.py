@@ -10,8 +10,12 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedfreeze.errors import FedfreezeError
+
+if TYPE_CHECKING:
+    from fedfreeze.deploy.approval import ApprovedApps
 
 
 def _site_train(args: argparse.Namespace) -> int:
@@ -138,9 +142,17 @@ def _print_federation(metrics: dict, out: Path) -> None:
                 "validation data, so the figures at it are optimistic"
             )
         print(f"pooled validation metrics of {which}, n={at['n']}; {how}:")
+        ranges = at.get("ranges") or {}  # what the sites' cells fix exactly (federation.min-cell-count)
         for key in ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity"):
             where = "(over all thresholds)" if key == "auroc" else f"at threshold {at['threshold']:.3f}"
-            print(f"  {key:<18} {at[key]:.4f}  {where}")
+            span = f"  [cells allow {ranges[key][0]:.3f}-{ranges[key][1]:.3f}]" if key in ranges else ""
+            print(f"  {key:<18} {at[key]:.4f}  {where}{span}")
+        cells = final.get("cells") or {}
+        if cells.get("min_cell_count", 1) > 1:
+            print(
+                f"  (estimated from the sites' cells of at least {cells['min_cell_count']} validation cases each, "
+                "federation.min-cell-count: the exact figures lie in the bracketed ranges)"
+            )
     if "auroc" in mean:
         print(
             f"  (weighted mean of the sites' own AUROCs, over all thresholds, what other frameworks report: "
@@ -285,6 +297,11 @@ def _site(args: argparse.Namespace) -> int:
             f"machine; give each site its own port, e.g. --port "
             f"{launch.free_port_from(args.port + 1)}"
         )
+    approved = None
+    if args.approved_apps is not None:
+        from fedfreeze.deploy.approval import load_approved
+
+        approved = load_approved(args.approved_apps)  # a malformed line stops the site here, naming it
     state = Path(args.state_dir or Path.home() / ".cache" / "fedfreeze" / args.name).resolve()
     node = {"data-path": str(Path(args.data).resolve()), "site-name": args.name, "state-dir": str(state)}
     if args.weights:
@@ -306,9 +323,18 @@ def _site(args: argparse.Namespace) -> int:
             "other)",
             flush=True,
         )
-    launch.show(cmd, sys.stdout)
     state.mkdir(parents=True, exist_ok=True)
     env = launch.flower_env(launch.flwr_home_in(state))  # Flower's installed apps go in the state folder
+    if approved is None:
+        print(
+            "fedfreeze site: warning: no --approved-apps: this site runs whatever app a job submitted to the "
+            "coordinator brings (give --approved-apps FILE, the hashes `fedfreeze app-hash` prints, to run "
+            "approved releases only)",
+            flush=True,
+        )
+    else:
+        print(_approve_apps_only(args, approved, state, env), flush=True)
+    launch.show(cmd, sys.stdout)
     code, seen = launch.run_supervised(cmd, env, markers=[SUPERNODE_CONNECTION_ERROR, *SITE_HINTS])
     if code != 0 and SUPERNODE_CONNECTION_ERROR in seen:
         hint = next(
@@ -328,6 +354,28 @@ def _site(args: argparse.Namespace) -> int:
         )
         return 128 - code  # the shell's convention
     return code
+
+
+def _approve_apps_only(args: argparse.Namespace, approved: ApprovedApps, state: Path, env: dict[str, str]) -> str:
+    """Put fedfreeze's ClientApp runner first on the SuperNode's ``PATH`` and check that it starts;
+    the line that says so (fedfreeze/deploy/approval.py, fedfreeze/flower/approval.py)."""
+    from fedfreeze.deploy import approval
+
+    runner = approval.write_runner(state / approval.RUNNER_FOLDER, approved.path, args.name)
+    env["PATH"] = f"{runner}{os.pathsep}{env['PATH']}"
+    approval.check_runner(runner, env)
+    return (
+        f"fedfreeze site: approved apps only: {len(approved)} app hash(es) in {approved.path} (read again for every "
+        f"job); Flower starts each ClientApp through {runner / 'flwr-clientapp'}, which checks the app's hash "
+        "before any of its code is unpacked"
+    )
+
+
+def _app_hash(args: argparse.Namespace) -> int:
+    from fedfreeze.flower.approval import app_hash
+
+    print(app_hash(args.app).line())
+    return 0
 
 
 # flwr's ExitCode.SUPERNODE_CONNECTION_ERROR, as the SuperNode prints it (the process itself exits 1)
@@ -699,7 +747,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CPU threads for training (set it when several sites share one machine)",
     )
+    p.add_argument(
+        "--approved-apps",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="run a job's code only if its app's hash is in FILE (one per line, from `fedfreeze app-hash`; "
+        "'#' starts a comment; read again for every job); other jobs are refused before any of their code "
+        "is unpacked. Without it the site runs any job's code, and says so at start-up",
+    )
     p.set_defaults(func=_site)
+
+    p = sub.add_parser(
+        "app-hash",
+        help="print the hash of a Flower app, for a site's list of approved apps (--approved-apps)",
+        description="Print the hash Flower gives this app when `flwr run` (or `fedfreeze run --app`) "
+        "submits it: the SHA-256 of the app bundle (FAB) built from the folder, as the run's fab_hash "
+        "(`flwr ls --format json`) and as a site checks it. The line printed is a line for a site's "
+        "approved-apps file: the hash, then what it is in a comment. The app's code is read, never run.",
+    )
+    p.add_argument(
+        "app",
+        nargs="?",
+        type=Path,
+        default=Path("."),
+        help="the app folder (pyproject.toml, server/, client/; default: the current folder), or a .fab file "
+        "(e.g. one a site refused and kept)",
+    )
+    p.set_defaults(func=_app_hash)
 
     p = sub.add_parser(
         "run",

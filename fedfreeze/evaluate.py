@@ -2,7 +2,8 @@
 
 For a binary model this is an external validation (``fedfreeze.evaluation.external``): the
 contract metrics at the stored threshold with patient-level bootstrap intervals, calibration and a
-threshold analysis. Multi-class models get the contract metrics only.
+threshold analysis. Multi-class models get the contract metrics only. Every result names where
+the model came from in one line (``provenance``, from the card; "not recorded" for an older folder).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fedfreeze.errors import ConfigError, DataError
 from fedfreeze.evaluation.external import external_validation
 from fedfreeze.metrics import classification_metrics
 from fedfreeze.model_io import load_model, model_scores, read_card
+from fedfreeze.provenance import provenance_line
 from fedfreeze.training.engine import resolve_device
 
 
@@ -35,6 +37,7 @@ def evaluate_model(
     model, ``threshold, tp, fp, tn, fn``) are a stable contract: every model, site-level or federated,
     is judged by them. A binary model adds ``ci``, ``calibration``, ``thresholds`` and
     ``score_summary`` (see ``external_validation``); ``bootstrap=0`` turns the intervals off.
+    ``provenance`` is one line saying what produced the model (``provenance.provenance_line``).
 
     Data holding one class only is a ``DataError``, unless ``allow_single_class`` (binary models):
     then the undefined metrics are ``None`` and ``single_class`` names the class present, so the
@@ -58,7 +61,12 @@ def evaluate_model(
     if not (binary and allow_single_class):
         data.require_classes(2, why="AUROC needs both classes in the evaluation data")
     scores = model_scores(model, card, data.images, resolve_device(device))
-    about = {"model": str(model_dir), "data": str(data_path), "backbone": cfg.backbone}
+    about = {
+        "model": str(model_dir),
+        "data": str(data_path),
+        "backbone": cfg.backbone,
+        "provenance": provenance_line(card.provenance, card.threshold, card.adaptations),
+    }
     if not binary:
         return {**classification_metrics(data.labels.numpy(), scores, card.threshold), **about}
     result = external_validation(
@@ -79,8 +87,9 @@ def single_class_message(result: dict[str, Any]) -> str:
 
 
 def format_text(result: dict[str, Any]) -> str:
-    """Plain-text lines: each metric with its interval, then Brier and ECE, the threshold and n."""
-    lines = []
+    """Plain-text lines: what produced the model, each metric with its interval, then Brier and ECE,
+    the threshold and n."""
+    lines = [result["provenance"]] if result.get("provenance") else []
     ci = result.get("ci") or {}
     calibration = result.get("calibration")
     for key in ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity"):

@@ -1,8 +1,12 @@
-"""A model folder: ``model.json`` (how to rebuild it) and ``weights.pt`` (every weight).
+"""A model folder: ``model.json`` (how to rebuild it), ``weights.pt`` (every weight) and
+``MODEL_CARD.md`` (``model.json`` rendered for people, ``model_card.py``).
 
 The folder is the contract between training and judging: ``fedfreeze evaluate`` rebuilds any
 model, site-level or federated, from it alone (architecture, input size, channels, normalisation,
-adapters, decision threshold, class names), with no pretrained checkpoint needed.
+adapters, decision threshold, class names), with no pretrained checkpoint needed. ``model.json``
+also records where the model came from (``provenance``: code, app, configuration, sites, rounds,
+threshold rule; ``provenance.py``) and what was adapted since (``adaptations``); a folder written
+before provenance was recorded loads as before, with ``provenance`` None.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from pydantic import Field
 from fedfreeze import __version__
 from fedfreeze.config import ModelConfig, Section, parse_config
 from fedfreeze.errors import CheckpointError
+from fedfreeze.model_card import CARD_MARKDOWN, render_card
 from fedfreeze.models.adapters import adapter_rank
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import Normalize, build_model
+from fedfreeze.provenance import Provenance
 
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
@@ -63,6 +69,9 @@ class ModelCard(Section):
     adaptations: list[dict[str, Any]] = Field(
         default_factory=list, description="what was adapted after training, from which model, in order"
     )
+    provenance: Provenance | None = Field(
+        None, description="what produced the model (None: a folder written before it was recorded)"
+    )
 
 
 def make_card(model: GroupedNet, cfg: ModelConfig, **fields: Any) -> ModelCard:
@@ -77,13 +86,23 @@ def make_card(model: GroupedNet, cfg: ModelConfig, **fields: Any) -> ModelCard:
 
 
 def save_model(folder: str | Path, model: GroupedNet, card: ModelCard) -> Path:
-    """Write ``model.json`` and ``weights.pt`` into ``folder`` (created if needed)."""
+    """Write ``model.json``, ``weights.pt`` and ``MODEL_CARD.md`` into ``folder`` (created if needed)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state, folder / WEIGHTS_FILE)
     (folder / CARD_FILE).write_text(card.model_dump_json(by_alias=True, indent=2) + "\n", encoding="utf-8")
+    write_model_card(folder, card)
     return folder
+
+
+def write_model_card(folder: str | Path, card: ModelCard) -> Path:
+    """(Re)write ``folder/MODEL_CARD.md`` from ``card``, naming the sha256 of the folder's weights file."""
+    folder = Path(folder)
+    weights = folder / WEIGHTS_FILE
+    text = render_card(card, weights_sha256=file_sha256(weights) if weights.is_file() else None)
+    (folder / CARD_MARKDOWN).write_text(text, encoding="utf-8")
+    return folder / CARD_MARKDOWN
 
 
 def read_card(folder: str | Path) -> ModelCard:

@@ -30,6 +30,7 @@ from fedfreeze.model_io import ModelCard, make_card, model_scores, save_model
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.init_from import InitModel, data_class_names, load_init
 from fedfreeze.models.registry import build_model
+from fedfreeze.provenance import Provenance, site_train_provenance
 from fedfreeze.training.engine import (
     EpochLog,
     fit,
@@ -253,6 +254,14 @@ def site_train(
             progress=progress,
             init=start,
         )
+        provenance = site_train_provenance(
+            config=cfg.model_dump(mode="json", by_alias=True),
+            data_path=data_path,
+            data=data,
+            threshold=threshold,
+            report=report,
+            started_from=None if start is None else started_from(start),
+        )
         if start is None:
             card = make_card(
                 model,
@@ -261,9 +270,10 @@ def site_train(
                 class_names=data.class_names,
                 trained_by="fedfreeze site-train",
                 notes={"data": str(data_path), "n_images": len(data)},
+                provenance=provenance,
             )
         else:
-            card = adapted_card(model, start, cfg, report, threshold["value"], data.class_names)
+            card = adapted_card(model, start, cfg, report, threshold["value"], data.class_names, provenance)
         save_model(out, model, card)
         report["model"] = str(out)
         report["refit_seconds"] = float(sum(log.seconds for log in logs))
@@ -316,9 +326,11 @@ def adapted_card(
     report: dict[str, Any],
     threshold: float,
     class_names: list[str],
+    provenance: Provenance | None = None,
 ) -> ModelCard:
     """The refit model's card: the init model's architecture and lineage, with this adaptation
-    appended to its earlier ones. Its calibration is not carried over: it was fitted to the init
+    appended to its earlier ones, and this run's provenance (``started_from`` names the init model
+    and keeps its provenance). Its calibration is not carried over: it was fitted to the init
     model's scores, not to the adapted model's."""
     record = {
         "kind": "site-train --init",
@@ -346,7 +358,19 @@ def adapted_card(
         pretrained_format=start.card.pretrained_format,
         notes={"data": report["data"], "n_images": report["n_images"], "init": str(start.folder)},
         adaptations=[*start.card.adaptations, record],
+        provenance=provenance,
     )
+
+
+def started_from(start: InitModel) -> dict[str, Any]:
+    """What a ``site-train --init`` model started from: the folder, its weights' sha256 and the
+    provenance that folder recorded (None for a folder written before provenance was recorded)."""
+    earlier = start.card.provenance
+    return {
+        "model": str(start.folder.resolve()),
+        "weights_sha256": start.weights_sha256,
+        "provenance": None if earlier is None else earlier.model_dump(mode="json", by_alias=True),
+    }
 
 
 def format_comparison(report: dict[str, Any]) -> str:

@@ -78,7 +78,8 @@ EXTRA_DESCRIPTIONS: dict[str, str] = {
     "federation.method": "what an unfrozen group trains: its weights, low-rank adapters, or both",
     "federation.strategy": "Flower's aggregation strategy: FedAvg, FedProx, FedTrimmedAvg or FedMedian",
     "federation.fraction-train": "share of the connected sites sampled for each round",
-    "federation.score-bins": "bins of the score histograms each site sends (uniform in logit space)",
+    "federation.score-bins": "bins of the per-class score histograms a site merges into cells before it sends them "
+    "(uniform in logit space)",
     "federation.target-sensitivity": "threshold = 'target-sensitivity': the highest threshold whose pooled "
     "sensitivity reaches this",
     "federation.dp-noise-multiplier": "noise multiplier of Flower's DP wrappers (dp = 'client' or 'server')",

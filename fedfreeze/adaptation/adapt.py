@@ -23,8 +23,10 @@ What runs depends on what the site's data holds and the options:
 The new folder holds the (possibly re-estimated) weights and a card whose ``adaptations`` list gains
 one record: what was done, from which model (its folder and the sha256 of its weights.pt), on
 which data and how many images and patients, the estimates with their intervals, the fedfreeze
-version and the UTC date. Scores always come from ``model_io.model_scores``, so a calibration the
-source card already held is respected and composed with.
+version and the UTC date. The card's ``provenance`` (what trained the source model) is kept as it
+was, and the folder's ``MODEL_CARD.md`` is written anew with this adaptation listed. Scores always
+come from ``model_io.model_scores``, so a calibration the source card already held is respected and
+composed with.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from fedfreeze.model_io import (
     load_model,
     model_scores,
     save_model,
+    write_model_card,
 )
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.training.engine import resolve_device
@@ -193,6 +196,7 @@ def adapt_model(
     save_model(out, model, new_card)
     if options.bn == "keep":
         shutil.copyfile(model_dir / WEIGHTS_FILE, out / WEIGHTS_FILE)  # bit-identical weights, same sha256
+        write_model_card(out, new_card)  # MODEL_CARD.md names the weights file the folder holds
     lines.append(f"model:   {out}  (score it with: fedfreeze evaluate --model {out} --data ...)")
     return AdaptResult(
         out=out, record=record, threshold_before=card.threshold, threshold_after=threshold, card=new_card, lines=lines

@@ -1,31 +1,32 @@
-"""Federated metrics that equal the metrics of the pooled validation data.
+"""Federated metrics of the pooled validation data, from per-class histograms on fixed score bins.
 
 A weighted mean of per-site AUROCs (what Flower and most frameworks report) is not the AUROC of the
 pooled data: AUROC ranks every positive against every negative, across sites too, and sites score
-on different scales. So each site sends sufficient statistics instead of scores: its confusion
-counts at the server's threshold and per-class histograms of its scores on fixed bins. Summed, they
-give pooled balanced accuracy and F1 exactly, pooled AUROC to within the pos-neg pairs that share
-a bin, and let the server choose the operating threshold on the pooled data. No score, label or
-case identifier leaves a site, only counts; a bin holding one case still tells that some case of
-that class scored in that range (counts are not differentially private).
+on different scales. So the coordinator computes every figure from pooled per-class histograms of
+the scores on fixed bins. A site never sends those histograms as they are: it releases coarser
+cells that each hold 0 or at least ``federation.min-cell-count`` cases (:mod:`fedfreeze.evaluation.cells`),
+and the coordinator estimates the histograms from the cells. The functions here take histograms of
+counts (integers) or of estimated counts (non-negative floats).
 
 Bin ``b`` holds scores ``edges[b] <= s < edges[b + 1]`` (the last bin also holds 1.0), so at a
 threshold ``t = edges[k]`` the predicted positives (``s >= t``, as in :mod:`fedfreeze.metrics`)
 are exactly bins ``k`` and up. Thresholds are therefore always interior edges (:func:`snap_threshold`).
+With exact histograms, balanced accuracy and F1 at an edge are exact, and AUROC is within half the
+share of positive-negative pairs that share a bin.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
 from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from fedfreeze.errors import DataError, ProtocolError
+from fedfreeze.errors import DataError
+from fedfreeze.evaluation.cells import ReleasedCells, allocate, binary_bounds, count_bounds
 
 IntArray = NDArray[np.int64]
 FloatArray = NDArray[np.float64]
@@ -62,6 +63,13 @@ def score_bin_edges(bins: int = 200, logit_range: float = 12.0) -> FloatArray:
     return edges
 
 
+def edge_logits(edges: ArrayLike) -> FloatArray:
+    """The edges on the logit scale: ``-inf`` and ``inf`` at 0 and 1 (what a binormal fit works on)."""
+    e = _as_edges(edges)
+    with np.errstate(divide="ignore"):
+        return np.log(e) - np.log1p(-e)
+
+
 def snap_threshold(threshold: float, edges: ArrayLike) -> float:
     """The edge strictly inside (0, 1) nearest to ``threshold``: where binned counts are exact."""
     e = _as_edges(edges)
@@ -73,178 +81,108 @@ def snap_threshold(threshold: float, edges: ArrayLike) -> float:
 
 def confusion_from_histograms(
     hist_neg: ArrayLike, hist_pos: ArrayLike, edges: ArrayLike, threshold: float
-) -> tuple[int, int, int, int]:
-    """``(tp, fp, tn, fn)`` at ``threshold``, an interior edge, where the counts are exact."""
+) -> tuple[Any, Any, Any, Any]:
+    """``(tp, fp, tn, fn)`` at ``threshold``, an interior edge: integers for histograms of counts,
+    floats for estimated ones."""
     neg, pos = _as_histograms(hist_neg, hist_pos)
     e = _edges_for(edges, len(neg))
     k = _edge_index(threshold, e)
-    return int(pos[k:].sum()), int(neg[k:].sum()), int(neg[:k].sum()), int(pos[:k].sum())
+    return _number(pos[k:].sum()), _number(neg[k:].sum()), _number(neg[:k].sum()), _number(pos[:k].sum())
 
 
 def pooled_auroc(hist_neg: ArrayLike, hist_pos: ArrayLike) -> float:
     """Mann-Whitney AUROC of binned scores: P(pos bin > neg bin) + 0.5 * P(same bin).
 
-    Differs from the AUROC of the raw scores by at most ``0.5 * sum(hist_pos * hist_neg) /
-    (n_pos * n_neg)``: only pairs sharing a bin can be ranked differently.
+    With exact histograms it differs from the AUROC of the raw scores by at most
+    ``0.5 * sum(hist_pos * hist_neg) / (n_pos * n_neg)``: only pairs sharing a bin can be ranked
+    differently.
     """
     neg, pos = _as_histograms(hist_neg, hist_pos)
-    n_neg, n_pos = int(neg.sum()), int(pos.sum())
+    n_neg, n_pos = neg.sum(), pos.sum()
     _require_both_classes(n_pos, n_neg, "AUROC")
     below = np.cumsum(neg) - neg  # negatives in strictly lower bins
-    twice_wins = 2 * _dot(pos, below) + _dot(pos, neg)
-    return twice_wins / (2 * n_pos * n_neg)  # exact integers, one rounding
+    if neg.dtype.kind == pos.dtype.kind == "i":
+        twice_wins = 2 * _dot(pos, below) + _dot(pos, neg)
+        return twice_wins / (2 * int(n_pos) * int(n_neg))  # exact integers, one rounding
+    return float((np.dot(pos, below) + 0.5 * np.dot(pos, neg)) / (n_pos * n_neg))
 
 
-@dataclass(frozen=True, eq=False)
-class SiteStats:
-    """What one site sends for a binary task: counts at the threshold and per-class score histograms.
-
-    Construction checks that the counts and histograms agree, so a summed ``SiteStats`` is always
-    the statistics of some pooled data set. Histograms are read-only ``int64`` copies.
-    """
-
-    n: int
-    tp: int
-    fp: int
-    tn: int
-    fn: int
-    threshold: float
-    hist_neg: IntArray
-    hist_pos: IntArray
-
-    def __post_init__(self) -> None:
-        values = _validated({f.name: getattr(self, f.name) for f in fields(self)}, name=str, bins=None)
-        for field_name, value in values.items():
-            object.__setattr__(self, field_name, value)
-
-    @property
-    def bins(self) -> int:
-        return len(self.hist_neg)
-
-    @classmethod
-    def from_scores(cls, y_true: ArrayLike, p_pos: ArrayLike, edges: ArrayLike, threshold: float) -> SiteStats:
-        """Statistics of one site's labels ``y_true`` (0/1) and positive-class scores ``p_pos``."""
-        e = _as_edges(edges)
-        _edge_index(threshold, e)
-        y = np.asarray(y_true)
-        p = np.asarray(p_pos, dtype=float)
-        if y.ndim != 1 or p.ndim != 1 or len(y) != len(p):
-            raise DataError(f"y_true and p_pos should be 1-D of equal length, got shapes {y.shape} and {p.shape}")
-        if not np.isin(y, (0, 1)).all():
-            raise DataError(f"y_true should hold only 0 and 1, got values {np.unique(y)[:8].tolist()}")
-        bad = ~((p >= 0.0) & (p <= 1.0))  # NaN fails both comparisons
-        if bad.any():
-            raise DataError(f"p_pos should be probabilities in [0, 1], got {int(bad.sum())} outside, e.g. {p[bad][0]}")
-        is_pos = y == 1
-        bin_of = np.minimum(np.searchsorted(e, p, side="right") - 1, len(e) - 2)
-        predicted = p >= threshold
-        return cls(
-            n=len(y),
-            tp=int(np.sum(predicted & is_pos)),
-            fp=int(np.sum(predicted & ~is_pos)),
-            tn=int(np.sum(~predicted & ~is_pos)),
-            fn=int(np.sum(~predicted & is_pos)),
-            threshold=float(threshold),
-            hist_neg=np.bincount(bin_of[~is_pos], minlength=len(e) - 1),
-            hist_pos=np.bincount(bin_of[is_pos], minlength=len(e) - 1),
-        )
-
-    def to_metrics(self, prefix: str = "") -> dict[str, int | float | list[int]]:
-        """Flat ints, a float and lists of ints: what a Flower ``MetricRecord`` holds."""
-        out: dict[str, int | float | list[int]] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[_metric_key(prefix, f.name)] = value.tolist() if isinstance(value, np.ndarray) else value
-        return out
-
-    @classmethod
-    def from_metrics(cls, record: Mapping[str, Any], prefix: str = "", *, bins: int) -> SiteStats:
-        """Read a site's record, raising :class:`ProtocolError` naming the key when it is malformed.
-
-        Checks every key is present, counts are non-negative integers, both histograms have ``bins``
-        entries, and the counts agree with the histograms, so a misbehaving site is reported, not
-        summed in.
-        """
-        if isinstance(bins, bool) or not isinstance(bins, Integral) or bins < 2:
-            raise ValueError(f"bins should be an integer >= 2, got {bins!r}")
-        missing = [_metric_key(prefix, f.name) for f in fields(cls) if _metric_key(prefix, f.name) not in record]
-        if missing:
-            raise ProtocolError(f"site metrics lack key(s) {missing}")
-        raw = {f.name: record[_metric_key(prefix, f.name)] for f in fields(cls)}
-        try:
-            return cls(**_validated(raw, name=lambda field_name: _metric_key(prefix, field_name), bins=int(bins)))
-        except DataError as err:  # the record came over the wire: a protocol fault, not the coordinator's data
-            raise ProtocolError(f"site metrics: {err}") from None
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, SiteStats):
-            return NotImplemented
-        return all(np.array_equal(getattr(self, f.name), getattr(other, f.name)) for f in fields(self))
-
-    __hash__ = None  # type: ignore[assignment]  # holds arrays
+def class_histograms(y_true: ArrayLike, p_pos: ArrayLike, edges: ArrayLike) -> IntArray:
+    """Exact per-class counts ``[2, bins]`` of one site's labels ``y_true`` (0/1) and positive-class
+    scores ``p_pos`` on the bins of ``edges``: row 0 the negatives, row 1 the positives. They stay at
+    the site; what it releases is :func:`fedfreeze.evaluation.cells.release_cells` of them."""
+    e = _as_edges(edges)
+    y = np.asarray(y_true)
+    p = np.asarray(p_pos, dtype=float)
+    if y.ndim != 1 or p.ndim != 1 or len(y) != len(p):
+        raise DataError(f"y_true and p_pos should be 1-D of equal length, got shapes {y.shape} and {p.shape}")
+    if not np.isin(y, (0, 1)).all():
+        raise DataError(f"y_true should hold only 0 and 1, got values {np.unique(y)[:8].tolist()}")
+    bad = ~((p >= 0.0) & (p <= 1.0))  # NaN fails both comparisons
+    if bad.any():
+        raise DataError(f"p_pos should be probabilities in [0, 1], got {int(bad.sum())} outside, e.g. {p[bad][0]}")
+    bins = len(e) - 1
+    bin_of = np.minimum(np.searchsorted(e, p, side="right") - 1, bins - 1)
+    return np.stack([np.bincount(bin_of[y == c], minlength=bins) for c in (0, 1)]).astype(np.int64)
 
 
-def pool(stats: Sequence[SiteStats]) -> SiteStats:
-    """The statistics of the pooled data: sums over sites, which must share threshold and bins."""
-    if len(stats) == 0:
-        raise ValueError("stats should hold at least one site, got none")
-    first = stats[0]
-    for i, site in enumerate(stats[1:], start=1):
-        if site.threshold != first.threshold:
-            raise DataError(
-                f"site {i} scored at threshold {site.threshold} but site 0 at {first.threshold}; "
-                "all sites must score at the server's threshold"
-            )
-        if site.bins != first.bins:
-            raise DataError(f"site {i} sent histograms of {site.bins} bins but site 0 sent {first.bins}")
-    return SiteStats(
-        n=sum(s.n for s in stats),
-        tp=sum(s.tp for s in stats),
-        fp=sum(s.fp for s in stats),
-        tn=sum(s.tn for s in stats),
-        fn=sum(s.fn for s in stats),
-        threshold=first.threshold,
-        hist_neg=np.sum([s.hist_neg for s in stats], axis=0),
-        hist_pos=np.sum([s.hist_pos for s in stats], axis=0),
-    )
-
-
-def pooled_metrics(stats: Sequence[SiteStats], edges: ArrayLike, threshold: float | None = None) -> dict[str, float]:
-    """Metrics of the pooled data, with the keys of :func:`fedfreeze.metrics.binary_metrics`.
-
-    With ``threshold=None``, at the sites' common threshold from their reported counts, each
-    cross-checked against its own histograms (a site that miscounts is caught, not summed in).
-    With a threshold (an interior edge, see :func:`snap_threshold`), from the pooled histograms.
-    """
-    total = pool(stats)
-    e = _edges_for(edges, total.bins)
-    if threshold is None:
-        for i, site in enumerate(stats):
-            binned = confusion_from_histograms(site.hist_neg, site.hist_pos, e, site.threshold)
-            if binned != (site.tp, site.fp, site.tn, site.fn):
-                raise DataError(
-                    f"site {i} reports (tp, fp, tn, fn) = {(site.tp, site.fp, site.tn, site.fn)} at threshold "
-                    f"{site.threshold}, but its histograms give {binned}"
-                )
-        threshold = total.threshold
-        tp, fp, tn, fn = total.tp, total.fp, total.tn, total.fn
-    else:
-        tp, fp, tn, fn = confusion_from_histograms(total.hist_neg, total.hist_pos, e, threshold)
-    auroc = pooled_auroc(total.hist_neg, total.hist_pos)  # raises unless both classes are present
+def histogram_metrics(hist_neg: ArrayLike, hist_pos: ArrayLike, edges: ArrayLike, threshold: float) -> dict[str, Any]:
+    """Pooled binary figures, with the keys of :func:`fedfreeze.metrics.binary_metrics`, from
+    per-class histograms (counts or estimated counts) at ``threshold``, an interior edge
+    (see :func:`snap_threshold`)."""
+    neg, pos = _as_histograms(hist_neg, hist_pos)
+    e = _edges_for(edges, len(neg))
+    tp, fp, tn, fn = confusion_from_histograms(neg, pos, e, threshold)
+    auroc = pooled_auroc(neg, pos)  # raises unless both classes are present
     sensitivity, specificity = tp / (tp + fn), tn / (tn + fp)
     return {
         "auroc": auroc,
-        "balanced_accuracy": (sensitivity + specificity) / 2,
-        "f1": 2 * tp / (2 * tp + fp + fn),  # > 0: positives exist
-        "sensitivity": sensitivity,
-        "specificity": specificity,
+        "balanced_accuracy": float((sensitivity + specificity) / 2),
+        "f1": float(2 * tp / (2 * tp + fp + fn)),  # > 0: positives exist
+        "sensitivity": float(sensitivity),
+        "specificity": float(specificity),
         "threshold": float(threshold),
-        "n": total.n,
+        "n": _number(neg.sum() + pos.sum()),
         "tp": tp,
         "fp": fp,
         "tn": tn,
         "fn": fn,
     }
+
+
+def estimated_counts(releases: Sequence[ReleasedCells], edges: ArrayLike | None = None) -> list[FloatArray]:
+    """Each site's per-class counts ``[classes, units]`` estimated from its released cells: on score
+    bins (``edges`` given) by the binormal allocation, on predicted classes by Turnbull's (see
+    :func:`fedfreeze.evaluation.cells.allocate`)."""
+    if edges is None:
+        return allocate(releases, "pooled")
+    return allocate(releases, "binormal", positions=edge_logits(edges))
+
+
+def released_metrics(
+    releases: Sequence[ReleasedCells], estimated: Sequence[ArrayLike], edges: ArrayLike, threshold: float
+) -> dict[str, Any]:
+    """Pooled binary figures at ``threshold`` from the sites' cells and their estimated counts.
+
+    The figures come from the estimated histograms; ``ranges`` holds, for each figure, the lowest and
+    highest value any cases consistent with the cells would give; ``exact`` says whether the cells
+    fix the confusion counts at this threshold (then ``tp``, ``fp``, ``tn``, ``fn`` are integers).
+    """
+    e = _as_edges(edges)
+    total = np.sum([np.asarray(a, dtype=float) for a in estimated], axis=0)
+    out = histogram_metrics(total[0], total[1], e, threshold)
+    cut = _edge_index(threshold, e)
+    tp_lo, tp_hi = count_bounds(releases, 1, cut)
+    fp_lo, fp_hi = count_bounds(releases, 0, cut)
+    n_neg, n_pos = (int(v) for v in np.sum([r.totals() for r in releases], axis=0))
+    out["n"] = n_neg + n_pos
+    if tp_lo == tp_hi:
+        out["tp"], out["fn"] = tp_lo, n_pos - tp_lo
+    if fp_lo == fp_hi:
+        out["fp"], out["tn"] = fp_lo, n_neg - fp_lo
+    out["exact"] = tp_lo == tp_hi and fp_lo == fp_hi
+    out["ranges"] = binary_bounds(releases, cut)
+    return out
 
 
 def youden_threshold_from_histograms(hist_neg: ArrayLike, hist_pos: ArrayLike, edges: ArrayLike) -> float:
@@ -254,12 +192,12 @@ def youden_threshold_from_histograms(hist_neg: ArrayLike, hist_pos: ArrayLike, e
     """
     neg, pos = _as_histograms(hist_neg, hist_pos)
     e = _edges_for(edges, len(neg))
-    n_neg, n_pos = int(neg.sum()), int(pos.sum())
+    n_neg, n_pos = neg.sum(), pos.sum()
     _require_both_classes(n_pos, n_neg, "Youden's J")
     k = np.arange(1, len(neg))
-    # J * n_pos * n_neg as integers, so equal J compare equal
+    # J * n_pos * n_neg: integers for counts, so equal J compare equal; estimated counts within rounding
     scaled_j = _at_or_above(pos)[k] * n_neg - _at_or_above(neg)[k] * n_pos
-    best = k[scaled_j == scaled_j.max()]
+    best = k[scaled_j >= scaled_j.max() - _TIE * n_pos * n_neg]
     return float(e[best[np.argmin(np.abs(e[best] - 0.5))]])
 
 
@@ -272,11 +210,11 @@ def threshold_for_sensitivity(hist_neg: ArrayLike, hist_pos: ArrayLike, edges: A
         raise ValueError(f"target should be a sensitivity in (0, 1], got {target!r}")
     neg, pos = _as_histograms(hist_neg, hist_pos)
     e = _edges_for(edges, len(neg))
-    n_pos = int(pos.sum())
+    n_pos = pos.sum()
     if n_pos == 0:
         raise DataError("a sensitivity target needs positive cases, but hist_pos is empty")
     sensitivity = _at_or_above(pos)[1:-1] / n_pos  # at edges 1 .. bins - 1, non-increasing
-    reached = np.flatnonzero(sensitivity >= target)
+    reached = np.flatnonzero(sensitivity >= target - _TIE)
     if len(reached) == 0:
         raise DataError(
             f"no threshold inside (0, 1) reaches sensitivity {target}: the highest, at {e[1]}, is {sensitivity[0]}"
@@ -309,8 +247,9 @@ def multiclass_confusion(y_true: ArrayLike, y_pred: ArrayLike, num_classes: int)
     return np.bincount(t * k + p, minlength=k * k).reshape(k, k).astype(np.int64)
 
 
-def pooled_multiclass_metrics(matrices: Sequence[ArrayLike]) -> dict[str, float]:
-    """Exact accuracy, balanced accuracy and macro F1 of the pooled data from per-site matrices.
+def pooled_multiclass_metrics(matrices: Sequence[ArrayLike]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy and macro F1 of the pooled data from per-site ``[K, K]`` matrices
+    (rows the true class): exact from counts, estimates from estimated counts.
 
     Balanced accuracy and F1 average over the classes present in the pooled labels, as
     :func:`fedfreeze.metrics.multiclass_metrics` does.
@@ -321,10 +260,11 @@ def pooled_multiclass_metrics(matrices: Sequence[ArrayLike]) -> dict[str, float]
     for i, m in enumerate(arrays):
         if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape != arrays[0].shape:
             raise DataError(f"matrix {i} should be square like matrix 0 {arrays[0].shape}, got shape {m.shape}")
-        if m.dtype.kind not in "iu" or (m < 0).any():
-            raise DataError(f"matrix {i} should hold non-negative integer counts, got dtype {m.dtype}")
-    total = np.sum(arrays, axis=0).astype(np.int64)
-    n = int(total.sum())
+        if m.dtype.kind not in "iuf" or not np.isfinite(m).all() or (m < 0).any():
+            raise DataError(f"matrix {i} should hold non-negative counts, got dtype {m.dtype}")
+    exact = all(m.dtype.kind in "iu" for m in arrays)
+    total = np.sum(arrays, axis=0).astype(np.int64 if exact else np.float64)
+    n = _number(total.sum())
     if n == 0:
         raise DataError("the pooled confusion matrix is empty")
     correct = np.diag(total)
@@ -342,76 +282,44 @@ def pooled_multiclass_metrics(matrices: Sequence[ArrayLike]) -> dict[str, float]
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _metric_key(prefix: str, field_name: str) -> str:
-    return prefix + field_name.replace("_", "-")
+_TIE = 1e-12  # estimated counts: figures this close (relative to their scale) are ties
 
 
-def _validated(raw: Mapping[str, Any], name: Callable[[str], str], bins: int | None) -> dict[str, Any]:
-    """SiteStats fields checked and normalised; errors use ``name(field)`` (a record key or field)."""
-    out: dict[str, Any] = {c: _as_count(raw[c], name(c)) for c in ("n", "tp", "fp", "tn", "fn")}
-    t = raw["threshold"]
-    if isinstance(t, bool) or not isinstance(t, Real) or not 0.0 < float(t) < 1.0:
-        raise DataError(f"{name('threshold')} should be a number strictly inside (0, 1), got {t!r}")
-    out["threshold"] = float(t)
-    neg = _as_count_array(raw["hist_neg"], name("hist_neg"))
-    pos = _as_count_array(raw["hist_pos"], name("hist_pos"))
-    expected = len(neg) if bins is None else bins
-    for field_name, hist in (("hist_neg", neg), ("hist_pos", pos)):
-        if len(hist) != expected:
-            raise DataError(f"{name(field_name)} should have {expected} bins, got {len(hist)}")
-    if int(neg.sum()) + int(pos.sum()) != out["n"]:
-        raise DataError(
-            f"{name('n')} is {out['n']} but {name('hist_neg')} and {name('hist_pos')} hold "
-            f"{int(neg.sum()) + int(pos.sum())} cases"
-        )
-    if out["tp"] + out["fn"] != int(pos.sum()):
-        raise DataError(
-            f"{name('tp')} + {name('fn')} is {out['tp'] + out['fn']} "
-            f"but {name('hist_pos')} holds {int(pos.sum())} positives"
-        )
-    if out["tn"] + out["fp"] != int(neg.sum()):
-        raise DataError(
-            f"{name('tn')} + {name('fp')} is {out['tn'] + out['fp']} "
-            f"but {name('hist_neg')} holds {int(neg.sum())} negatives"
-        )
-    for field_name, hist in (("hist_neg", neg), ("hist_pos", pos)):
-        hist.setflags(write=False)
-        out[field_name] = hist
-    return out
+def _number(value: Any) -> Any:
+    """A NumPy sum as a Python int (counts) or float (estimated counts)."""
+    return int(value) if np.asarray(value).dtype.kind in "iu" else float(value)
 
 
-def _as_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise DataError(f"{name} should be an integer count, got {value!r} ({type(value).__name__})")
-    if value < 0:
-        raise DataError(f"{name} should be non-negative, got {value}")
-    return int(value)
-
-
-def _as_count_array(value: Any, name: str) -> IntArray:
-    """A fresh 1-D int64 array of non-negative counts (floats rejected, not rounded)."""
+def _as_count_array(value: Any, name: str) -> IntArray | FloatArray:
+    """A fresh 1-D array of non-negative counts: int64 for integers, float64 for estimated counts."""
     try:
         arr = np.array(value)
     except (ValueError, OverflowError) as err:
-        raise DataError(f"{name} should be a list of integer counts: {err}") from None
+        raise DataError(f"{name} should be a list of counts: {err}") from None
     if arr.ndim != 1:
         raise DataError(f"{name} should be a 1-D list of counts, got shape {arr.shape}")
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
-    if arr.dtype.kind not in "iu":
-        raise DataError(f"{name} should hold integer counts, got dtype {arr.dtype} (e.g. {arr[0]!r})")
+    if arr.dtype.kind not in "iuf":
+        raise DataError(f"{name} should hold counts, got dtype {arr.dtype} (e.g. {arr[0]!r})")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise DataError(f"{name} should hold finite counts, got {arr[~np.isfinite(arr)][0]}")
     if (arr < 0).any():
         raise DataError(f"{name} should hold non-negative counts, got {arr.min()}")
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float64)
     return arr.astype(np.int64)
 
 
-def _as_histograms(hist_neg: ArrayLike, hist_pos: ArrayLike) -> tuple[IntArray, IntArray]:
+def _as_histograms(hist_neg: ArrayLike, hist_pos: ArrayLike) -> tuple[Any, Any]:
     neg = _as_count_array(hist_neg, "hist_neg")
     pos = _as_count_array(hist_pos, "hist_pos")
     if len(neg) != len(pos) or len(neg) < 2:
         raise DataError(
             f"hist_neg and hist_pos should have the same number (>= 2) of bins, got {len(neg)} and {len(pos)}"
         )
+    if neg.dtype != pos.dtype:  # one of counts, one of estimated counts: both as floats
+        return neg.astype(np.float64), pos.astype(np.float64)
     return neg, pos
 
 
@@ -442,7 +350,7 @@ def _edge_index(threshold: float, edges: FloatArray) -> int:
     return k
 
 
-def _at_or_above(hist: IntArray) -> IntArray:
+def _at_or_above(hist: Any) -> Any:
     """``out[k]`` = cases in bins ``k`` and up, for ``k = 0 .. bins``."""
     return np.concatenate((np.cumsum(hist[::-1])[::-1], [0]))
 
@@ -451,7 +359,7 @@ def _dot(a: IntArray, b: IntArray) -> int:
     return sum(int(x) * int(y) for x, y in zip(a, b, strict=True))  # Python ints cannot overflow
 
 
-def _require_both_classes(n_pos: int, n_neg: int, what: str) -> None:
+def _require_both_classes(n_pos: float, n_neg: float, what: str) -> None:
     if n_pos == 0 or n_neg == 0:
         raise DataError(f"{what} needs both classes, got {n_pos} positives and {n_neg} negatives")
 
@@ -484,7 +392,7 @@ def youden_mid_threshold_from_histograms(
         raise ValueError(f"tolerance should be in [0, 1), got {tolerance!r}")
     neg, pos = _as_histograms(hist_neg, hist_pos)
     e = _edges_for(edges, len(neg))
-    n_neg, n_pos = int(neg.sum()), int(pos.sum())
+    n_neg, n_pos = neg.sum(), pos.sum()
     _require_both_classes(n_pos, n_neg, "Youden's J")
     k = np.arange(1, len(neg))
     j = _at_or_above(pos)[k] / n_pos - _at_or_above(neg)[k] / n_neg
@@ -543,18 +451,19 @@ def threshold_interval(
     seed: int = 0,
 ) -> tuple[float, float]:
     """A bootstrap interval of the threshold a rule picks: how far the pick moves when the validation
-    cases are redrawn (each class's histogram resampled multinomially at its own size).
+    cases are redrawn (each class's histogram, of counts or estimated counts, resampled
+    multinomially at its own size).
 
     A wide interval says the stored threshold is close to arbitrary on this validation data.
     """
     neg, pos = _as_histograms(hist_neg, hist_pos)
-    n_neg, n_pos = int(neg.sum()), int(pos.sum())
+    n_neg, n_pos = round(float(neg.sum())), round(float(pos.sum()))  # estimated counts still sum to whole cases
     _require_both_classes(n_pos, n_neg, "a threshold interval")
     rng = np.random.default_rng(seed)
     picks = []
     for _ in range(replicates):
-        b_neg = rng.multinomial(n_neg, neg / n_neg)
-        b_pos = rng.multinomial(n_pos, pos / n_pos)
+        b_neg = rng.multinomial(n_neg, neg / neg.sum())
+        b_pos = rng.multinomial(n_pos, pos / pos.sum())
         try:
             picks.append(
                 choose_threshold(rule, b_neg, b_pos, edges, target_sensitivity=target_sensitivity, tolerance=tolerance)

@@ -42,6 +42,15 @@ class FederationConfig(Section):
     round_timeout: float = Field(900.0, gt=0.0, description="seconds to wait for a round's replies")
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="share of each site's patients kept for validation")
     score_bins: int = Field(200, ge=10, le=10_000)
+    min_cell_count: int = Field(
+        5,
+        ge=1,
+        description="fewest validation cases of one class a released cell of a site's statistics holds: a site "
+        "merges score bins (or predicted classes) into cells of at least this many before anything leaves it "
+        "(a class with fewer is sent as its total alone), and the coordinator rejects a reply that breaks it; "
+        "pooled figures then carry the range the cells allow (what it costs: benchmarks/results/stats-privacy); "
+        "1 sends the exact histograms",
+    )
     threshold: float | Literal["youden", "youden-mid", "target-sensitivity"] = Field(
         0.5,
         description="the stored threshold: a number (default 0.5, the Bayes threshold for balanced accuracy "

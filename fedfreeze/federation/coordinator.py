@@ -18,12 +18,13 @@ import numpy as np
 import torch
 
 from fedfreeze.config import resolve_bn_stats
-from fedfreeze.errors import FedfreezeError, ProtocolError
+from fedfreeze.errors import DataError, FedfreezeError, ProtocolError
+from fedfreeze.evaluation.cells import ReleasedCells
 from fedfreeze.evaluation.pooled import (
-    SiteStats,
     choose_threshold,
-    pooled_metrics,
+    estimated_counts,
     pooled_multiclass_metrics,
+    released_metrics,
     score_bin_edges,
     snap_threshold,
     threshold_interval,
@@ -45,6 +46,7 @@ from fedfreeze.federation.rounds import RoundPlan, plan_round
 from fedfreeze.model_io import make_card, save_model
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import build_model
+from fedfreeze.provenance import data_summary, federation_provenance, federation_threshold, summary_row
 from fedfreeze.training.schedule import adapter_groups, check_groups
 
 log = logging.getLogger("fedfreeze.coordinator")
@@ -61,10 +63,13 @@ class FederationFailed(FedfreezeError):
 class Coordinator:
     """Global state and the rules of the federation."""
 
-    def __init__(self, cfg: FedConfig, out_dir: str | Path) -> None:
+    def __init__(self, cfg: FedConfig, out_dir: str | Path, *, app_hash: str | None = None) -> None:
         self.cfg = cfg
         self.fed = cfg.federation
         self.out = Path(out_dir)
+        # the hash of the Flower app bundle (FAB) this run executes, as the transport reports it
+        # (None: no FAB, e.g. in process); recorded in the exported model's provenance
+        self.app_hash = app_hash
         self.adapter_groups = adapter_groups(self.fed.unfreeze, self.fed.method)
         torch.manual_seed(self.fed.seed)
         self.model, _ = build_model(cfg.model, self.adapter_groups, cfg.train.adapter_rank)
@@ -86,6 +91,8 @@ class Coordinator:
         self.started = time.time()
         # node id -> site name, from the sites' replies: progress lines and failure records name the site
         self.node_names: dict[int, str] = {}
+        # node id -> the site's own validation figures of the last pooled round (from its cells)
+        self.site_figures: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ schedule
     def round_plan(self, rnd: int) -> RoundPlan:
@@ -116,6 +123,7 @@ class Coordinator:
             val_fraction=self.fed.val_fraction,
             threshold=self.threshold,
             score_bins=self.fed.score_bins,
+            min_cell_count=self.fed.min_cell_count,
             seed=self.fed.seed,
             dp_weight=self.fed.dp != "off",
             evaluation_sites=tuple(self.fed.evaluation_sites),
@@ -158,24 +166,30 @@ class Coordinator:
         if reply.frozen_hash != proof:
             problems.append("frozen-weight hash differs from the coordinator's: the site's backbone is not the same")
         try:
-            self.site_stats(reply)
+            self.site_stats(reply, orders)
         except (ValueError, KeyError) as err:
             problems.append(f"validation statistics: {err}")
+        try:
+            data_summary(reply.metrics, self.cfg.model.num_classes)
+        except ValueError as err:
+            problems.append(f"data summary: {err}")
         return problems
 
-    def site_stats(self, reply: Reply) -> SiteStats | np.ndarray:
-        """A reply's validation statistics: ``SiteStats`` (binary) or a confusion matrix (multi-class)."""
-        return self.binary_stats(reply) if self.binary else self.confusion(reply)
-
-    def binary_stats(self, reply: Reply) -> SiteStats:
-        return SiteStats.from_metrics(reply.metrics, "val-", bins=self.fed.score_bins)
-
-    def confusion(self, reply: Reply) -> np.ndarray:
-        flat = np.asarray(reply.metrics["val-confusion"], dtype=np.int64)
+    def site_stats(self, reply: Reply, orders: RoundOrders) -> ReleasedCells:
+        """A reply's validation statistics: the cells it released (per class, over score bins or, for
+        a multi-class model, over predicted classes), checked against the round's orders: a cell
+        below ``min-cell-count`` rejects the reply (``ProtocolError``, a ``ValueError``)."""
         k = self.cfg.model.num_classes
-        if flat.shape != (k * k,) or (flat < 0).any():
-            raise ProtocolError(f"val-confusion should hold {k * k} non-negative counts")
-        return flat.reshape(k, k)
+        cells = ReleasedCells.from_metrics(
+            reply.metrics,
+            "val-",
+            classes=k,
+            units=orders.score_bins if self.binary else k,
+            min_count=orders.min_cell_count,
+        )
+        if reply.metrics.get("val-n") != cells.n:
+            raise ProtocolError(f"val-n is {reply.metrics.get('val-n')!r} but the cells hold {cells.n} cases")
+        return cells
 
     def apply(self, plan: ExchangePlan, aggregated: dict[str, np.ndarray], orders: RoundOrders) -> None:
         """Write aggregated arrays into the global state (only the round's keys, same dtypes; under
@@ -186,22 +200,34 @@ class Coordinator:
             raise FederationFailed(f"aggregation produced unusable arrays: {err}") from None
 
     # ------------------------------------------------------------------ metrics
-    def pool(self, replies: list[Reply], record: RoundRecord) -> None:
+    def pool(self, replies: list[Reply], record: RoundRecord, orders: RoundOrders) -> None:
         """Pooled and weighted-mean validation figures of the training sites; choose the next threshold.
-        Evaluation-only sites are pooled apart (``record.evaluation_sites``) and choose nothing."""
+        Evaluation-only sites are pooled apart (``record.evaluation_sites``) and choose nothing.
+
+        Every figure comes from the cells the sites released (``fedfreeze.evaluation.cells``): the
+        counts within a cell are estimated, and each binary figure carries the range that the cells
+        fix exactly (``ranges``)."""
         record.threshold_used = self.threshold
+        replies = sorted(replies, key=lambda r: (r.site, r.node))  # figures independent of the arrival order
         evaluators = [r for r in replies if r.role == EVALUATE_ROLE]
         replies = [r for r in replies if r.role != EVALUATE_ROLE]
-        weights = [r.metrics["val-n"] for r in replies]
-        record.weighted_mean = {
-            key: weighted_mean([r.metrics[f"val-{key}"] for r in replies], weights)
-            for key in ("auroc", "balanced-accuracy", "f1")
+        edges = self.edges if self.binary else None
+        cells = [self.site_stats(r, orders) for r in replies]
+        estimated = estimated_counts(cells, edges)
+        # each site's own figures (the site rows of metrics.json, and their weighted mean for comparison)
+        self.site_figures = {
+            r.node: self._own_figures(c, e, record.threshold_used)
+            for r, c, e in zip(replies, cells, estimated, strict=True)
         }
+        record.weighted_mean = {}
+        for key in ("auroc", "balanced-accuracy", "f1"):
+            usable = [f for f in self.site_figures.values() if f.get(key.replace("-", "_")) is not None]
+            if usable:
+                values = [f[key.replace("-", "_")] for f in usable]
+                record.weighted_mean[key] = weighted_mean(values, [f["n"] for f in usable])
+        released = {"min_cell_count": orders.min_cell_count, "allocation": "binormal" if self.binary else "pooled"}
         if self.binary:
-            stats = [self.binary_stats(r) for r in replies]
-            pooled = pooled_metrics(stats, self.edges)
-            hist_neg = np.sum([s.hist_neg for s in stats], axis=0)
-            hist_pos = np.sum([s.hist_pos for s in stats], axis=0)
+            hist_neg, hist_pos = np.sum(estimated, axis=0)
             target, tolerance = self.fed.target_sensitivity, self.fed.threshold_tolerance
             self.threshold = choose_threshold(
                 self.fed.threshold, hist_neg, hist_pos, self.edges, target_sensitivity=target, tolerance=tolerance
@@ -218,26 +244,58 @@ class Coordinator:
                 )
             )
             record.pooled = {
-                "at_threshold_used": pooled,
-                "at_threshold_next": pooled_metrics(stats, self.edges, self.threshold),
-                "at_0.5": pooled_metrics(stats, self.edges, snap_threshold(0.5, self.edges)),
-                "histograms": {"neg": hist_neg.tolist(), "pos": hist_pos.tolist()},
+                "at_threshold_used": released_metrics(cells, estimated, self.edges, record.threshold_used),
+                "at_threshold_next": released_metrics(cells, estimated, self.edges, self.threshold),
+                "at_0.5": released_metrics(cells, estimated, self.edges, snap_threshold(0.5, self.edges)),
+                # estimated from the cells (exact when min-cell-count = 1)
+                "histograms": {"neg": _rounded(hist_neg), "pos": _rounded(hist_pos)},
+                "cells": released,
             }
             if evaluators:
-                external = [self.binary_stats(r) for r in evaluators]
+                external = [self.site_stats(r, orders) for r in evaluators]
+                ext_counts = estimated_counts(external, self.edges)
+                self.site_figures.update(
+                    {
+                        r.node: self._own_figures(c, e, record.threshold_used)
+                        for r, c, e in zip(evaluators, external, ext_counts, strict=True)
+                    }
+                )
                 record.evaluation_sites = {
                     "sites": [r.site for r in evaluators],
-                    "at_threshold_used": pooled_metrics(external, self.edges),
-                    "at_threshold_next": pooled_metrics(external, self.edges, self.threshold),
+                    "at_threshold_used": released_metrics(external, ext_counts, self.edges, record.threshold_used),
+                    "at_threshold_next": released_metrics(external, ext_counts, self.edges, self.threshold),
                 }
         else:
-            record.pooled = {"at_threshold_used": pooled_multiclass_metrics([self.confusion(r) for r in replies])}
+            record.pooled = {"at_threshold_used": pooled_multiclass_metrics(estimated), "cells": released}
             if evaluators:
+                external = [self.site_stats(r, orders) for r in evaluators]
+                ext_counts = estimated_counts(external)
+                self.site_figures.update(
+                    {
+                        r.node: self._own_figures(c, e, record.threshold_used)
+                        for r, c, e in zip(evaluators, external, ext_counts, strict=True)
+                    }
+                )
                 record.evaluation_sites = {
                     "sites": [r.site for r in evaluators],
-                    "at_threshold_used": pooled_multiclass_metrics([self.confusion(r) for r in evaluators]),
+                    "at_threshold_used": pooled_multiclass_metrics(ext_counts),
                 }
         record.threshold_next = self.threshold
+
+    def _own_figures(self, cells: ReleasedCells, estimated: np.ndarray, threshold: float) -> dict[str, Any]:
+        """One site's own validation figures at ``threshold``, from its cells alone (left out where
+        they are undefined, e.g. a validation split of one class)."""
+        keys: tuple[str, ...]
+        try:
+            if self.binary:
+                figures = released_metrics([cells], [estimated], self.edges, threshold)
+                keys = ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity")
+            else:
+                figures = pooled_multiclass_metrics([estimated])
+                keys = ("balanced_accuracy", "f1", "accuracy")
+        except DataError:
+            return {"n": cells.n}
+        return {"n": cells.n, **{k: figures[k] for k in keys}}
 
     def note_scored(self, record: RoundRecord, scored_state: dict[str, torch.Tensor], scored_after: int) -> None:
         """``export = "best"``: keep ``scored_state`` (the global model after round ``scored_after``, which
@@ -282,7 +340,8 @@ class Coordinator:
         log.info("WiSE-FT: the final model is the probe-end model + %.2f x (fine-tuned - probe-end)", alpha)
 
     def site_row(self, reply: Reply) -> dict[str, Any]:
-        """One site's line in the round record: its size, time, bytes and local validation figures."""
+        """One site's line in the round record: its size, time, bytes and its own validation figures
+        (estimated by ``pool`` from the site's cells: a site sends no figure of its own)."""
         row = {
             "site": reply.site,
             "node": reply.node,
@@ -297,14 +356,13 @@ class Coordinator:
             "eval-seconds",
             "process-seconds",
             "val-n",
-            "val-auroc",
-            "val-balanced-accuracy",
-            "val-f1",
-            "val-sensitivity",
-            "val-specificity",
         ):
             if key in reply.metrics:
                 row[key.replace("-", "_")] = reply.metrics[key]
+        own = self.site_figures.get(reply.node, {})
+        row.update({f"val_{k}": v for k, v in own.items() if k != "n"})
+        # the site's data summary (checked with the reply): what the model card lists per site
+        row.update(summary_row(data_summary(reply.metrics, self.cfg.model.num_classes)))
         return row
 
     # ------------------------------------------------------------------ persistence
@@ -384,6 +442,23 @@ class Coordinator:
         model: GroupedNet = self.model
         model.load_state_dict(chosen["state"])
         threshold = chosen["threshold"] if self.binary else 0.5
+        provenance = federation_provenance(
+            config=self.cfg.model_dump(mode="json", by_alias=True),
+            app_hash=self.app_hash,
+            history=self.history,
+            final=final,
+            exported=chosen,
+            threshold=federation_threshold(
+                threshold,
+                self.fed.threshold,
+                binary=self.binary,
+                interval=chosen["threshold_interval"],
+                tolerance=self.fed.threshold_tolerance,
+                target=self.fed.target_sensitivity,
+            ),
+            evaluation_sites=self.fed.evaluation_sites,
+            class_names=self.cfg.model.class_names or [str(i) for i in range(self.cfg.model.num_classes)],
+        )
         card = make_card(
             model,
             self.cfg.model,
@@ -400,6 +475,12 @@ class Coordinator:
                 "threshold_rule": str(self.fed.threshold),
                 "threshold_interval": chosen["threshold_interval"],
             },
+            provenance=provenance,
         )
         info = {k: v for k, v in chosen.items() if k != "state"}
         return save_model(self.out / MODEL_DIR, model, card), info
+
+
+def _rounded(values: np.ndarray) -> list[float]:
+    """Estimated counts for metrics.json: six decimals are far below one case."""
+    return [round(float(v), 6) for v in values]

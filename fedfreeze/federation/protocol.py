@@ -2,7 +2,8 @@
 
 Every decision about a round is made once, by the coordinator, and travels in ``RoundOrders``:
 which parts train, the stage, the BatchNorm mode, whether a site may return only what it changed,
-the learning-rate scale, which sites only evaluate. A site applies the orders as given and never
+the learning-rate scale, which sites only evaluate, and what a site may release about its validation
+cases (the score bins, the threshold its cells are anchored at, the minimum count of a cell). A site applies the orders as given and never
 re-derives them from its own copy of the configuration; both sides compute the exchange plan from
 (model, orders) with ``exchange.plan_for``. This module alone encodes and decodes the orders (to
 the plain dict a Flower ``ConfigRecord`` holds); it imports nothing of Flower.
@@ -52,6 +53,7 @@ class RoundOrders:
     val_fraction: float
     threshold: float
     score_bins: int
+    min_cell_count: int  # every released cell of validation statistics holds 0 or at least this many cases
     seed: int
     dp_weight: bool  # DP accounting: every site weighs the same
     evaluation_sites: tuple[str, ...]  # sites that only score the global model
@@ -81,6 +83,7 @@ class RoundOrders:
             "val-fraction": self.val_fraction,
             "threshold": self.threshold,
             "score-bins": self.score_bins,
+            "min-cell-count": self.min_cell_count,
             "seed": self.seed,
             "dp-weight": self.dp_weight,
             "evaluation-sites": json.dumps(list(self.evaluation_sites)),
@@ -114,6 +117,12 @@ class RoundOrders:
                 raise ProtocolError(f"the round's orders: {key} {value!r} is not one of {', '.join(allowed)}")
             return value
 
+        def count(key: str) -> int:
+            value = get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ProtocolError(f"the round's orders: {key} should be an integer >= 1, got {value!r}")
+            return value
+
         model, train = site_sections(str(get("site-config")))
         return cls(
             round=int(get("round")),
@@ -131,6 +140,7 @@ class RoundOrders:
             val_fraction=float(get("val-fraction")),
             threshold=float(get("threshold")),
             score_bins=int(get("score-bins")),
+            min_cell_count=count("min-cell-count"),
             seed=int(get("seed")),
             dp_weight=bool(get("dp-weight")),
             evaluation_sites=strings("evaluation-sites"),

@@ -21,7 +21,8 @@ from fedfreeze.config import ModelConfig
 from fedfreeze.data.dataset import MANIFEST_NAME, ImageSet, load_image_set
 from fedfreeze.data.splits import split_patients
 from fedfreeze.errors import DataError, ProtocolError
-from fedfreeze.evaluation.pooled import SiteStats, multiclass_confusion, score_bin_edges, snap_threshold
+from fedfreeze.evaluation.cells import release_cells
+from fedfreeze.evaluation.pooled import class_histograms, multiclass_confusion, score_bin_edges, snap_threshold
 from fedfreeze.federation.exchange import (
     ExchangePlan,
     changed_keys,
@@ -33,8 +34,8 @@ from fedfreeze.federation.exchange import (
 )
 from fedfreeze.federation.protocol import EVALUATE_ROLE, TRAIN_ROLE, RoundOrders
 from fedfreeze.federation.site_stages import stage_for
-from fedfreeze.metrics import classification_metrics
 from fedfreeze.models.grouped import GroupedNet
+from fedfreeze.provenance import site_data_metrics
 from fedfreeze.training.dynamic_freeze import updated_keys
 from fedfreeze.training.engine import predict_scores, resolve_device
 from fedfreeze.training.features import FeatureCache
@@ -208,6 +209,8 @@ class SiteRuntime:
                 "train-loss": float(np.mean([log.loss for log in logs])),
                 "train-seconds": train_seconds,
                 "eval-seconds": eval_seconds,
+                # totals of all the site's data for the model card (provenance.DATA_KEYS), no per-case value
+                **site_data_metrics(self.data_path, [train_set, val_set]),
             }
         )
         keys: Sequence[str] = plan.sent
@@ -220,9 +223,11 @@ class SiteRuntime:
     ) -> SiteReply:
         """Score the received global model on the validation split (an evaluation-only site: on all its data)."""
         role = orders.role_of(self.site)
-        val_set = self._evaluation_set(orders) if role == EVALUATE_ROLE else self.datasets(orders)[1]
+        splits = [self._evaluation_set(orders)] if role == EVALUATE_ROLE else list(self.datasets(orders))
+        val_set = splits[-1]
         model, plan = self.model(orders, arrays, base)
         metrics = self._evaluate(stage_for(orders).scored(model), orders, val_set, head_only=False)
+        metrics.update(site_data_metrics(self.data_path, splits))  # totals for the model card (provenance.py)
         return SiteReply({}, frozen_hash(model.state_dict(), plan), metrics, role=role)
 
     def _evaluation_set(self, orders: RoundOrders) -> ImageSet:
@@ -238,7 +243,7 @@ class SiteRuntime:
     def _evaluate(
         self, model: GroupedNet, orders: RoundOrders, val_set: ImageSet, *, head_only: bool
     ) -> dict[str, Any]:
-        """Local figures and the sufficient statistics of the validation split (no per-case data)."""
+        """Score the validation split; what is released about it is :func:`validation_release`'s."""
         if head_only:
             feats = self._cache().features(model, val_set.images, self.device)
             with torch.no_grad():
@@ -248,18 +253,32 @@ class SiteRuntime:
         else:
             scores = predict_scores(model, val_set.images, self.device)
         labels = val_set.labels.numpy()
-        local = classification_metrics(labels, scores, orders.threshold)
-        out: dict[str, Any] = {"val-n": len(labels)}
-        for key in ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity"):
-            out[f"val-{key.replace('_', '-')}"] = float(local[key])
-        if scores.ndim == 1:
-            edges = score_bin_edges(orders.score_bins)
-            threshold = snap_threshold(orders.threshold, edges)
-            out.update(SiteStats.from_scores(labels, scores, edges, threshold).to_metrics("val-"))
-        else:
-            matrix = multiclass_confusion(labels, scores.argmax(1), scores.shape[1])
-            out["val-confusion"] = [int(v) for v in matrix.ravel()]
-        return out
+        return validation_release(labels, scores, orders)
+
+
+def validation_release(labels: np.ndarray, scores: np.ndarray, orders: RoundOrders) -> dict[str, Any]:
+    """What a site sends about its validation cases: their number and the cells of its per-class
+    counts (``fedfreeze.evaluation.cells``), each holding 0 or at least ``orders.min_cell_count``
+    cases, anchored where both sides agree before any score is seen. Nothing else: a figure computed
+    from the exact scores (a local AUROC, a confusion count at the threshold) could single a case out,
+    so the coordinator computes every figure from the cells.
+
+    Binary: per class, cells of the ``orders.score_bins`` score bins, anchored at the round's threshold,
+    finest on the side facing the other class (negatives from the top down, positives from the bottom
+    up: where the classes meet, which AUROC and the threshold depend on). Multi-class: per true class,
+    cells of the predicted classes, anchored around the class itself.
+    """
+    k = orders.min_cell_count
+    if scores.ndim == 1:
+        edges = score_bin_edges(orders.score_bins)
+        cut = int(np.searchsorted(edges, snap_threshold(orders.threshold, edges)))
+        cells = release_cells(class_histograms(labels, scores, edges), k, anchors=[[cut], [cut]], walk=["down", "up"])
+    else:
+        classes = scores.shape[1]
+        matrix = multiclass_confusion(labels, scores.argmax(1), classes)
+        around = [[e for e in (c, c + 1) if 0 < e < classes] for c in range(classes)]
+        cells = release_cells(matrix, k, anchors=around)
+    return {"val-n": int(len(labels)), **cells.to_metrics("val-")}
 
 
 def proximal_term(model: GroupedNet, mu: float):

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -35,6 +35,7 @@ from fedfreeze.federation.exchange import ExchangePlan, key_groups
 from fedfreeze.federation.protocol import ARRAYS, BASE, EVALUATE_ROLE, METRICS, PROOF, TRAIN_ROLE, RoundOrders
 from fedfreeze.federation.records import Reply, RoundRecord
 from fedfreeze.federation.report import write_report
+from fedfreeze.flower.approval import refusal_in
 
 log = logging.getLogger("fedfreeze.server")
 
@@ -52,6 +53,8 @@ def make_strategy(cfg: FedConfig, sites: int | None = None) -> Strategy:
         "min_train_nodes": fed.min_sites,
         "min_evaluate_nodes": fed.min_sites,
         "min_available_nodes": fed.min_sites,
+        "train_metrics_aggr_fn": no_metric_average,
+        "evaluate_metrics_aggr_fn": no_metric_average,
     }
     if fed.dp != "off":
         common["weighted_by_key"] = "dp-weight"  # accounted DP needs every site weighted equally
@@ -79,6 +82,13 @@ def make_strategy(cfg: FedConfig, sites: int | None = None) -> Strategy:
         DifferentialPrivacyClientSideFixedClipping if fed.dp == "client" else DifferentialPrivacyServerSideFixedClipping
     )
     return wrapper(strategy, fed.dp_noise_multiplier, fed.dp_clipping_norm, sampled, accountant=accountant)
+
+
+def no_metric_average(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord:
+    """In place of Flower's element-wise average of the replies' metrics: fedfreeze pools the sites'
+    statistics itself (``Coordinator.pool``), and their released cells differ in number from site to
+    site, which Flower's average cannot take."""
+    return MetricRecord()
 
 
 def privacy_spent(strategy: Strategy) -> dict[str, Any] | None:
@@ -182,13 +192,16 @@ def error_reason(message: Message) -> str:
         )
     if error.code in (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
         return f"the message or its reply expired at the SuperLink; Flower: {error.reason}"
+    if (refusal := refusal_in(error.reason)) is not None:  # the site's list of approved apps lacks this app
+        return refusal.text
     return f"the site failed: {error.reason}"
 
 
 def reply_site(message: Message) -> str | None:
-    """The site name a reply states, if it is a readable reply."""
+    """The site name a reply states, if it is a readable reply (or a site's refusal of the app)."""
     if message.has_error():
-        return None
+        refusal = refusal_in(message.error.reason)
+        return refusal.site if refusal is not None else None
     try:
         return str(message.content[PROOF]["site"])
     except (KeyError, TypeError):
@@ -314,8 +327,21 @@ def exchange(
         raise FederationFailed(
             f"round {record.round}: {training} valid replies of training sites, fewer than min-sites = "
             f"{coord.fed.min_sites} ({len(record.failures)} failed, {len(record.rejected)} rejected)"
+            + failure_summary(record, coord.node_names)
         )
     return valid_msgs, valid
+
+
+def failure_summary(record: RoundRecord, names: Mapping[int, str], most: int = 3) -> str:
+    """``: SITE: REASON; ...`` for the round's first ``most`` failures (all of them are in ``metrics.json``)."""
+    if not record.failures:
+        return ""
+    shown = []
+    for failure in record.failures[:most]:
+        label, reason = site_label(failure["node"], names), str(failure["reason"])
+        shown.append(reason if reason.startswith(f"{label} ") else f"{label}: {reason}")  # a refusal names its site
+    more = len(record.failures) - most
+    return ": " + "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
 
 
 def with_base(messages: Iterable[Message], base: dict[str, Any]) -> list[Message]:
@@ -378,7 +404,7 @@ def train_round(grid: Grid, coord: Coordinator, strategy: Strategy, rnd: int) ->
         orders,
     )
     record.privacy = privacy_spent(strategy)
-    coord.pool(valid, record)
+    coord.pool(valid, record, orders)
     coord.note_scored(record, scored, rnd - 1)
     record.sites = [coord.site_row(r) for r in valid]
     record.round_seconds = time.perf_counter() - started
@@ -398,7 +424,7 @@ def final_evaluation(grid: Grid, coord: Coordinator, strategy: Strategy) -> Roun
     )
     messages = with_base(messages, coord.base_for(plan))
     _, valid = exchange(grid, messages, coord, plan, orders, record, with_arrays=False)
-    coord.pool(valid, record)
+    coord.pool(valid, record, orders)
     record.sites = [coord.site_row(r) for r in valid]
     record.round_seconds = time.perf_counter() - started
     return record
@@ -408,7 +434,7 @@ def run_federation(grid: Grid, context: Context) -> None:
     """The ServerApp's main: every round, then the final evaluation and the exported model."""
     show_logs_with_flower()
     cfg = from_run_config(context.run_config)
-    coord = Coordinator(cfg, cfg.federation.out_dir)
+    coord = Coordinator(cfg, cfg.federation.out_dir, app_hash=run_fab_hash(grid))
     if bool(context.run_config.get("resume", False)):
         coord.resume()
     strategy = make_strategy(cfg, sites=_sampled_sites(grid, coord) if cfg.federation.dp != "off" else None)
@@ -451,6 +477,17 @@ def run_federation(grid: Grid, context: Context) -> None:
     except Exception as err:
         write_report(coord, status="failed", reason=f"{type(err).__name__}: {err}")
         raise
+
+
+def run_fab_hash(grid: Grid) -> str | None:
+    """The hash of the app bundle (FAB) this run executes, as Flower reports it (``Run.fab_hash``: the
+    string ``fedfreeze app-hash`` prints and a site approves); None for a run without a FAB (the
+    in-process grid's run has an empty one)."""
+    try:
+        value = grid.run.fab_hash
+    except (AttributeError, TypeError):  # a grid whose run was never set
+        return None
+    return str(value) or None
 
 
 def show_logs_with_flower() -> None:

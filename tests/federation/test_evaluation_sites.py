@@ -72,7 +72,9 @@ def test_evaluation_only_site_never_sends_arrays_and_is_reported_every_round(wit
 
 
 def test_evaluation_only_figures_are_the_global_models_on_that_data(with_evaluator):
-    """The final record's evaluation-only figures equal scikit-learn on the final global model's scores."""
+    """The final record's evaluation-only figures hold scikit-learn on the final global model's scores:
+    the site sends cells of at least min-cell-count cases like any site, so the exact figures lie in
+    the ranges its cells allow, and the estimates are close."""
     metrics, _ = with_evaluator
     final = metrics["final"]
     # the final evaluation scores the last global model; when the exported one is that model, compare directly
@@ -82,9 +84,15 @@ def test_evaluation_only_figures_are_the_global_models_on_that_data(with_evaluat
     data = load_image_set(kermany_mini("test"), image_size=64, channels=3, num_classes=2, progress=False)
     scores = predict_scores(model, data.images, torch.device("cpu"))
     ext = final["evaluation_sites"]["at_threshold_used"]
-    assert ext["auroc"] == pytest.approx(roc_auc_score(data.labels.numpy(), scores), abs=0.01)
+    y = data.labels.numpy()
+    exact_auroc = roc_auc_score(y, scores)
+    assert ext["ranges"]["auroc"][0] <= exact_auroc <= ext["ranges"]["auroc"][1]
+    assert ext["auroc"] == pytest.approx(exact_auroc, abs=0.03)
     predicted = scores >= ext["threshold"]
-    assert ext["tp"] == int((predicted & (data.labels.numpy() == 1)).sum())
+    sensitivity = predicted[y == 1].mean()
+    assert ext["ranges"]["sensitivity"][0] <= sensitivity <= ext["ranges"]["sensitivity"][1]
+    if ext["exact"]:  # the site's cells were cut at the threshold
+        assert ext["tp"] == int((predicted & (y == 1)).sum())
 
 
 def test_best_round_export_equals_that_rounds_weights(with_evaluator):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +20,15 @@ from sklearn.metrics import roc_auc_score
 
 from client.app import app as real_client
 from fedfreeze.evaluate import evaluate_model
+from fedfreeze.evaluation.cells import ReleasedCells
 from fedfreeze.evaluation.pooled import score_bin_edges, snap_threshold
-from fedfreeze.federation.config import load_fed_config
-from fedfreeze.federation.site_runtime import SiteRuntime
+from fedfreeze.federation.config import FederationConfig, load_fed_config
+from fedfreeze.federation.site_runtime import SiteRuntime, validation_release
 from fedfreeze.flower.client import handle_evaluate, handle_train, orders_from
 from fedfreeze.flower.local_grid import LocalGrid
 from fedfreeze.flower.server import make_strategy, run_federation
 from fedfreeze.model_io import load_model
+from fedfreeze.provenance import DATA_KEYS
 from fedfreeze.sample_data import kermany_mini
 from fedfreeze.training.engine import predict_scores
 from tests.federation.conftest import fast_config
@@ -134,57 +137,96 @@ def test_only_the_rounds_trainable_arrays_travel(honest):
     assert layer4 / probe > 500
 
 
-def test_no_image_label_or_per_case_score_leaves_a_site(honest):
-    """Every reply a site sent, train and evaluate, holds only the allowed records and aggregate numbers."""
-    _, metrics, audit = honest
-    allowed_metrics = {
-        "num-examples",
-        "train-loss",
-        "train-seconds",
-        "eval-seconds",
-        "process-seconds",
-        "val-n",
-        "val-auroc",
-        "val-balanced-accuracy",
-        "val-f1",
-        "val-sensitivity",
-        "val-specificity",
-        "val-tp",
-        "val-fp",
-        "val-tn",
-        "val-fn",
-        "val-threshold",
-        "val-hist-neg",
-        "val-hist-pos",
-    }
+# What a reply may hold in its metrics besides the released cells. The rule for a key here: it is a
+# site-level total or a figure over all of a site's training data, never a value that one validation
+# case's label or score decides alone: a count over a whole split or the whole data set (including
+# per class: the other engineer's data summary, provenance.DATA_KEYS), the manifest's fingerprint,
+# seconds, the mean training loss over every batch of every local epoch, the DP weight (always 1).
+# A new metric joins one of these sets only if it obeys that rule.
+SITE_TOTALS = {"num-examples", "val-n", *DATA_KEYS}
+TIMINGS = {"train-seconds", "eval-seconds", "process-seconds"}
+TRAINING_FIGURES = {"train-loss", "dp-weight"}
+CELLS = {"val-cell-class", "val-cell-start", "val-cell-count"}
+
+
+def audit_metrics(record: dict, orders) -> list[str]:
+    """Why a reply's metrics could single out a validation case (empty: they cannot).
+
+    Every list is either a site-level total (above) or the released cells, and every released cell
+    narrower than the whole axis holds 0 or at least ``orders.min_cell_count`` cases of its class
+    (the whole-axis cell is the class's total at the site)."""
+    problems = []
+    unknown = set(record) - SITE_TOTALS - TIMINGS - TRAINING_FIGURES - CELLS
+    if unknown:
+        problems.append(f"metrics not allowed: {sorted(unknown)}")
+    for key, value in record.items():
+        if isinstance(value, list) and key not in CELLS and key not in DATA_KEYS:
+            problems.append(f"{key} is a list outside the cells and the data summary")
+    units = orders.score_bins if orders.model.num_classes == 2 else orders.model.num_classes
+    try:
+        cells = ReleasedCells(
+            units,
+            orders.model.num_classes,
+            np.array(record["val-cell-class"], dtype=np.int64),
+            np.array(record["val-cell-start"], dtype=np.int64),
+            np.array(record["val-cell-count"], dtype=np.int64),
+        )
+    except (KeyError, ValueError) as err:
+        return [*problems, f"cells unreadable: {err}"]
+    if cells.n != record["val-n"]:
+        problems.append(f"cells hold {cells.n} cases, val-n is {record['val-n']}")
+    for c in range(cells.classes):
+        for start, stop, count in cells.cells_of(c):
+            if stop - start < units and 0 < count < orders.min_cell_count:
+                problems.append(f"class {c} cell [{start}, {stop}) holds {count} < {orders.min_cell_count} cases")
+    return problems
+
+
+def test_no_reply_singles_out_a_validation_case(honest, site_folders):
+    """The message audit over a whole run: every reply a site sent (train and evaluate) holds the
+    round's model arrays, its name, role and frozen-weight hash, site-level totals and timings, and
+    cells of its validation statistics that each hold 0 or at least min-cell-count cases. The same
+    audit rejects the exact histograms of these sites' validation cases (what sites sent before the
+    rule), so it would fail if the merging were removed."""
+    tmp, metrics, audit = honest
     model, _ = load_model(metrics["model"])
     state = model.state_dict()
     assert audit
-    for _, reply in audit:
+    for sent, reply in audit:
+        orders = orders_from(sent.content["config"])
+        assert orders.min_cell_count == FederationConfig().min_cell_count >= 5  # the default rule ran
         content = reply.content
         assert set(content.keys()) <= {"arrays", "metrics", "proof"}
         for key, array in content.get("arrays", ArrayRecord()).items():
             assert key in state and tuple(array.shape) == tuple(state[key].shape)  # model weights only
-        record = content["metrics"]
-        assert set(record.keys()) <= allowed_metrics, set(record.keys()) - allowed_metrics
-        for key, value in record.items():
-            if isinstance(value, list):
-                assert key in {"val-hist-neg", "val-hist-pos"} and len(value) == 100  # fixed bins, not cases
-            else:
-                assert isinstance(value, (int, float))
-        assert sum(record["val-hist-neg"]) + sum(record["val-hist-pos"]) == record["val-n"]
+        record = dict(content["metrics"])
+        assert audit_metrics(record, orders) == [], (orders.round, audit_metrics(record, orders))
         proof = content["proof"]
         assert set(proof.keys()) == {"frozen-hash", "site", "role"}
         assert proof["role"] == "train"
         assert re.fullmatch(r"[0-9a-f]{64}", proof["frozen-hash"])
         assert proof["site"] in {"site-a", "site-b", "site-c"}
+    # the audit has teeth: the exact histograms (min-cell-count = 1) of these validation cases fail it
+    final = [orders_from(s.content["config"]) for s, _ in audit if s.metadata.message_type == "evaluate"][0]
+    exact = replace(final, min_cell_count=1)
+    singled_out = 0
+    for name, folder in site_folders.items():
+        _, val = SiteRuntime(folder, name, tmp / "state" / name).datasets(final)
+        scores = predict_scores(model, val.images, torch.device("cpu"))
+        problems = audit_metrics(validation_release(val.labels.numpy(), scores, exact), final)
+        singled_out += sum("holds 1 <" in p for p in problems)
+    assert singled_out >= 10, singled_out
 
 
-def test_pooled_figures_equal_sklearn_on_the_concatenated_predictions(honest, site_folders):
+def test_pooled_figures_hold_sklearn_on_the_concatenated_predictions(honest, site_folders):
+    """From cells of at least min-cell-count cases the pooled figures are estimates: the exact figures
+    of the concatenated raw scores lie in the ranges the cells fix, and so do the estimates."""
     tmp, metrics, audit = honest
-    model, card = load_model(metrics["model"])
+    model, _ = load_model(metrics["model"])
     final = metrics["final"]["pooled"]["at_threshold_used"]
     threshold = final["threshold"]
+    assert threshold == snap_threshold(threshold, score_bin_edges(100))
+    assert metrics["final"]["pooled"]["cells"] == {"min_cell_count": 5, "allocation": "binormal"}
     evaluate_orders = [
         orders_from(sent.content["config"]) for sent, _ in audit if sent.metadata.message_type == "evaluate"
     ][0]
@@ -194,11 +236,20 @@ def test_pooled_figures_equal_sklearn_on_the_concatenated_predictions(honest, si
         labels.append(val.labels.numpy())
         scores.append(predict_scores(model, val.images, torch.device("cpu")))
     y, p = np.concatenate(labels), np.concatenate(scores)
-    assert threshold == snap_threshold(threshold, score_bin_edges(100))
     pred = p >= threshold
-    assert final["tp"] == int((pred & (y == 1)).sum()) and final["fn"] == int((~pred & (y == 1)).sum())
-    assert final["fp"] == int((pred & (y == 0)).sum()) and final["tn"] == int((~pred & (y == 0)).sum())
-    assert final["auroc"] == pytest.approx(roc_auc_score(y, p), abs=0.01)
+    exact = {
+        "auroc": roc_auc_score(y, p),
+        "sensitivity": pred[y == 1].mean(),
+        "specificity": (~pred[y == 0]).mean(),
+    }
+    exact["balanced_accuracy"] = (exact["sensitivity"] + exact["specificity"]) / 2
+    assert final["n"] == len(y)
+    for key, value in exact.items():
+        lo, hi = final["ranges"][key]
+        assert lo - 1e-9 <= value <= hi + 1e-9, (key, value, lo, hi)
+        assert lo - 1e-9 <= final[key] <= hi + 1e-9, (key, final[key], lo, hi)
+    if final["exact"]:  # every site's cells were cut at the threshold: the counts there are exact
+        assert final["tp"] == int((pred & (y == 1)).sum()) and final["fp"] == int((pred & (y == 0)).sum())
 
 
 def _nan(reply: Message) -> None:
@@ -233,6 +284,22 @@ def _count(reply: Message) -> None:
     reply.content["metrics"]["num-examples"] = 10**9
 
 
+def _single_case(reply: Message) -> None:
+    """Split one case off a cell: a cell of one case, as the exact histograms hold."""
+    metrics = reply.content["metrics"]
+    cls, start, count = (list(metrics[f"val-cell-{k}"]) for k in ("class", "start", "count"))
+    last = len(cls) - 1
+    i = next(
+        j
+        for j in range(len(cls))
+        if count[j] >= 2 and (j == last or cls[j + 1] != cls[j] or start[j + 1] > start[j] + 1)
+    )
+    cls.insert(i + 1, cls[i])
+    start.insert(i + 1, start[i] + 1)
+    count[i : i + 1] = [1, count[i] - 1]
+    metrics["val-cell-class"], metrics["val-cell-start"], metrics["val-cell-count"] = cls, start, count
+
+
 def _payload(reply: Message) -> None:
     reply.content["metrics"]["padding"] = [0.0] * 50_000
 
@@ -246,6 +313,7 @@ TAMPERS = {
     "hash": (_hash, "frozen-weight hash"),
     "count": (_count, "num-examples 1000000000"),
     "payload": (_payload, "far larger"),
+    "single-case": (_single_case, "holds 1 case(s): fewer than min-cell-count = 5"),
 }
 
 

@@ -14,6 +14,7 @@ tests can prove that none is left running, and the teardown kills any that is, b
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ import pytest
 
 from fedfreeze.cli import main
 from fedfreeze.deploy import launch
+from fedfreeze.model_card import CARD_MARKDOWN
+from fedfreeze.model_io import read_card
 from fedfreeze.sample_data import kermany_mini
 from tests.federation.processes import TAG_VAR, Tracker, check_completed, run_cli, site_folder, tracked, wait_online
 
@@ -95,6 +98,13 @@ def test_simulation_completes_and_leaves_nothing_running(tracker: Tracker, tmp_p
     result = evaluate_json(out / "model", capsys)
     assert result["n"] == 100
     assert result["auroc"] > 0.75, result  # patients never seen; chance is 0.5
+
+    # the demo's command writes the model card, and its provenance names the app bundle Flower ran
+    provenance = read_card(out / "model").provenance
+    assert (out / "model" / CARD_MARKDOWN).is_file()
+    assert provenance is not None and re.fullmatch(r"[0-9a-f]{64}", provenance.app_hash or ""), provenance
+    written = json.loads((out / "sites" / "sites.json").read_text())  # what simulate wrote for each site
+    assert {s.site: s.images for s in provenance.sites} == {w["name"]: w["images"] for w in written}
 
 
 # ---------------------------------------------------------------------------------------- deployment

@@ -542,3 +542,17 @@ def test_printed_metrics_name_their_threshold(rule: str, threshold: float, capsy
     else:
         assert "is the config's (federation.threshold = 0.5)" in header and "optimistic" not in header
     assert "over all thresholds" in next(line for line in lines if "weighted mean" in line)
+
+
+def test_printed_metrics_from_cells_show_the_range_the_cells_allow(capsys):
+    from fedfreeze.cli import _print_federation
+
+    metrics = final_metrics("0.5", 0.5)
+    at = metrics["exported"]["pooled"]["at_threshold_next"]
+    at["ranges"] = {key: [at[key] - 0.1, min(at[key] + 0.02, 1.0)] for key in ("auroc", "balanced_accuracy")}
+    metrics["exported"]["pooled"]["cells"] = {"min_cell_count": 5, "allocation": "binormal"}
+    _print_federation(metrics, Path("runs/quick"))
+    lines = capsys.readouterr().out.splitlines()
+    assert next(line for line in lines if line.startswith("  auroc")).endswith("[cells allow 0.860-0.980]")
+    assert next(line for line in lines if line.startswith("  f1")).endswith("at threshold 0.500")
+    assert any("cells of at least 5 validation cases" in line for line in lines)

@@ -1,9 +1,9 @@
-"""Pooled federated metrics checked against sklearn on the concatenated site data."""
+"""Pooled federated metrics checked against sklearn on the concatenated site data (from exact
+histograms here; from released cells in test_cells.py)."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,14 +16,12 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from fedfreeze.errors import ProtocolError
 from fedfreeze.evaluation.pooled import (
-    SiteStats,
+    class_histograms,
     confusion_from_histograms,
+    histogram_metrics,
     multiclass_confusion,
-    pool,
     pooled_auroc,
-    pooled_metrics,
     pooled_multiclass_metrics,
     score_bin_edges,
     snap_threshold,
@@ -58,8 +56,9 @@ def sites() -> list[Site]:
 
 
 @pytest.fixture(scope="module")
-def site_stats(sites: list[Site]) -> list[SiteStats]:
-    return [SiteStats.from_scores(y, p, EDGES, THRESHOLD) for y, p in sites]
+def total(sites: list[Site]) -> np.ndarray:
+    """The pooled exact histograms ``[2, bins]``: the sum of the sites' (release_cells with k = 1)."""
+    return np.sum([class_histograms(y, p, EDGES) for y, p in sites], axis=0)
 
 
 def _concatenated(sites: list[Site]) -> Site:
@@ -117,18 +116,17 @@ def test_snap_threshold_picks_the_nearest_interior_edge() -> None:
 # --- exact counts, balanced accuracy and F1 --------------------------------------------------------
 
 
-def test_summed_site_counts_are_the_pooled_confusion_matrix(sites: list[Site], site_stats: list[SiteStats]) -> None:
+def test_summed_site_counts_are_the_pooled_confusion_matrix(sites: list[Site], total: np.ndarray) -> None:
     y, p = _concatenated(sites)
     tn, fp, fn, tp = confusion_matrix(y, (p >= THRESHOLD).astype(int), labels=[0, 1]).ravel()
-    total = pool(site_stats)
-    assert (total.tp, total.fp, total.tn, total.fn, total.n) == (tp, fp, tn, fn, len(y))
+    assert confusion_from_histograms(total[0], total[1], EDGES, THRESHOLD) == (tp, fp, tn, fn)
+    assert int(total.sum()) == len(y)
     # scores lying exactly on the threshold count as positive, as in fedfreeze.metrics
     assert np.sum((p == THRESHOLD) & (y == 1)) >= 6 and np.sum((p == THRESHOLD) & (y == 0)) >= 6
 
 
-def test_histogram_counts_are_exact_at_every_interior_edge(sites: list[Site], site_stats: list[SiteStats]) -> None:
+def test_histogram_counts_are_exact_at_every_interior_edge(sites: list[Site], total: np.ndarray) -> None:
     y, p = _concatenated(sites)
-    total = pool(site_stats)
     for edge in EDGES[1:-1]:
         predicted = p >= edge
         expected = (
@@ -137,39 +135,50 @@ def test_histogram_counts_are_exact_at_every_interior_edge(sites: list[Site], si
             np.sum(~predicted & (y == 0)),
             np.sum(~predicted & (y == 1)),
         )
-        assert confusion_from_histograms(total.hist_neg, total.hist_pos, EDGES, edge) == expected
+        assert confusion_from_histograms(total[0], total[1], EDGES, edge) == expected
 
 
-@pytest.mark.parametrize("threshold", [None, OTHER_EDGE])
-def test_pooled_balanced_accuracy_and_f1_equal_sklearn(
-    sites: list[Site], site_stats: list[SiteStats], threshold: float | None
-) -> None:
+@pytest.mark.parametrize("threshold", [THRESHOLD, OTHER_EDGE])
+def test_pooled_balanced_accuracy_and_f1_equal_sklearn(sites: list[Site], total: np.ndarray, threshold: float) -> None:
     y, p = _concatenated(sites)
-    at = THRESHOLD if threshold is None else threshold
-    y_pred = (p >= at).astype(int)
-    m = pooled_metrics(site_stats, EDGES, threshold)
-    assert m["threshold"] == at
+    y_pred = (p >= threshold).astype(int)
+    m = histogram_metrics(total[0], total[1], EDGES, threshold)
+    assert m["threshold"] == threshold
     assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, y_pred), abs=1e-12)
     assert m["f1"] == pytest.approx(f1_score(y, y_pred), abs=1e-12)
     tn, fp, fn, tp = confusion_matrix(y, y_pred).ravel()
     assert (m["tp"], m["fp"], m["tn"], m["fn"], m["n"]) == (tp, fp, tn, fn, len(y))
+    assert all(type(m[key]) is int for key in ("tp", "fp", "tn", "fn", "n"))  # counts stay exact integers
     assert m["sensitivity"] == tp / (tp + fn) and m["specificity"] == tn / (tn + fp)
 
 
-def test_from_scores_rejects_unusable_input() -> None:
+def test_estimated_counts_give_the_same_figures_as_float_histograms(total: np.ndarray) -> None:
+    """The coordinator's histograms are estimated counts (floats): every function takes them."""
+    exact = histogram_metrics(total[0], total[1], EDGES, OTHER_EDGE)
+    floats = histogram_metrics(total[0].astype(float), total[1].astype(float), EDGES, OTHER_EDGE)
+    for key, value in exact.items():
+        assert floats[key] == pytest.approx(value, abs=1e-12), key
+    assert type(floats["tp"]) is float
+    assert youden_threshold_from_histograms(total[0] * 1.0, total[1] * 1.0, EDGES) == youden_threshold_from_histograms(
+        total[0], total[1], EDGES
+    )
+    with pytest.raises(ValueError, match=r"hist_neg should hold finite counts, got nan"):
+        pooled_auroc([np.nan, 1.0], [1.0, 0.0])
+
+
+def test_class_histograms_reject_unusable_input() -> None:
     y, p = np.array([0, 1, 1]), np.array([0.1, 0.6, 0.9])
-    with pytest.raises(ValueError, match=r"threshold should be an edge strictly inside \(0, 1\).*snap_threshold"):
-        SiteStats.from_scores(y, p, EDGES, 0.51)
-    with pytest.raises(ValueError, match=r"threshold should be an edge strictly inside"):
-        SiteStats.from_scores(y, p, EDGES, 1.0)
+    assert class_histograms(y, p, score_bin_edges(2)).tolist() == [[1, 0], [0, 2]]
     with pytest.raises(ValueError, match=r"y_true should hold only 0 and 1, got values \[0, 1, 2\]"):
-        SiteStats.from_scores([0, 1, 2], p, EDGES, THRESHOLD)
+        class_histograms([0, 1, 2], p, EDGES)
     with pytest.raises(ValueError, match=r"p_pos should be probabilities in \[0, 1\], got 1 outside, e.g. 1.2"):
-        SiteStats.from_scores(y, [0.1, 1.2, 0.5], EDGES, THRESHOLD)
+        class_histograms(y, [0.1, 1.2, 0.5], EDGES)
     with pytest.raises(ValueError, match=r"p_pos should be probabilities in \[0, 1\], got 1 outside, e.g. nan"):
-        SiteStats.from_scores(y, [0.1, np.nan, 0.5], EDGES, THRESHOLD)
+        class_histograms(y, [0.1, np.nan, 0.5], EDGES)
     with pytest.raises(ValueError, match=r"equal length, got shapes \(3,\) and \(2,\)"):
-        SiteStats.from_scores(y, p[:2], EDGES, THRESHOLD)
+        class_histograms(y, p[:2], EDGES)
+    with pytest.raises(ValueError, match=r"threshold should be an edge strictly inside \(0, 1\).*snap_threshold"):
+        histogram_metrics([1, 0], [0, 1], score_bin_edges(2), 0.51)
 
 
 # --- AUROC ----------------------------------------------------------------------------------------
@@ -185,21 +194,20 @@ def test_pooled_auroc_on_a_worked_example() -> None:
         pooled_auroc([2, 1, 0], [0, -1, 2])
 
 
-def test_pooled_auroc_is_within_the_bin_width_bound(sites: list[Site], site_stats: list[SiteStats]) -> None:
+def test_pooled_auroc_is_within_the_bin_width_bound(sites: list[Site], total: np.ndarray) -> None:
     y, p = _concatenated(sites)
-    total = pool(site_stats)
     n_pos, n_neg = int(y.sum()), int((1 - y).sum())
     # only pos-neg pairs in the same bin can be ordered differently, each by at most 0.5
-    bound = 0.5 * int(np.dot(total.hist_pos, total.hist_neg)) / (n_pos * n_neg)
-    gap = abs(pooled_metrics(site_stats, EDGES)["auroc"] - roc_auc_score(y, p))
+    bound = 0.5 * int(np.dot(total[1], total[0])) / (n_pos * n_neg)
+    gap = abs(pooled_auroc(total[0], total[1]) - roc_auc_score(y, p))
     assert 0 < gap <= bound < 0.005
 
 
-def test_weighted_mean_of_site_aurocs_is_not_the_pooled_auroc(sites: list[Site], site_stats: list[SiteStats]) -> None:
+def test_weighted_mean_of_site_aurocs_is_not_the_pooled_auroc(sites: list[Site], total: np.ndarray) -> None:
     y, p = _concatenated(sites)
     exact = roc_auc_score(y, p)
     mean_of_sites = weighted_mean([roc_auc_score(sy, sp) for sy, sp in sites], [len(sy) for sy, _ in sites])
-    binned = pooled_metrics(site_stats, EDGES)["auroc"]
+    binned = pooled_auroc(total[0], total[1])
     assert abs(mean_of_sites - exact) > 0.02
     assert abs(binned - exact) < abs(mean_of_sites - exact) / 100
 
@@ -207,18 +215,17 @@ def test_weighted_mean_of_site_aurocs_is_not_the_pooled_auroc(sites: list[Site],
 # --- thresholds chosen on pooled histograms -----------------------------------------------------
 
 
-def test_youden_from_histograms_is_within_one_bin_of_roc_curve(sites: list[Site], site_stats: list[SiteStats]) -> None:
+def test_youden_from_histograms_is_within_one_bin_of_roc_curve(sites: list[Site], total: np.ndarray) -> None:
     y, p = _concatenated(sites)
-    total = pool(site_stats)
     fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
     best = int(np.argmax(tpr - fpr))
     exact_j = tpr[best] - fpr[best]
-    chosen = youden_threshold_from_histograms(total.hist_neg, total.hist_pos, EDGES)
+    chosen = youden_threshold_from_histograms(total[0], total[1], EDGES)
     predicted = p >= chosen
     chosen_j = predicted[y == 1].mean() - predicted[y == 0].mean()
     # the exact optimum lies in one bin; moving the threshold to that bin's edges costs at most its cases
     b = int(np.searchsorted(EDGES, thresholds[best], side="right") - 1)
-    one_bin = total.hist_pos[b] / y.sum() + total.hist_neg[b] / (1 - y).sum()
+    one_bin = total[1][b] / y.sum() + total[0][b] / (1 - y).sum()
     assert 0 <= exact_j - chosen_j <= one_bin
     assert exact_j - chosen_j < 0.02
 
@@ -237,11 +244,10 @@ def test_youden_ties_go_to_the_edge_closest_to_half() -> None:
 
 @pytest.mark.parametrize("target", [0.8, 0.9, 0.95, 0.97])  # 6 positives score exactly 0: at most 0.973
 def test_threshold_for_sensitivity_is_the_largest_edge_reaching_target(
-    sites: list[Site], site_stats: list[SiteStats], target: float
+    sites: list[Site], total: np.ndarray, target: float
 ) -> None:
     y, p = _concatenated(sites)
-    total = pool(site_stats)
-    chosen = threshold_for_sensitivity(total.hist_neg, total.hist_pos, EDGES, target)
+    chosen = threshold_for_sensitivity(total[0], total[1], EDGES, target)
     k = int(np.flatnonzero(EDGES == chosen)[0])
     assert (p[y == 1] >= chosen).mean() >= target
     assert (p[y == 1] >= EDGES[k + 1]).mean() < target
@@ -257,96 +263,7 @@ def test_threshold_for_sensitivity_rejects_unreachable_or_bad_targets() -> None:
         threshold_for_sensitivity([1, 1, 1, 1], [1, 1, 1, 1], EDGES, 0.5)
 
 
-# --- the wire format ----------------------------------------------------------------------------
-
-
-def test_metrics_round_trip_as_plain_ints_floats_and_lists(site_stats: list[SiteStats]) -> None:
-    record = site_stats[0].to_metrics("val-")
-    assert set(record) == {f"val-{k}" for k in ("n", "tp", "fp", "tn", "fn", "threshold", "hist-neg", "hist-pos")}
-    assert type(record["val-tp"]) is int and type(record["val-threshold"]) is float
-    assert type(record["val-hist-pos"]) is list and all(type(c) is int for c in record["val-hist-pos"])
-    assert SiteStats.from_metrics(record, "val-", bins=200) == site_stats[0]
-    assert SiteStats.from_metrics(record, "val-", bins=200) != site_stats[1]
-
-
-def _with(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
-    def edit(record: dict[str, Any]) -> None:
-        record[key] = value(record) if callable(value) else value
-
-    return edit
-
-
-def _moved_one_case(record: dict[str, Any]) -> list[int]:
-    hist = list(record["val-hist-pos"])
-    hist[-1] += 1
-    return hist
-
-
-@pytest.mark.parametrize(
-    ("edit", "match"),
-    [
-        (lambda r: r.pop("val-tp"), r"lack key\(s\) \['val-tp'\]"),
-        (lambda r: r.pop("val-hist-neg"), r"lack key\(s\) \['val-hist-neg'\]"),
-        (_with("val-fp", -1), r"val-fp should be non-negative, got -1"),
-        (_with("val-tn", 3.0), r"val-tn should be an integer count, got 3.0 \(float\)"),
-        (_with("val-n", True), r"val-n should be an integer count, got True \(bool\)"),
-        (_with("val-hist-pos", lambda r: r["val-hist-pos"][:-1]), r"val-hist-pos should have 200 bins, got 199"),
-        (_with("val-hist-neg", lambda r: [float(c) for c in r["val-hist-neg"]]), r"val-hist-neg should hold integer"),
-        (_with("val-hist-neg", lambda r: [-1] + r["val-hist-neg"][1:]), r"val-hist-neg should hold non-negative"),
-        (_with("val-hist-pos", lambda r: [[1, 2]]), r"val-hist-pos should be a 1-D list of counts, got shape"),
-        (_with("val-n", lambda r: r["val-n"] + 1), r"val-n is \d+ but val-hist-neg and val-hist-pos hold"),
-        (
-            lambda r: (_with("val-hist-pos", _moved_one_case)(r), _with("val-n", lambda r: r["val-n"] + 1)(r)),
-            r"val-tp \+ val-fn is \d+ but val-hist-pos holds",
-        ),
-        (
-            _with("val-tn", lambda r: r["val-tn"] + 1),
-            r"val-tn \+ val-fp is \d+ but val-hist-neg holds",
-        ),
-        (_with("val-threshold", 1.0), r"val-threshold should be a number strictly inside \(0, 1\), got 1.0"),
-        (_with("val-threshold", "0.5"), r"val-threshold should be a number strictly inside \(0, 1\), got '0.5'"),
-    ],
-)
-def test_from_metrics_names_the_bad_key(
-    site_stats: list[SiteStats], edit: Callable[[dict[str, Any]], Any], match: str
-) -> None:
-    record: dict[str, Any] = dict(site_stats[0].to_metrics("val-"))
-    edit(record)
-    with pytest.raises(ProtocolError, match=match):  # it came over the wire
-        SiteStats.from_metrics(record, "val-", bins=200)
-
-
-def test_pool_rejects_sites_that_disagree(site_stats: list[SiteStats]) -> None:
-    y, p = np.array([0, 1, 1, 0]), np.array([0.1, 0.7, 0.4, 0.6])
-    other_threshold = SiteStats.from_scores(y, p, EDGES, OTHER_EDGE)
-    with pytest.raises(ValueError, match=rf"site 1 scored at threshold {OTHER_EDGE} but site 0 at 0.5"):
-        pool([site_stats[0], other_threshold])
-    coarse = SiteStats.from_scores(y, p, score_bin_edges(100), THRESHOLD)
-    with pytest.raises(ValueError, match=r"site 2 sent histograms of 100 bins but site 0 sent 200"):
-        pool([site_stats[0], site_stats[1], coarse])
-    with pytest.raises(ValueError, match=r"stats should hold at least one site, got none"):
-        pool([])
-
-
-def test_pooled_metrics_catches_a_site_whose_counts_disagree_with_its_histograms(
-    site_stats: list[SiteStats],
-) -> None:
-    s = site_stats[1]  # one positive moved from predicted positive to negative: sums still agree
-    miscounted = SiteStats(s.n, s.tp - 1, s.fp, s.tn, s.fn + 1, s.threshold, s.hist_neg, s.hist_pos)
-    with pytest.raises(ValueError, match=r"site 1 reports \(tp, fp, tn, fn\) = .* but its histograms give"):
-        pooled_metrics([site_stats[0], miscounted], EDGES)
-    with pytest.raises(ValueError, match=r"edges should have 201 values for histograms of 200 bins, got 101"):
-        pooled_metrics(site_stats, score_bin_edges(100))
-
-
-def test_site_stats_are_read_only_copies(site_stats: list[SiteStats]) -> None:
-    s = site_stats[0]
-    hist = np.array(s.hist_pos)
-    stats = SiteStats(s.n, s.tp, s.fp, s.tn, s.fn, s.threshold, s.hist_neg, hist)
-    hist[0] += 100  # the caller's array changes; the stats do not
-    assert stats == site_stats[0]
-    with pytest.raises(ValueError, match="read-only"):
-        stats.hist_pos[0] = 1
+# --- weighted mean ------------------------------------------------------------------------------
 
 
 def test_weighted_mean_and_its_errors() -> None:
@@ -394,7 +311,11 @@ def test_multiclass_inputs_are_checked() -> None:
         multiclass_confusion([0, 1, 2], [0, 1], 3)
     with pytest.raises(ValueError, match=r"matrix 1 should be square like matrix 0 \(3, 3\), got shape \(2, 2\)"):
         pooled_multiclass_metrics([np.eye(3, dtype=int), np.eye(2, dtype=int)])
-    with pytest.raises(ValueError, match=r"matrix 0 should hold non-negative integer counts"):
-        pooled_multiclass_metrics([np.eye(3)])
+    with pytest.raises(ValueError, match=r"matrix 0 should hold non-negative counts"):
+        pooled_multiclass_metrics([-np.eye(3)])
+    with pytest.raises(ValueError, match=r"matrix 0 should hold non-negative counts"):
+        pooled_multiclass_metrics([np.full((3, 3), np.nan)])
+    estimated = pooled_multiclass_metrics([np.eye(3) * 2.5])  # estimated counts: floats
+    assert estimated["accuracy"] == 1.0 and estimated["n"] == 7.5
     with pytest.raises(ValueError, match=r"the pooled confusion matrix is empty"):
         pooled_multiclass_metrics([np.zeros((3, 3), dtype=int)])

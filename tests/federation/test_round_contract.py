@@ -3,11 +3,14 @@ threshold rules, WiSE-FT and the settings that do not go together."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from fedfreeze.errors import ConfigError, ProtocolError
+from fedfreeze.evaluation.cells import ReleasedCells
 from fedfreeze.evaluation.pooled import (
     choose_threshold,
     score_bin_edges,
@@ -18,7 +21,7 @@ from fedfreeze.evaluation.pooled import (
 from fedfreeze.federation.config import load_fed_config
 from fedfreeze.federation.coordinator import Coordinator
 from fedfreeze.federation.protocol import RoundOrders
-from fedfreeze.federation.site_runtime import SiteRuntime
+from fedfreeze.federation.site_runtime import SiteRuntime, validation_release
 
 
 @pytest.fixture()
@@ -89,6 +92,35 @@ def test_youden_mid_takes_the_middle_of_a_flat_plateau():
     assert choose_threshold(0.31, neg, pos, edges) == pytest.approx(edges[np.argmin(abs(edges[1:-1] - 0.31)) + 1])
     with pytest.raises(ValueError, match="threshold rule"):
         choose_threshold("median", neg, pos, edges)
+
+
+def test_the_cell_rule_travels_in_the_orders_and_the_site_applies_it_as_sent(coordinator):
+    """min-cell-count is decided once, by the coordinator, and sent with every round; the site's
+    release obeys the number it received (not a copy of the configuration)."""
+    orders = coordinator.orders(1)
+    assert orders.min_cell_count == coordinator.fed.min_cell_count == 5
+    assert orders.to_config()["min-cell-count"] == 5
+    for bad in (0, 2.5, True, "5"):
+        with pytest.raises(ProtocolError, match="min-cell-count should be an integer >= 1"):
+            RoundOrders.from_config(orders.to_config() | {"min-cell-count": bad})
+    rng = np.random.default_rng(3)
+    labels = np.array([0] * 12 + [1] * 18)
+    scores = 1 / (1 + np.exp(-rng.normal(np.where(labels == 1, 2.0, -2.0), 1.5)))
+    for k in (1, 3, 7):
+        sent = replace(orders, min_cell_count=k)
+        release = validation_release(labels, scores, sent)
+        assert set(release) == {"val-n", "val-cell-class", "val-cell-start", "val-cell-count"}
+        cells = ReleasedCells.from_metrics(release, "val-", classes=2, units=sent.score_bins, min_count=k)
+        assert cells.totals().tolist() == [12, 18] and release["val-n"] == 30
+        if k == 1:  # every bin a cell: the exact histogram
+            assert len(cells.count) == 2 * sent.score_bins
+    # a multi-class site: per true class, cells of the predicted classes
+    probs = rng.dirichlet(np.ones(4), size=40)
+    truth = probs.argmax(1)
+    truth[:6] = (truth[:6] + 1) % 4  # a few wrong predictions
+    release = validation_release(truth, probs, replace(orders, min_cell_count=3))
+    cells = ReleasedCells.from_metrics(release, "val-", classes=4, units=4, min_count=3)
+    assert cells.n == 40
 
 
 def test_threshold_interval_is_wider_on_fewer_cases():

@@ -1,0 +1,498 @@
+"""Where a model folder came from: the code, the app, the configuration, the data and the rounds.
+
+``model.json`` holds a ``provenance`` record (``Provenance``) beside what rebuilds the model; this
+module gathers it, with no Flower import:
+
+* the code: fedfreeze's version and, when the installed package is a git checkout, its commit and
+  whether tracked files differ from it (``git_state``; ``None`` when git or the checkout is absent,
+  never an error);
+* the app: in a federation, the hash of the Flower app bundle (FAB) that the run executed, as
+  Flower reports it (``Run.fab_hash``), handed to the coordinator as plain data; ``None`` for a run
+  without a FAB (in-process) and for ``site-train``;
+* the full resolved configuration;
+* each site's data as the site itself summarised it (``site_data_metrics``): images, patients,
+  images per class and a fingerprint of its manifest's rows (never of images). A site sends these
+  totals in its reply's metrics under ``DATA_KEYS``; the coordinator checks them
+  (``data_summary``) and keeps the latest per site in the round records;
+* every round's parts, bytes and pooled figures, the stored threshold and the rule that chose it.
+
+Adaptations applied later (``fedfreeze adapt``) are the card's ``adaptations`` list, kept apart.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from fedfreeze import __version__
+from fedfreeze.config import Section
+from fedfreeze.data.dataset import MANIFEST_NAME
+
+if TYPE_CHECKING:
+    from fedfreeze.data.imageset import ImageSet
+    from fedfreeze.federation.records import RoundRecord
+
+GIT_TIMEOUT_S = 5.0
+
+# a site's data summary in its reply's metrics: totals only (Flower's metric values are numbers or
+# lists of numbers, so the manifest's SHA-256 travels as eight 32-bit words)
+DATA_IMAGES = "data-images"
+DATA_PATIENTS = "data-patients"
+DATA_CLASS_COUNTS = "data-class-counts"
+DATA_MANIFEST = "data-manifest-sha256"
+DATA_KEYS = (DATA_IMAGES, DATA_PATIENTS, DATA_CLASS_COUNTS, DATA_MANIFEST)
+SHA256_WORDS = 8
+
+
+class SiteSummary(Section):
+    """One site's data, as the site summarised it (totals only)."""
+
+    site: str
+    role: Literal["train", "evaluate"] = "train"
+    images: int | None = Field(None, ge=0)
+    patients: int | None = Field(None, ge=0)
+    class_counts: dict[str, int] | None = Field(None, description="images per class, by class name")
+    manifest_sha256: str | None = Field(None, description="SHA-256 of the manifest's rows; None: no manifest")
+    rounds: int | None = Field(None, description="federation: rounds (and the final evaluation) it answered")
+    data: str | None = Field(None, description="site-train: the data path at the site")
+
+
+class ThresholdChoice(Section):
+    """The stored decision threshold and how it was chosen."""
+
+    value: float
+    rule: str = Field(description="number | youden | youden-mid | target-sensitivity | youden-oof | arg-max")
+    how: str = Field("", description="the rule in words, and on which data it was applied")
+    interval: list[float] | None = Field(None, description="bootstrap 95% interval of the rule's pick")
+
+
+class Provenance(Section):
+    """What produced a model: code, app, configuration, data, rounds and threshold."""
+
+    source: Literal["federation", "site-train"]
+    created_utc: str
+    fedfreeze_version: str = __version__
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+    app_hash: str | None = Field(None, description="federation: SHA-256 of the Flower app bundle (FAB) the run used")
+    app_hash_note: str = ""
+    config: dict[str, Any] = Field(default_factory=dict, description="the full resolved configuration")
+    sites: list[SiteSummary] = Field(default_factory=list, description="the sites whose data trained the model")
+    evaluation_sites: list[SiteSummary] = Field(default_factory=list)
+    rounds: list[dict[str, Any]] = Field(default_factory=list, description="federation: every round, then the final")
+    threshold: ThresholdChoice
+    metrics: dict[str, Any] = Field(default_factory=dict, description="the figures the model card reports")
+    started_from: dict[str, Any] | None = Field(None, description="site-train --init: the model it started from")
+
+
+# ---------------------------------------------------------------------------------------- the code
+def source_root() -> Path:
+    """The folder holding the installed ``fedfreeze`` package (a checkout's root when installed -e)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
+    """(commit, dirty) of the git checkout whose root is ``root`` (default: ``source_root()``).
+
+    ``dirty``: a tracked file differs from the commit (``git describe --dirty``'s sense). (None,
+    None) when git is missing, fails, or ``root`` is not the top of a checkout (an installed wheel
+    inside some other repository must not report that repository's commit).
+    """
+    root = (root or source_root()).resolve()
+    top = _git(root, "rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != root:
+        return None, None
+    commit = _git(root, "rev-parse", "HEAD")
+    if not commit:
+        return None, None
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return commit, None if status is None else bool(status)
+
+
+def _git(root: Path, *args: str) -> str | None:
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # a status must not take the index lock
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(root), *args],
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
+            check=False,
+            env=env,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def now_utc() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------- the data
+def manifest_of(data_path: str | Path) -> Path | None:
+    """The manifest a data path reads: a ``.csv`` file, or a folder's ``manifest.csv``; else None."""
+    path = Path(data_path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    return path if path.is_file() and path.suffix.lower() == ".csv" else None
+
+
+def manifest_sha256(manifest: str | Path) -> str | None:
+    """SHA-256 of a manifest's header and rows as CSV reads them (cells stripped, blank lines
+    skipped), so a byte-order mark or line endings do not change it; no image is read. None when the
+    file cannot be read as CSV text."""
+    digest = hashlib.sha256()
+    try:
+        with Path(manifest).open(newline="", encoding="utf-8-sig") as handle:
+            for cells in csv.reader(handle):
+                row = [cell.strip() for cell in cells]
+                if any(row):
+                    digest.update(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n")
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return digest.hexdigest()
+
+
+def data_fingerprint(data_path: str | Path) -> str | None:
+    manifest = manifest_of(data_path)
+    return None if manifest is None else manifest_sha256(manifest)
+
+
+def site_data_metrics(data_path: str | Path, sets: Sequence[ImageSet]) -> dict[str, int | list[int]]:
+    """A site's data summary for its reply's metrics: totals over ``sets`` (the splits of all its
+    data), never a per-case value."""
+    counts = [sum(column) for column in zip(*(s.class_counts() for s in sets), strict=True)]
+    metrics: dict[str, int | list[int]] = {
+        DATA_IMAGES: sum(len(s) for s in sets),
+        DATA_PATIENTS: len({p for s in sets for p in s.patient_ids}),
+        DATA_CLASS_COUNTS: counts,
+    }
+    fingerprint = data_fingerprint(data_path)
+    if fingerprint is not None:
+        metrics[DATA_MANIFEST] = sha256_to_words(fingerprint)
+    return metrics
+
+
+def sha256_to_words(hexdigest: str) -> list[int]:
+    return [int(hexdigest[i : i + 8], 16) for i in range(0, 64, 8)]
+
+
+def words_to_sha256(words: Sequence[int]) -> str:
+    return "".join(f"{w:08x}" for w in words)
+
+
+def data_summary(metrics: Mapping[str, Any], num_classes: int) -> dict[str, Any] | None:
+    """The data summary in a reply's metrics, checked; None when the reply has none (a site of an
+    earlier fedfreeze). A malformed one is a ``ValueError`` naming the key."""
+    if not any(key in metrics for key in DATA_KEYS):
+        return None
+    images, patients = _count(metrics, DATA_IMAGES), _count(metrics, DATA_PATIENTS)
+    counts = _counts(metrics.get(DATA_CLASS_COUNTS), num_classes)
+    if counts is None:
+        got = metrics.get(DATA_CLASS_COUNTS)
+        raise ValueError(f"{DATA_CLASS_COUNTS} should be {num_classes} non-negative counts, got {got!r}")
+    if sum(counts) != images:
+        raise ValueError(f"{DATA_CLASS_COUNTS} sum to {sum(counts)}, but {DATA_IMAGES} is {images}")
+    if patients > images or (images > 0) != (patients > 0):
+        raise ValueError(f"{DATA_PATIENTS} {patients} does not fit {images} images")
+    fingerprint = None
+    if DATA_MANIFEST in metrics:
+        words = _counts(metrics[DATA_MANIFEST], SHA256_WORDS, high=2**32 - 1)
+        if words is None:
+            raise ValueError(f"{DATA_MANIFEST} should be {SHA256_WORDS} 32-bit words, got {metrics[DATA_MANIFEST]!r}")
+        fingerprint = words_to_sha256(words)
+    return {"images": images, "patients": patients, "class_counts": counts, "manifest_sha256": fingerprint}
+
+
+def _count(metrics: Mapping[str, Any], key: str) -> int:
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} should be a non-negative integer, got {value!r}")
+    return value
+
+
+def _counts(value: Any, length: int, high: int | None = None) -> list[int] | None:
+    """``value`` as ``length`` non-negative integers (at most ``high``), or None when it is not that."""
+    if not isinstance(value, list) or len(value) != length:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= (high or v) for v in value):
+        return None
+    return [int(v) for v in value]
+
+
+def named_counts(counts: Sequence[int] | None, class_names: Sequence[str]) -> dict[str, int] | None:
+    return None if counts is None else dict(zip(class_names, (int(c) for c in counts), strict=True))
+
+
+# ---------------------------------------------------------------------------------------- a federation
+def summary_row(summary: dict[str, Any] | None) -> dict[str, Any]:
+    """A data summary as the flat keys of a site's line in a round record (``data_images``, ...)."""
+    if summary is None:
+        return {}
+    return {
+        "data_images": summary["images"],
+        "data_patients": summary["patients"],
+        "data_class_counts": summary["class_counts"],
+        "data_manifest_sha256": summary["manifest_sha256"],
+    }
+
+
+def federation_sites(
+    records: Sequence[RoundRecord], evaluation_sites: Sequence[str], class_names: Sequence[str]
+) -> tuple[list[SiteSummary], list[SiteSummary]]:
+    """Training and evaluation-only sites, each with the latest data summary it sent and the number
+    of rounds it answered with a valid reply."""
+    latest: dict[str, dict[str, Any]] = {}
+    answered: dict[str, int] = {}
+    for record in records:
+        for row in record.sites:
+            latest[row["site"]] = row
+            answered[row["site"]] = answered.get(row["site"], 0) + 1
+    training: list[SiteSummary] = []
+    evaluating: list[SiteSummary] = []
+    for site in sorted(latest):
+        row = latest[site]
+        role = "evaluate" if site in evaluation_sites else "train"
+        summary = SiteSummary(
+            site=site,
+            role=role,
+            images=row.get("data_images"),
+            patients=row.get("data_patients"),
+            class_counts=named_counts(row.get("data_class_counts"), class_names),
+            manifest_sha256=row.get("data_manifest_sha256"),
+            rounds=answered[site],
+        )
+        (evaluating if role == "evaluate" else training).append(summary)
+    return training, evaluating
+
+
+def round_entry(record: RoundRecord, *, final: bool = False) -> dict[str, Any]:
+    """What the model folder keeps of a round record: parts, sites, bytes and pooled figures (the
+    pooled histograms are left out: metrics.json has them)."""
+    data = asdict(record)
+    pooled = {k: v for k, v in (data.get("pooled") or {}).items() if k != "histograms"}
+    external = data.get("evaluation_sites") or {}
+    return {
+        "round": record.round,
+        "final_evaluation": final,
+        "evaluated_model": record.evaluated_model,
+        "parts": list(record.parts),
+        "sites": [row["site"] for row in record.sites],
+        "rejected": [row["site"] for row in record.rejected],
+        "failed": [row.get("site") or f"node {row.get('node')}" for row in record.failures],
+        "bytes_down": record.bytes_down,
+        "bytes_up": record.bytes_up,
+        "round_seconds": record.round_seconds,
+        "threshold_used": record.threshold_used,
+        "threshold_next": record.threshold_next,
+        "threshold_interval": record.threshold_interval,
+        "pooled": pooled.get("at_threshold_used"),
+        "pooled_at_threshold_next": pooled.get("at_threshold_next"),
+        "weighted_mean": record.weighted_mean,
+        "evaluation_sites": external.get("at_threshold_used"),
+        "privacy": record.privacy,
+    }
+
+
+SITE_FIGURES = ("val_n", "val_auroc", "val_balanced_accuracy", "val_f1", "val_sensitivity", "val_specificity")
+
+
+def federation_metrics(
+    scored: RoundRecord | None, exported_round: int, export_rule: str, evaluation_sites: Sequence[str]
+) -> dict[str, Any]:
+    """The exported model's figures, from the record of the round whose sites scored it: pooled
+    validation of the training sites at the stored threshold, each site's own figures (at the
+    threshold the round used), and the evaluation-only sites' pooled figures."""
+    out: dict[str, Any] = {"exported_round": exported_round, "export_rule": export_rule}
+    if scored is None:
+        return out
+    pooled = scored.pooled or {}
+    external = scored.evaluation_sites or {}
+    out.update(
+        {
+            "scored_in_round": scored.round,
+            "validation": pooled.get("at_threshold_next") or pooled.get("at_threshold_used"),
+            "weighted_mean": scored.weighted_mean,
+            "per_site": [
+                {
+                    "site": row["site"],
+                    "threshold": scored.threshold_used,
+                    **{k: row[k] for k in SITE_FIGURES if k in row},
+                }
+                for row in scored.sites
+                if row["site"] not in evaluation_sites
+            ],
+            "external": None
+            if not external
+            else {
+                "sites": list(external.get("sites", [])),
+                "figures": external.get("at_threshold_next") or external.get("at_threshold_used"),
+                "per_site": [
+                    {
+                        "site": row["site"],
+                        "threshold": scored.threshold_used,
+                        **{k: row[k] for k in SITE_FIGURES if k in row},
+                    }
+                    for row in scored.sites
+                    if row["site"] in evaluation_sites
+                ],
+            },
+        }
+    )
+    return out
+
+
+THRESHOLD_RULES_IN_WORDS = {
+    "youden": "Youden's J (sensitivity + specificity - 1) at its maximum",
+    "youden-mid": "the middle of the plateau where Youden's J is within {tolerance} of its maximum",
+    "target-sensitivity": "the highest threshold with sensitivity at least {target}",
+}
+
+
+def federation_threshold(
+    value: float, rule: float | str, *, binary: bool, interval: list[float] | None, tolerance: float, target: float
+) -> ThresholdChoice:
+    """The federation's stored threshold and its rule (``federation.threshold``) in words."""
+    if not binary:
+        return ThresholdChoice(value=value, rule="arg-max", how="multi-class: the class with the highest score")
+    if not isinstance(rule, str):
+        return ThresholdChoice(
+            value=value,
+            rule="number",
+            how=f"the configured federation.threshold = {rule:g} (snapped to the score bins), not fitted to data",
+            interval=None,
+        )
+    words = THRESHOLD_RULES_IN_WORDS[rule].format(tolerance=tolerance, target=target)
+    return ThresholdChoice(
+        value=value,
+        rule=rule,
+        how=f"{words}, on the training sites' pooled validation score histograms (the same data its "
+        "validation figures come from, so those are optimistic at this threshold)",
+        interval=interval,
+    )
+
+
+def federation_provenance(
+    *,
+    config: dict[str, Any],
+    app_hash: str | None,
+    history: Sequence[RoundRecord],
+    final: RoundRecord | None,
+    exported: Mapping[str, Any],
+    threshold: ThresholdChoice,
+    evaluation_sites: Sequence[str],
+    class_names: Sequence[str],
+) -> Provenance:
+    """The provenance of a federation's exported model, from plain data (no Flower type)."""
+    records = [*history, *([final] if final is not None else [])]
+    training, evaluating = federation_sites(records, evaluation_sites, class_names)
+    scored = next((r for r in records if r.round == int(exported["round"]) + 1), None)
+    commit, dirty = git_state()
+    return Provenance(
+        source="federation",
+        created_utc=now_utc(),
+        git_commit=commit,
+        git_dirty=dirty,
+        app_hash=app_hash or None,
+        app_hash_note=""
+        if app_hash
+        else "no app bundle (FAB): the run was not started from one (an in-process federation)",
+        config=config,
+        sites=training,
+        evaluation_sites=evaluating,
+        rounds=[round_entry(r) for r in history] + ([round_entry(final, final=True)] if final is not None else []),
+        threshold=threshold,
+        metrics=federation_metrics(scored, int(exported["round"]), str(exported["rule"]), evaluation_sites),
+    )
+
+
+# ---------------------------------------------------------------------------------------- site-train
+def site_train_provenance(
+    *,
+    config: dict[str, Any],
+    data_path: str | Path,
+    data: ImageSet,
+    threshold: Mapping[str, Any],
+    report: Mapping[str, Any],
+    started_from: dict[str, Any] | None = None,
+) -> Provenance:
+    """The provenance of ``site-train``'s refit model: one site, no federation, no app bundle."""
+    commit, dirty = git_state()
+    value = float(threshold["value"])
+    if data.num_classes != 2:
+        name, how = "arg-max", "multi-class: the class with the highest score"
+    elif (config.get("cv") or {}).get("model-threshold") == "youden-oof":
+        name = "youden-oof"
+        how = (
+            "Youden's J on the cross-validation's out-of-fold scores (each case scored by a model that did "
+            "not train on it), applied to the model refit on all the data"
+        )
+    else:
+        name, how = "number", f"the configured cv.model-threshold = {value:g}, not fitted to data"
+    site = SiteSummary(
+        site=Path(data_path).name,
+        images=len(data),
+        patients=len(set(data.patient_ids)),
+        class_counts=named_counts(data.class_counts(), data.class_names),
+        manifest_sha256=data_fingerprint(data_path),
+        data=str(data_path),
+    )
+    return Provenance(
+        source="site-train",
+        created_utc=now_utc(),
+        git_commit=commit,
+        git_dirty=dirty,
+        app_hash=None,
+        app_hash_note="not a federation: site-train runs no Flower app",
+        config=config,
+        sites=[site],
+        threshold=ThresholdChoice(value=value, rule=name, how=how),
+        metrics={
+            "cross_validation": {
+                "folds": len(report.get("folds", [])),
+                "summary": report.get("summary"),
+                "out_of_fold_at_threshold": threshold.get("out_of_fold_at_threshold"),
+            },
+            "baseline": (report.get("baseline") or {}).get("summary"),
+        },
+        started_from=started_from,
+    )
+
+
+# ---------------------------------------------------------------------------------------- one line
+def provenance_line(provenance: Provenance | None, threshold: float, adaptations: Sequence[Mapping[str, Any]]) -> str:
+    """``model: federation, fedfreeze 0.1.0 (commit abc1234), app sha256:..., 3 sites, 5 rounds,
+    threshold 0.5 (rule: number)``; a folder written before provenance was recorded says so.
+    ``threshold``: the card's (an adaptation may have moved it from the one training stored)."""
+    adapted = ""
+    if adaptations:
+        kinds = ", ".join(str(a.get("kind") or "?") for a in adaptations)
+        adapted = f", then adapted {len(adaptations)}x ({kinds})"
+    if provenance is None:
+        return f"model: provenance: not recorded (an earlier fedfreeze wrote it), threshold {threshold:.4g}{adapted}"
+    p = provenance
+    code = f"fedfreeze {p.fedfreeze_version}"
+    if p.git_commit:
+        code += f" (commit {p.git_commit[:7]}{', dirty' if p.git_dirty else ''})"
+    if p.source == "federation":
+        app = f"app sha256:{p.app_hash[:12]}" if p.app_hash else "no app hash (no FAB)"
+        training = sum(1 for r in p.rounds if not r.get("final_evaluation"))
+        where = f"{len(p.sites)} sites, {training} rounds"
+        if p.evaluation_sites:
+            where += f", {len(p.evaluation_sites)} evaluation-only"
+    else:
+        app = "not a federation"
+        where = f"1 site ({sum(s.images or 0 for s in p.sites)} images)"
+    rule = p.threshold.rule if threshold == p.threshold.value else f"{p.threshold.rule}, moved by adaptation"
+    return f"model: {p.source}, {code}, {app}, {where}, threshold {threshold:.4g} (rule: {rule}){adapted}"
