@@ -1,15 +1,26 @@
-"""Helpers shared by the benchmarks: real data from ../shared and a peak-memory sampler."""
+"""Helpers shared by the benchmarks: real data from ../shared, a peak-memory sampler, and
+``write_run``, which every benchmark uses to keep its figures with the command, commit and machine
+that produced them (``benchmarks/results/<name>/``: ``results.json`` + ``run.json``)."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import platform
+import shlex
+import subprocess
+import sys
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 SHARED = Path(os.environ.get("FEDFREEZE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 KERMANY = SHARED / "kermany_cxr_224"
 
@@ -66,3 +77,113 @@ class PeakRSS:
     @property
     def added_mb(self) -> float:
         return self.peak - self.start
+
+
+# ------------------------------------------------------------------------------ results and run.json
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed from the repository root: ``python benchmarks/x.py --arg ...``."""
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0]) if argv else Path("?")
+    try:
+        script = script.resolve().relative_to(ROOT)
+    except ValueError:
+        pass
+    return "python " + " ".join(shlex.quote(a) for a in [str(script), *argv[1:]])
+
+
+def git_state() -> dict[str, Any]:
+    """The checkout's commit, whether it had uncommitted changes, and which paths (at most 20)."""
+
+    def run(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        return done.stdout
+
+    changed = [line[3:] for line in run("status", "--porcelain").splitlines() if line.strip()]
+    return {"commit": run("rev-parse", "HEAD").strip() or None, "dirty": bool(changed), "changed": changed[:20]}
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, memory, load, library versions and GPU of the machine running the benchmark."""
+    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
+        info["memory_gb"] = round(kb / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        info["memory_gb"] = None
+    try:
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    info["python"] = platform.python_version()
+    for name in ("torch", "torchvision", "flwr", "numpy"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a missing library is recorded, not fatal
+            info[name] = None
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["gpu"] = ", ".join(gpus) if gpus else "none"
+    except Exception:  # noqa: BLE001
+        info["gpu"] = "unknown"
+    info["platform"] = platform.platform()
+    return info
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if hasattr(value, "item"):  # a 0-d tensor
+        return value.item()
+    if hasattr(value, "__float__"):
+        return float(value)
+    return str(value)
+
+
+def write_run(
+    out_dir: Path,
+    results: dict[str, Any] | None,
+    started: float,
+    *,
+    extra: dict[str, Any] | None = None,
+    command: str | None = None,
+) -> Path:
+    """Write ``out_dir/results.json`` (the figures, as given; skipped when ``results`` is None) and
+    ``out_dir/run.json``: the exact command line, git commit and dirty flag, machine, dates and wall
+    time since ``started`` (a ``time.perf_counter()`` or ``time.time()`` value taken when the
+    benchmark began). ``extra`` adds keys to run.json. Returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    # time.time() is seconds since 1970 (> 1e9); perf_counter() counts from an arbitrary, much later origin
+    wall = now - started if started > 1e9 else time.perf_counter() - started
+    run = {
+        "command": command or command_line(),
+        "git": git_state(),
+        "machine": machine(),
+        "started": datetime.fromtimestamp(now - wall, UTC).isoformat(timespec="seconds"),
+        "date": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
+        "wall_seconds": round(wall, 3),
+        "results": "results.json" if results is not None else None,
+        **(extra or {}),
+    }
+    if results is not None:
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=json_default) + "\n")
+    (out_dir / "run.json").write_text(json.dumps(run, indent=1, default=json_default) + "\n")
+    return out_dir

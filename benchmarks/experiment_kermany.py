@@ -100,22 +100,26 @@ def main() -> None:
             if (args.out / "run" / name).is_file():
                 shutil.copy2(args.out / "run" / name, results / name)
         shutil.copy2(args.config, results / args.config.name)
+        from common import git_state, write_run
+
         record = results / "run.json"
         previous = json.loads(record.read_text()) if record.is_file() else {}
-        invocations = previous.get("invocations", []) + [{"wall_seconds": wall, "trained": summary["trained_now"]}]
-        record.write_text(
-            json.dumps(
-                {
-                    "command": command.strip(),
-                    "threads": args.threads,
-                    "invocations": invocations,
-                    "training_seconds_all_results": summary["seconds"]["training_total"],
-                    "data": summary["data"],
-                    "folds_finished": summary["folds_finished"],
-                },
-                indent=1,
-            )
-            + "\n"
+        invocations = previous.get("invocations", []) + [
+            {"wall_seconds": wall, "trained": summary["trained_now"], "git": git_state()}
+        ]
+        write_run(
+            results,
+            None,
+            started,
+            command=command.strip(),
+            extra={
+                "results": "report.md",
+                "threads": args.threads,
+                "invocations": invocations,
+                "training_seconds_all_results": summary["seconds"]["training_total"],
+                "data": summary["data"],
+                "folds_finished": summary["folds_finished"],
+            },
         )
         print(f"report copied to {results}")
 

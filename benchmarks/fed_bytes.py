@@ -14,7 +14,11 @@ with real serialised messages (``LocalGrid`` stands in for the SuperLink, the sa
 Data: real Kermany chest X-rays from ../shared/data, split by patient into sites, plus a held-out
 test set of other patients.
 
-    .venv/bin/python benchmarks/fed_bytes.py [--sites 3] [--per-site 150] [--rounds 8] [--size 160]
+    .venv/bin/python benchmarks/fed_bytes.py [--sites 3] [--per-site 150] [--rounds 8] [--size 160] [--threads 1]
+
+Figures: ``benchmarks/results/fed-bytes/`` (``results.json``: per arm uplink in bytes and MB, its
+ratio to the full arm's, seconds per round, pooled validation and held-out test AUROC; ``run.json``:
+command, commit, machine, wall time).
 """
 
 from __future__ import annotations
@@ -158,10 +162,21 @@ def main() -> None:
     parser.add_argument("--probe-rounds", type=int, default=3)
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--arms", default="blocks,adapters,full")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: a new temporary one)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--results", default=None, help="results folder (default benchmarks/results/fed-bytes; '' : not written)"
+    )
     args = parser.parse_args()
 
+    import torch
+    from common import RESULTS, write_run
+
     from fedfreeze.evaluate import evaluate_model
+
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     root = args.out or Path(tempfile.mkdtemp(prefix="fed-bytes-"))
     sites, test = make_sites(root / "data", args.sites, args.per_site, args.test, seed=0)
@@ -176,6 +191,7 @@ def main() -> None:
         rounds = metrics["rounds"]
         results[name] = {
             "uplink_bytes": sum(r["bytes_up"] for r in rounds),
+            "uplink_mb": sum(r["bytes_up"] for r in rounds) / 1e6,
             "uplink_per_round": [r["bytes_up"] for r in rounds],
             "seconds_per_round": float(np.mean([r["round_seconds"] for r in rounds])),
             "pooled_val_auroc": metrics["final"]["pooled"]["at_threshold_used"]["auroc"],
@@ -203,8 +219,19 @@ def main() -> None:
             f"{name:<10} {r['uplink_bytes'] / 1e6:>10.2f} {ratio:>8} {probe_bytes:>14,} {probe_ratio:>9} "
             f"{r['seconds_per_round']:>8.1f} {r['pooled_val_auroc']:>13.4f} {r['test_auroc']:>11.4f}"
         )
+    if full:
+        for r in results.values():
+            r["uplink_ratio_vs_full"] = full["uplink_bytes"] / r["uplink_bytes"]
+            r["probe_round_ratio_vs_full"] = full["uplink_per_round"][0] / r["uplink_per_round"][0]
     (root / "results.json").write_text(json.dumps(results, indent=2))
     print(f"(outputs in {root})")
+    if args.results != "":
+        setup = {k: getattr(args, k) for k in ("sites", "per_site", "test", "rounds", "probe_rounds", "size", "arms")}
+        setup["threads"] = torch.get_num_threads()
+        out = write_run(
+            Path(args.results) if args.results else RESULTS / "fed-bytes", {"setup": setup, "arms": results}, started
+        )
+        print(f"results: {out}/results.json, run.json")
 
 
 if __name__ == "__main__":

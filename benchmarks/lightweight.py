@@ -18,6 +18,10 @@ Three measurements (printed, not asserted), on the official train/test splits in
     .venv/bin/python benchmarks/lightweight.py federated --dataset fashion_mnist --sites 10 --alpha 0.5
     .venv/bin/python benchmarks/lightweight.py simulate --sites 10,25,50 --rounds 10 --images 12000
 
+Figures: ``benchmarks/results/lightweight-<what>-<dataset>[-limitN]/`` (``results.json``: the
+setup and each arm's / run's figures, accuracies also in percent; ``run.json``: command, commit,
+machine, wall time); ``--results DIR`` chooses another folder, ``--results ''`` writes none.
+
 The machine's load (``/proc/loadavg``) is printed with every timing: on a shared machine timings
 move with it. ``--threads`` (default 1) sets torch's intra-op threads: on 2 cores shared with other
 work, a second OpenMP thread waiting for a descheduled partner made training several times slower.
@@ -38,7 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import SHARED
+from common import RESULTS, SHARED, write_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "fedfreeze" / "configs"
 SITE_CONFIG = {"mnist": CONFIGS / "lightweight-mnist.toml", "fashion_mnist": CONFIGS / "lightweight-fashion.toml"}
@@ -210,15 +214,23 @@ def run_central(args: argparse.Namespace) -> dict:
         state_bytes, file_bytes = model_bytes(model)
         results[arm] = {
             "test_accuracy": accuracy(model, test),
+            "n_train": len(train),
+            "n_test": len(test),
             "parameters": sum(p.numel() for p in model.parameters()),
             "state_bytes": state_bytes,
             "weights_file_bytes": file_bytes,
             "train_seconds": seconds,
             "epochs": total_epochs,
+            "stage_epochs": {
+                "dual": cfg.train.dual.epochs if arm == "dual" else 0,
+                "probe": cfg.train.probe_epochs if arm == "dual" else 0,
+                "fine_tuning": cfg.train.epochs if arm == "dual" else total_epochs,
+            },
             "latency_ms_batch1": latency(model, test, 1),
             "latency_ms_batch256": latency(model, test, 256),
             "load_after": load(),
         }
+        results[arm]["test_accuracy_percent"] = 100 * results[arm]["test_accuracy"]
         print(f"  {arm}: {json.dumps(results[arm])}", flush=True)
     print(f"\n{args.dataset} test accuracy ({len(test)} images), {torch.get_num_threads()} thread(s):")
     print(
@@ -236,6 +248,7 @@ def run_central(args: argparse.Namespace) -> dict:
             if arm in results:
                 delta = results["dual"]["test_accuracy"] - results[arm]["test_accuracy"]
                 print(f"dual stage vs {arm} (same model, {total_epochs} epochs): {100 * delta:+.2f} points")
+                results["dual"][f"points_vs_{arm}"] = 100 * delta
     return results
 
 
@@ -293,11 +306,13 @@ def run_federated(args: argparse.Namespace) -> dict:
     result = evaluate_model(metrics["model"], SHARED / args.dataset, split="test")
     out = {
         "test_accuracy": result["accuracy"],
+        "test_accuracy_percent": 100 * result["accuracy"],
         "balanced_accuracy": result["balanced_accuracy"],
         "rounds": metrics["completed_rounds"],
         "wall_seconds": seconds,
         "bytes_down": sum(r["bytes_down"] for r in metrics["rounds"]),
         "bytes_up": sum(r["bytes_up"] for r in metrics["rounds"]),
+        "mb_up": sum(r["bytes_up"] for r in metrics["rounds"]) / 1e6,
         "load_after": load(),
         "out": str(root),
     }
@@ -363,6 +378,9 @@ def run_simulate(args: argparse.Namespace) -> dict:
             "later_round_seconds": float(np.mean([r["round_seconds"] for r in rounds[1:]])),
             "site_train_seconds": float(np.mean([s.get("train_seconds", 0.0) for r in rounds for s in r["sites"]])),
             "test_accuracy": test["accuracy"],
+            "test_accuracy_percent": 100 * test["accuracy"],
+            "images": args.images,
+            "images_per_site": args.images / sites,
             "load_after": load(),
         }
         print(f"  {sites} sites: {json.dumps(results[sites])}", flush=True)
@@ -402,6 +420,7 @@ def main() -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", type=Path, default=None)
         p.add_argument("--json", type=Path, default=None, help="write the results here too")
+        p.add_argument("--results", default=None, help="results folder ('' : not written)")
     central = sub.choices["central"]
     central.add_argument("--arms", default="dual,plain,plain-aug")
     central.add_argument("--dual-epochs", type=int, default=None)
@@ -434,11 +453,22 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    print(f"load before: {load()}", flush=True)
+    started = time.perf_counter()
+    load_before = load()
+    print(f"load before: {load_before}", flush=True)
     runner = {"central": run_central, "federated": run_federated, "simulate": run_simulate}[args.what]
     results = runner(args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
+    if args.results != "":
+        name = f"lightweight-{args.what}-{args.dataset}" + (
+            f"-limit{args.limit}" if getattr(args, "limit", None) else ""
+        )
+        setup = {k: (v if isinstance(v, (int, float, str, type(None))) else str(v)) for k, v in vars(args).items()}
+        setup["torch_threads"] = torch.get_num_threads()
+        setup["load_before"] = load_before
+        out = write_run(Path(args.results) if args.results else RESULTS / name, {"setup": setup, **results}, started)
+        print(f"results: {out}/results.json, run.json")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED  # noqa: E402
-from shift import git_state, machine  # noqa: E402
+from common import SHARED, write_run  # noqa: E402
 
 NIH = SHARED / "nih_cxr14_pneumonia"
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,21 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         "arms": arms,
         "cross_validation": cv,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "table.md").write_text(markdown(results))
-    (out / "run.json").write_text(
-        json.dumps(
-            {
-                "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                "git": git_state(),
-                "machine": machine(),
-                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                "seconds": time.perf_counter() - started,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
+    write_run(out, results, started)
     print((out / "table.md").read_text())
     return 0
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -29,44 +27,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from common import git_state, machine, write_run  # noqa: E402
+
 RESULTS = HERE / "results" / "shift"
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def machine() -> dict[str, Any]:
-    import os
-
-    import flwr
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "flwr": flwr.__version__,
-        "gpu": "none (device='cpu')",
-        "platform": platform.platform(),
-    }
-
-
-def git_state() -> dict[str, Any]:
-    def run(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True, check=False).stdout
-
-    return {"commit": run("rev-parse", "HEAD").strip(), "dirty": bool(run("status", "--porcelain").strip())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,25 +174,24 @@ def main(argv: list[str] | None = None) -> int:
         "unavailable": unavailable,
         **figures,
     }
-    (out / "results.json").write_text(json.dumps(results_json, indent=1, default=float) + "\n")
     table = shift_report.markdown(figures, sets, meta)
     (out / "table.md").write_text(table)
-    run = {
-        "command": command,
-        "git": git_state(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": info,
-        "threads": args.threads,
-        "wall_seconds": wall,
-        "wall_seconds_all_invocations": sum(i["wall_seconds"] for i in invocations),
-        "invocations": invocations,
-        "arm_seconds": arm_seconds,
-        "arm_seconds_note": "train/score: measured when the arm was trained; "
-        "this_invocation: this run (about 0 when cached)",
-        "work": str(work),
-        "bootstrap_replicates": replicates,
-    }
-    (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
+    write_run(
+        out,
+        results_json,
+        started,
+        command=command,
+        extra={
+            "threads": args.threads,
+            "wall_seconds_all_invocations": sum(i["wall_seconds"] for i in invocations),
+            "invocations": invocations,
+            "arm_seconds": arm_seconds,
+            "arm_seconds_note": "train/score: measured when the arm was trained; "
+            "this_invocation: this run (about 0 when cached)",
+            "work": str(work),
+            "bootstrap_replicates": replicates,
+        },
+    )
     print(table)
     log(f"wrote {out}/results.json, table.md, run.json ({wall:.0f} s)")
     return 0

@@ -42,7 +42,7 @@ def arm_thresholds(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     hist = result.get("histograms")
     if not hist:
         return out
-    from fedfreeze.federation import pooled
+    from fedfreeze.evaluation import pooled
 
     neg, pos, edges = np.array(hist["neg"]), np.array(hist["pos"]), np.array(hist["edges"])
     rules = getattr(pooled, "THRESHOLD_RULES", ("youden",))

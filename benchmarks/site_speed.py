@@ -3,7 +3,11 @@
 Each mode runs in its own fresh process (so one mode's memory cannot hide another's), on the same
 256 real Kermany chest X-rays from ../shared/data, and the ratios are printed side by side.
 
-    .venv/bin/python benchmarks/site_speed.py [--backbone efficientnet_lite0|resnet50] [--epochs 2]
+    .venv/bin/python benchmarks/site_speed.py [--backbone efficientnet_lite0|resnet50] [--epochs 2] [--threads 1]
+
+Figures: ``benchmarks/results/site-speed/`` (``site-speed-<backbone>`` for another backbone):
+``results.json`` (each mode, and its speed-up and memory ratio against full fine-tuning) and
+``run.json`` (command, commit, machine, wall time).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ MODES = {
 }
 
 
-def run_mode(mode: str, manifest: str, backbone: str, epochs: int, size: int, queue: mp.Queue) -> None:
+def run_mode(mode: str, manifest: str, backbone: str, epochs: int, size: int, threads: int, queue: mp.Queue) -> None:
     import numpy as np
     import torch
     from common import PeakRSS
@@ -36,7 +40,8 @@ def run_mode(mode: str, manifest: str, backbone: str, epochs: int, size: int, qu
     from fedfreeze.training.engine import train_phase
     from fedfreeze.training.features import FeatureCache
 
-    torch.set_num_threads(torch.get_num_threads())
+    if threads:
+        torch.set_num_threads(threads)
     data = load_image_set(manifest, image_size=size, channels=3, progress=False)
     weights = "package" if backbone == "efficientnet_lite0" else "none"
     model, _ = build_model(ModelConfig(backbone=backbone, weights=weights, input_size=size))
@@ -69,6 +74,7 @@ def run_mode(mode: str, manifest: str, backbone: str, epochs: int, size: int, qu
             "extract_s": extract_s,
             "peak_mb": mem.added_mb,
             "n": len(data),
+            "threads": torch.get_num_threads(),
         }
     )
 
@@ -79,17 +85,26 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per mode (0: torch's default)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="results folder (default benchmarks/results/site-speed[-BACKBONE]; '' : not written)",
+    )
     args = parser.parse_args()
 
-    from common import kermany_subset
+    from common import RESULTS, kermany_subset, write_run
 
+    started = time.perf_counter()
     manifest = kermany_subset(args.images, Path(tempfile.mkdtemp()) / "bench.csv")
     ctx = mp.get_context("spawn")
     results = {}
     for mode in MODES:
         queue = ctx.Queue()
-        proc = ctx.Process(target=run_mode, args=(mode, str(manifest), args.backbone, args.epochs, args.size, queue))
+        proc = ctx.Process(
+            target=run_mode, args=(mode, str(manifest), args.backbone, args.epochs, args.size, args.threads, queue)
+        )
         proc.start()
         proc.join()
         if proc.exitcode != 0:
@@ -112,8 +127,25 @@ def main() -> None:
         f"(the probe's one-time feature extraction took {probe['extract_s']:.1f} s, "
         f"{probe['extract_s'] / full['epoch_s']:.2f} full fine-tuning epochs)"
     )
+    for r in results.values():
+        r["speedup_vs_full"] = full["epoch_s"] / r["epoch_s"]
+        r["memory_ratio_vs_full"] = full["peak_mb"] / max(r["peak_mb"], 1e-9)
+    probe["extract_in_full_epochs"] = probe["extract_s"] / full["epoch_s"]
+    figures = {
+        "backbone": args.backbone,
+        "size": args.size,
+        "images": full["n"],
+        "epochs": args.epochs,
+        "batch_size": 32,
+        "threads": full["threads"],
+        "results": results,
+    }
     if args.json:
-        args.json.write_text(json.dumps({"backbone": args.backbone, "size": args.size, "results": results}, indent=2))
+        args.json.write_text(json.dumps(figures, indent=2))
+    if args.results != "":
+        default = "site-speed" if args.backbone == "efficientnet_lite0" else f"site-speed-{args.backbone}"
+        out = write_run(Path(args.results) if args.results else RESULTS / default, figures, started)
+        print(f"results: {out}/results.json, run.json")
 
 
 if __name__ == "__main__":

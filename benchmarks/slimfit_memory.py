@@ -20,6 +20,10 @@ trains, lean autograd, fp32).
     .venv/bin/python benchmarks/slimfit_memory.py --backbone resnet50 [--arms full,r0.9,r0.95]
     .venv/bin/python benchmarks/slimfit_memory.py --backbone efficientnet_lite0 --train-images 512 --epochs 3
 
+Figures: ``benchmarks/results/slimfit-memory-<backbone>/`` (``results.json``: per arm peak, saved
+and estimated MB, the peak and saved ratios against ``full`` and against ``full-lean`` when those
+arms ran, accuracy, AUROC, seconds per step; ``run.json``: command, commit, machine, wall time).
+
 No pretrained ResNet-50 weights exist on these machines: ResNet-50 runs from random weights
 (``weights = "none"``), which measures memory faithfully but makes its accuracy meaningless;
 EfficientNet-Lite0 runs from its shipped ImageNet weights, where the accuracy comparison means
@@ -181,7 +185,15 @@ def main() -> None:
         "(freed activation memory may stay in its heap)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="results folder (default benchmarks/results/slimfit-memory-BACKBONE; '' : not written)",
+    )
     args = parser.parse_args()
+    from common import RESULTS, write_run
+
+    run_started = time.perf_counter()
     if args.malloc == "mmap-1m":
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)  # read by glibc when each arm's process starts
     arms = args.arms.split(",")
@@ -202,6 +214,7 @@ def main() -> None:
             raise SystemExit(f"{arm}: the benchmark process failed (exit {proc.exitcode})")
         results[arm] = queue.get(timeout=10)
         r = results[arm]
+        r["wall_seconds"] = time.perf_counter() - started
         print(
             f"  {arm}: peak {r['peak_mb']:.0f} MB, saved {r['saved_mb']:.0f} MB, accuracy {r['accuracy']:.4f}, "
             f"{r['s_per_step']:.2f} s/step, {time.perf_counter() - started:.0f} s, load {os.getloadavg()[0]:.2f}",
@@ -209,6 +222,7 @@ def main() -> None:
         )
 
     base = results.get("full", next(iter(results.values())))
+    lean = results.get("full-lean")
     weights = "ImageNet (package)" if args.backbone == "efficientnet_lite0" else "random (no pretrained ResNet-50 here)"
     print(
         f"\n{args.backbone} at {args.size} px, weights {weights}; {base['n_train']} training images, batch "
@@ -218,18 +232,34 @@ def main() -> None:
     )
     print(
         f"{'arm':<11} {'peak MB':>8} {'ratio':>6} {'saved MB':>9} {'ratio':>6} {'estimate':>9} {'s/step':>7} "
-        f"{'accuracy':>9} {'bal.acc':>8} {'AUROC':>7}"
+        f"{'accuracy':>9} {'bal.acc':>8} {'AUROC':>7}" + (f" {'vs lean':>8}" if "full-lean" in results else "")
     )
     for arm, r in results.items():
         print(
             f"{arm:<11} {r['peak_mb']:>8.0f} {base['peak_mb'] / max(r['peak_mb'], 1e-9):>5.2f}x "
             f"{r['saved_mb']:>9.0f} {base['saved_mb'] / max(r['saved_mb'], 1e-9):>5.1f}x {r['estimate_mb']:>9.0f} "
             f"{r['s_per_step']:>7.2f} {100 * r['accuracy']:>8.2f}% {r['balanced_accuracy']:>8.4f} {r['auroc']:>7.4f}"
+            + (f" {lean['peak_mb'] / max(r['peak_mb'], 1e-9):>7.2f}x" if lean else "")
         )
+    for reference in ("full", "full-lean"):
+        if reference in results:
+            ref = results[reference]
+            for r in results.values():
+                r[f"peak_ratio_vs_{reference}"] = ref["peak_mb"] / max(r["peak_mb"], 1e-9)
+                r[f"saved_ratio_vs_{reference}"] = ref["saved_mb"] / max(r["saved_mb"], 1e-9)
+    for r in results.values():
+        r["accuracy_percent"] = 100 * r["accuracy"]
+    setup = {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in vars(args).items()}
+    setup.update(weights=weights, threads_used=base["threads"], load_average_after=list(os.getloadavg()))
     if args.json:
-        args.json.write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
+        args.json.write_text(json.dumps({"args": setup, "results": results}, indent=2))
+    if args.results != "":
+        out = write_run(
+            Path(args.results) if args.results else RESULTS / f"slimfit-memory-{args.backbone}",
+            {"setup": setup, "arms": results},
+            run_started,
         )
+        print(f"results: {out}/results.json, run.json")
 
 
 if __name__ == "__main__":
