@@ -1,10 +1,12 @@
 """Partial exchange vs full-model FedAvg: uplink bytes, seconds per round and pooled AUROC, in one run.
 
-Three arms on the same sites, rounds and seeds, each through the real ServerApp loop and ClientApp
+Arms on the same sites, rounds and seeds, each through the real ServerApp loop and ClientApp
 with real serialised messages (``LocalGrid`` stands in for the SuperLink, the same for every arm):
 
 * ``blocks``: fedfreeze's schedule, probe rounds (head only) then layer4 unfrozen and exchanged;
 * ``adapters``: the same schedule, but layer4 and layer3 train low-rank adapters instead;
+* ``top``: the same schedule with ``model.top-group``: after the probe rounds only Lite0's final 1x1
+  ``conv_head`` (the group ``top``, 412k of layer4's 2.67M parameters) trains and travels;
 * ``full``: full-model FedAvg, what a Flower user would otherwise write: every layer trains from
   round 1 and travels every round. The training recipe is otherwise the same (learning rates,
   BatchNorm statistics kept frozen, augmentation), so the comparison isolates freezing and partial
@@ -48,6 +50,15 @@ adapter-rank = 8
 [federation]
 unfreeze = { layer4 = 0.0, layer3 = 0.0 }
 method = "adapters"
+""",
+    "top": """
+[model]
+top-group = true
+[train]
+lr = { top = 1e-4 }
+[federation]
+unfreeze = { top = 0.0 }
+method = "unfreeze"
 """,
     "full": """
 [train]

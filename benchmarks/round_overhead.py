@@ -226,8 +226,8 @@ def run_fedfreeze(port: int, config: Path, out: Path, env: dict[str, str], log: 
             {
                 "round": record["round"],
                 "round_seconds": record["round_seconds"],
-                "process_seconds": [s.get("process-seconds") for s in sites],
-                "work_seconds": [s.get("train-seconds", 0.0) + s.get("eval-seconds", 0.0) for s in sites],
+                "process_seconds": [s["process_seconds"] for s in sites],
+                "work_seconds": [s["train_seconds"] + s["eval_seconds"] for s in sites],
             }
         )
     return rows

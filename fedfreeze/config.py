@@ -52,7 +52,8 @@ class ModelConfig(Section):
     top_group: bool = Field(
         False,
         description="cut the backbone's last block (Lite0's 1x1 conv_head, ResNet's last bottleneck) out of its "
-        "last group into a group 'top' that a schedule can unfreeze first; name it in unfreeze",
+        "last group into a group 'top' that a schedule can unfreeze first; name it in unfreeze and train.lr "
+        "(e.g. unfreeze = { top = 0.0 }, lr.top = 1e-4)",
     )
 
     @model_validator(mode="after")
