@@ -24,7 +24,6 @@ the site's work (scoring + training, ``eval-seconds`` + ``train-seconds``).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -42,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import RESULTS, write_run  # noqa: E402
 
 from fedfreeze.deploy import launch  # noqa: E402
-from fedfreeze.sample_data import kermany_mini  # noqa: E402
+from fedfreeze.sample_data import kermany_mini_site  # noqa: E402
 
 SITES = ("site-a", "site-b")
 HEAD_FLOATS = 1281  # Lite0's binary head: 1,280 weights + 1 bias
@@ -145,21 +144,6 @@ def write_plain_app(folder: Path) -> Path:
     (folder / "pyproject.toml").write_text(PLAIN_PYPROJECT)
     (folder / "plain_server.py").write_text(textwrap.dedent(PLAIN_SERVER))
     (folder / "plain_client.py").write_text(textwrap.dedent(PLAIN_CLIENT))
-    return folder
-
-
-def site_data(folder: Path, site: str) -> Path:
-    """``folder/manifest.csv``: one site's rows of the shipped Kermany subset (absolute image paths)."""
-    source = kermany_mini("train")
-    rows = [r for r in csv.DictReader(source.open()) if r["site"] == site]
-    if not rows:
-        raise SystemExit(f"the shipped subset has no rows for site {site!r}")
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "patient_id"])
-        for row in rows:
-            writer.writerow([str((source.parent / row["path"]).resolve()), row["label"], row["patient_id"]])
     return folder
 
 
@@ -282,7 +266,7 @@ def main() -> None:
         for i, site in enumerate(SITES):
             cmd = fedfreeze_cmd(
                 "site", "--insecure", "--superlink", f"127.0.0.1:{port}", "--name", site,
-                "--data", str(site_data(tmp / site, site)), "--state-dir", str(tmp / f"{site}-state"),
+                "--data", str(kermany_mini_site(tmp / site, site)), "--state-dir", str(tmp / f"{site}-state"),
                 "--port", str(launch.free_port_from(port + 10 + i)), "--threads", "1",
             )  # fmt: skip
             sites.append(launch.Managed(site, cmd, logs / f"{site}.log", env).start())

@@ -37,6 +37,7 @@ from pydantic import Field
 from fedfreeze import __version__
 from fedfreeze.config import Section
 from fedfreeze.data.dataset import MANIFEST_NAME
+from fedfreeze.errors import ProtocolError
 
 if TYPE_CHECKING:
     from fedfreeze.data.imageset import ImageSet
@@ -194,23 +195,23 @@ def words_to_sha256(words: Sequence[int]) -> str:
 
 def data_summary(metrics: Mapping[str, Any], num_classes: int) -> dict[str, Any] | None:
     """The data summary in a reply's metrics, checked; None when the reply has none (a site of an
-    earlier fedfreeze). A malformed one is a ``ValueError`` naming the key."""
+    earlier fedfreeze). A malformed one is a ``ProtocolError`` naming the key."""
     if not any(key in metrics for key in DATA_KEYS):
         return None
     images, patients = _count(metrics, DATA_IMAGES), _count(metrics, DATA_PATIENTS)
     counts = _counts(metrics.get(DATA_CLASS_COUNTS), num_classes)
     if counts is None:
         got = metrics.get(DATA_CLASS_COUNTS)
-        raise ValueError(f"{DATA_CLASS_COUNTS} should be {num_classes} non-negative counts, got {got!r}")
+        raise ProtocolError(f"{DATA_CLASS_COUNTS} should be {num_classes} non-negative counts, got {got!r}")
     if sum(counts) != images:
-        raise ValueError(f"{DATA_CLASS_COUNTS} sum to {sum(counts)}, but {DATA_IMAGES} is {images}")
+        raise ProtocolError(f"{DATA_CLASS_COUNTS} sum to {sum(counts)}, but {DATA_IMAGES} is {images}")
     if patients > images or (images > 0) != (patients > 0):
-        raise ValueError(f"{DATA_PATIENTS} {patients} does not fit {images} images")
+        raise ProtocolError(f"{DATA_PATIENTS} {patients} does not fit {images} images")
     fingerprint = None
     if DATA_MANIFEST in metrics:
         words = _counts(metrics[DATA_MANIFEST], SHA256_WORDS, high=2**32 - 1)
         if words is None:
-            raise ValueError(f"{DATA_MANIFEST} should be {SHA256_WORDS} 32-bit words, got {metrics[DATA_MANIFEST]!r}")
+            raise ProtocolError(f"{DATA_MANIFEST} should be {SHA256_WORDS} 32-bit words, got {metrics[DATA_MANIFEST]!r}")
         fingerprint = words_to_sha256(words)
     return {"images": images, "patients": patients, "class_counts": counts, "manifest_sha256": fingerprint}
 
@@ -218,7 +219,7 @@ def data_summary(metrics: Mapping[str, Any], num_classes: int) -> dict[str, Any]
 def _count(metrics: Mapping[str, Any], key: str) -> int:
     value = metrics.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{key} should be a non-negative integer, got {value!r}")
+        raise ProtocolError(f"{key} should be a non-negative integer, got {value!r}")
     return value
 
 

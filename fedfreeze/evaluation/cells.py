@@ -430,15 +430,22 @@ def _interval_sums(p: FloatArray, starts: IntArray, stops: IntArray) -> FloatArr
     return below[stops] - below[starts]
 
 
-def _int_array(value: Any, name: str) -> IntArray:
+def one_d_array(value: Any, name: str, kinds: str, what: str) -> NDArray[Any]:
+    """A fresh 1-D array of ``value`` whose dtype kind is one of ``kinds`` (an empty list gives int64);
+    else a ``DataError`` naming ``name`` and saying it should hold ``what``. Shared by the cells' and
+    the pooled statistics' readers of what a site sent."""
     try:
         arr = np.array(value)
     except (ValueError, OverflowError) as err:
-        raise DataError(f"{name} should be a list of integers: {err}") from None
+        raise DataError(f"{name} should be a list of {what}: {err}") from None
     if arr.ndim != 1:
-        raise DataError(f"{name} should be a 1-D list of integers, got shape {arr.shape}")
+        raise DataError(f"{name} should be a 1-D list of {what}, got shape {arr.shape}")
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
-    if arr.dtype.kind not in "iu":
-        raise DataError(f"{name} should hold integers, got dtype {arr.dtype} (e.g. {arr[0]!r})")
-    return arr.astype(np.int64)
+    if arr.dtype.kind not in kinds:
+        raise DataError(f"{name} should hold {what}, got dtype {arr.dtype} (e.g. {arr[0]!r})")
+    return arr
+
+
+def _int_array(value: Any, name: str) -> IntArray:
+    return one_d_array(value, name, "iu", "integers").astype(np.int64)

@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from fedfreeze.errors import DataError
-from fedfreeze.evaluation.cells import ReleasedCells, allocate, binary_bounds, count_bounds
+from fedfreeze.evaluation.cells import ReleasedCells, allocate, binary_bounds, count_bounds, one_d_array
 
 IntArray = NDArray[np.int64]
 FloatArray = NDArray[np.float64]
@@ -292,16 +292,7 @@ def _number(value: Any) -> Any:
 
 def _as_count_array(value: Any, name: str) -> IntArray | FloatArray:
     """A fresh 1-D array of non-negative counts: int64 for integers, float64 for estimated counts."""
-    try:
-        arr = np.array(value)
-    except (ValueError, OverflowError) as err:
-        raise DataError(f"{name} should be a list of counts: {err}") from None
-    if arr.ndim != 1:
-        raise DataError(f"{name} should be a 1-D list of counts, got shape {arr.shape}")
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if arr.dtype.kind not in "iuf":
-        raise DataError(f"{name} should hold counts, got dtype {arr.dtype} (e.g. {arr[0]!r})")
+    arr = one_d_array(value, name, "iuf", "counts")
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         raise DataError(f"{name} should hold finite counts, got {arr[~np.isfinite(arr)][0]}")
     if (arr < 0).any():

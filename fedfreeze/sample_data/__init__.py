@@ -18,3 +18,26 @@ def kermany_mini(split: str = "train") -> Path:
             "(rebuild it with scripts/make_sample_data.py)"
         )
     return manifest
+
+
+def kermany_mini_site(folder: Path, site: str, *, only_label: str | None = None) -> Path:
+    """``folder/manifest.csv``: one site's rows of the shipped train split (absolute image paths), as a
+    site's own data folder for deployment tests and benchmarks on one machine."""
+    import csv
+
+    source = kermany_mini("train")
+    with source.open(newline="") as handle:
+        rows = [
+            r for r in csv.DictReader(handle) if r["site"] == site and (only_label is None or r["label"] == only_label)
+        ]
+    if not rows:
+        raise ValueError(
+            f"the shipped subset has no rows for site {site!r}" + (f", label {only_label}" if only_label else "")
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "patient_id"])
+        for row in rows:
+            writer.writerow([str((source.parent / row["path"]).resolve()), row["label"], row["patient_id"]])
+    return folder

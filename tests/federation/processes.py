@@ -7,7 +7,7 @@ test can prove that none is left running, and its teardown kills any that is, by
 
 from __future__ import annotations
 
-import csv
+import json
 import os
 import shutil
 import signal
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from fedfreeze.deploy import launch
-from fedfreeze.sample_data import kermany_mini
+from fedfreeze.sample_data import kermany_mini_site
 
 TAG_VAR = "FEDFREEZE_TEST_TAG"
 RUN_TIMEOUT = 240  # seconds; a run takes ~25 s (simulation) to ~50 s (deployment) on 2 cores
@@ -159,20 +159,7 @@ def names(processes: Mapping[int, str]) -> set[str]:
 
 def site_folder(folder: Path, site: str, *, only_label: str | None = None) -> Path:
     """``folder/manifest.csv`` with one site's rows of the shipped train.csv (absolute image paths)."""
-    source = kermany_mini("train")
-    rows = [
-        r
-        for r in csv.DictReader(source.open())
-        if r["site"] == site and (only_label is None or r["label"] == only_label)
-    ]
-    assert rows, f"no rows for {site}"
-    folder.mkdir(parents=True, exist_ok=True)
-    with (folder / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "patient_id"])
-        for row in rows:
-            writer.writerow([str((source.parent / row["path"]).resolve()), row["label"], row["patient_id"]])
-    return folder
+    return kermany_mini_site(folder, site, only_label=only_label)
 
 
 def wait_online(
@@ -206,3 +193,11 @@ def check_completed(metrics: dict, rounds: int) -> None:
         assert 0.0 <= pooled[key] <= 1.0
     assert pooled["n"] > 0
     assert Path(metrics["model"], "model.json").is_file()
+    # every reply met the release rule: the coordinator rejects one that does not (a cell below min-cell-count)
+    for record in metrics["rounds"]:
+        assert record["rejected"] == [], record["rejected"]
+        assert record["pooled"]["cells"]["min_cell_count"] >= 5  # the default, or what the test's config set
+    card = Path(metrics["model"], "MODEL_CARD.md")
+    assert card.is_file()
+    provenance = json.loads(Path(metrics["model"], "model.json").read_text())["provenance"]
+    assert provenance["rounds"] and len(provenance["rounds"]) >= rounds

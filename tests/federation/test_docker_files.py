@@ -111,13 +111,9 @@ def test_substitutions_work_with_podman_compose_103_and_docker_compose(compose):
         assert service["environment"]["THREADS"] == "${SITE_THREADS:-0}"  # 0: all the container's CPUs
 
 
-@pytest.mark.parametrize(
-    "threads, expected",
-    [(None, None), ("", None), ("0", None), ("2", "2"), ("${SITE_THREADS:-}", "refused")],
-)
-def test_site_entrypoint_threads(tmp_path: Path, threads: str | None, expected: str | None):
-    """docker/site-entrypoint.sh with a stand-in `fedfreeze` that prints what it was given: THREADS
-    unset, empty or 0 means all CPUs (no --threads); a number is passed on; anything else is refused."""
+def run_site_entrypoint(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess[str]:
+    """docker/site-entrypoint.sh with a stand-in `fedfreeze` that prints what it was given, and readable
+    stand-ins for the certificate and key; ``settings`` are the container's environment."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "fedfreeze"
@@ -130,10 +126,18 @@ def test_site_entrypoint_threads(tmp_path: Path, threads: str | None, expected: 
         "SITE_NAME": "site-a",
         "ROOT_CERT": str(tmp_path / "ca.pem"),
         "AUTH_KEY": str(tmp_path / "site.key"),
+        **settings,
     }
-    if threads is not None:
-        env["THREADS"] = threads
-    proc = subprocess.run(["sh", str(DOCKER / "site-entrypoint.sh")], capture_output=True, text=True, env=env)
+    return subprocess.run(["sh", str(DOCKER / "site-entrypoint.sh")], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize(
+    "threads, expected",
+    [(None, None), ("", None), ("0", None), ("2", "2"), ("${SITE_THREADS:-}", "refused")],
+)
+def test_site_entrypoint_threads(tmp_path: Path, threads: str | None, expected: str | None):
+    """THREADS unset, empty or 0 means all CPUs (no --threads); a number is passed on; anything else is refused."""
+    proc = run_site_entrypoint(tmp_path, **({} if threads is None else {"THREADS": threads}))
     if expected == "refused":
         assert proc.returncode == 2 and "is not a number of CPU threads" in proc.stderr, proc
         return
@@ -187,23 +191,9 @@ def test_shell_scripts_parse(script):
 def test_site_entrypoint_passes_the_approved_apps_list_when_there_is_one(tmp_path: Path, listed: bool):
     """A list file in place: the site runs approved apps only (`--approved-apps FILE`); none: no option,
     and `fedfreeze site` itself warns at start-up that it runs any app."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake = bin_dir / "fedfreeze"
-    fake.write_text('#!/bin/sh\necho "args: $*"\n')
-    fake.chmod(0o755)
-    (tmp_path / "ca.pem").write_text("ca")
-    (tmp_path / "site.key").write_text("key")
     approved = tmp_path / "approved-apps.txt"
     if listed:
         approved.write_text("# none yet\n")
-    env = {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "SITE_NAME": "site-a",
-        "ROOT_CERT": str(tmp_path / "ca.pem"),
-        "AUTH_KEY": str(tmp_path / "site.key"),
-        "APPROVED_APPS": str(approved),
-    }
-    proc = subprocess.run(["sh", str(DOCKER / "site-entrypoint.sh")], capture_output=True, text=True, env=env)
+    proc = run_site_entrypoint(tmp_path, APPROVED_APPS=str(approved))
     assert proc.returncode == 0, proc.stderr
     assert (f"--approved-apps {approved}" in proc.stdout) is listed
