@@ -211,7 +211,9 @@ def data_summary(metrics: Mapping[str, Any], num_classes: int) -> dict[str, Any]
     if DATA_MANIFEST in metrics:
         words = _counts(metrics[DATA_MANIFEST], SHA256_WORDS, high=2**32 - 1)
         if words is None:
-            raise ProtocolError(f"{DATA_MANIFEST} should be {SHA256_WORDS} 32-bit words, got {metrics[DATA_MANIFEST]!r}")
+            raise ProtocolError(
+                f"{DATA_MANIFEST} should be {SHA256_WORDS} 32-bit words, got {metrics[DATA_MANIFEST]!r}"
+            )
         fingerprint = words_to_sha256(words)
     return {"images": images, "patients": patients, "class_counts": counts, "manifest_sha256": fingerprint}
 
