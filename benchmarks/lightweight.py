@@ -47,6 +47,16 @@ from common import RESULTS, SHARED, write_run
 CONFIGS = Path(__file__).resolve().parents[1] / "fedfreeze" / "configs"
 SITE_CONFIG = {"mnist": CONFIGS / "lightweight-mnist.toml", "fashion_mnist": CONFIGS / "lightweight-fashion.toml"}
 FED_CONFIG = CONFIGS / "lightweight-fed.toml"
+# federation settings the ``federated`` command line may override (``--dual-rounds 34`` -> federation.dual-rounds)
+FED_OVERRIDES = (
+    "rounds",
+    "dual-rounds",
+    "probe-rounds",
+    "local-epochs",
+    "dual-local-epochs",
+    "strategy",
+    "proximal-mu",
+)
 
 
 def load() -> str:
@@ -280,7 +290,7 @@ def run_federated(args: argparse.Namespace) -> dict:
         for i in range(args.sites)
     }
     run_config = {"config": str(args.config or FED_CONFIG), "out-dir": str(root / "out"), "resume": args.resume}
-    for key in ("rounds", "dual-rounds", "probe-rounds"):
+    for key in FED_OVERRIDES:
         value = getattr(args, key.replace("-", "_"))
         if value is not None:
             run_config[f"federation.{key}"] = value
@@ -297,8 +307,10 @@ def run_federated(args: argparse.Namespace) -> dict:
     )
     seconds = time.perf_counter() - started
     metrics = json.loads((root / "out" / "metrics.json").read_text())
+    val_by_round = []
     for r in metrics["rounds"]:
         pooled = r["pooled"]["at_threshold_used"]
+        val_by_round.append({"round": r["round"], "parts": r["parts"], "val_accuracy_before": pooled["accuracy"]})
         print(
             f"  round {r['round']} {'+'.join(r['parts'])}: pooled val accuracy of the model before it "
             f"{pooled['accuracy']:.4f}, down {r['bytes_down']:,} B, up {r['bytes_up']:,} B, {r['round_seconds']:.0f} s"
@@ -313,6 +325,7 @@ def run_federated(args: argparse.Namespace) -> dict:
         "bytes_down": sum(r["bytes_down"] for r in metrics["rounds"]),
         "bytes_up": sum(r["bytes_up"] for r in metrics["rounds"]),
         "mb_up": sum(r["bytes_up"] for r in metrics["rounds"]) / 1e6,
+        "val_by_round": val_by_round,
         "load_after": load(),
         "out": str(root),
     }
@@ -436,6 +449,10 @@ def main() -> None:
     fed.add_argument("--sites", type=int, default=10)
     fed.add_argument("--alpha", type=float, default=0.5)
     fed.add_argument("--resume", action="store_true")
+    fed.add_argument("--local-epochs", type=int, default=None, help="fine-tuning rounds' local epochs")
+    fed.add_argument("--dual-local-epochs", type=int, default=None)
+    fed.add_argument("--strategy", default=None, help="federation.strategy (e.g. fedprox)")
+    fed.add_argument("--proximal-mu", type=float, default=None)
     sim = sub.choices["simulate"]
     sim.add_argument("--sites", dest="sites_list", default="10,25,50")
     sim.add_argument(

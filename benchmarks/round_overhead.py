@@ -167,22 +167,6 @@ def fedfreeze_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "fedfreeze", *args]
 
 
-def wait_online(env: dict[str, str], count: int, sites: list[launch.Managed], timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in sites:
-            if not proc.alive():
-                raise SystemExit(f"{proc.name} exited; its log ends:\n{proc.tail(30)}")
-        try:
-            nodes = launch.flwr_json(["supernode", "ls", CONNECTION], env).get("nodes", [])
-        except launch.LaunchError:
-            nodes = []
-        if sum(n.get("status") == "online" for n in nodes) >= count:
-            return
-        time.sleep(0.5)
-    raise SystemExit(f"fewer than {count} sites online after {timeout:.0f} s")
-
-
 def run_plain(app: Path, rounds: int, out: Path, env: dict[str, str], log: Path) -> list[dict[str, Any]]:
     cmd = ["flwr", "run", str(app), CONNECTION, "--stream", "--run-config", f"num-rounds={rounds} out='{out}'"]
     launch.show(cmd)
@@ -270,7 +254,7 @@ def main() -> None:
                 "--port", str(launch.free_port_from(port + 10 + i)), "--threads", "1",
             )  # fmt: skip
             sites.append(launch.Managed(site, cmd, logs / f"{site}.log", env).start())
-        wait_online(env, len(SITES), sites)
+        launch.wait_sites_online(CONNECTION, env, len(SITES), sites, timeout=90.0)
         plain = run_plain(write_plain_app(tmp / "plainapp"), args.rounds, tmp / "plain.json", env, logs / "plain.log")
         fed = run_fedfreeze(
             port, fedfreeze_config(tmp, args.rounds, args.size), tmp / "fed-out", env, logs / "fedfreeze.log"

@@ -518,6 +518,28 @@ def run_status(connection: str, run_id: str | None, env: Mapping[str, str]) -> d
     return max(runs, key=lambda r: r.get("pending-at", ""))
 
 
+def wait_sites_online(
+    connection: str, env: Mapping[str, str], count: int, processes: Sequence[Managed], timeout: float = 60.0
+) -> None:
+    """Poll ``flwr supernode ls`` until ``count`` SuperNodes are online; a watched process that exits
+    meanwhile ends the wait with its log's end, rather than a timeout that hides why."""
+    deadline = time.monotonic() + timeout
+    online = 0
+    while time.monotonic() < deadline:
+        for proc in processes:
+            if not proc.alive():
+                raise LaunchError(f"{proc.name} exited; its log ends:\n{proc.tail(30)}")
+        try:
+            nodes = flwr_json(["supernode", "ls", connection], env).get("nodes", [])
+        except LaunchError:  # the Control API may answer a moment after /health
+            nodes = []
+        online = sum(n.get("status") == "online" for n in nodes)
+        if online >= count:
+            return
+        time.sleep(0.5)
+    raise LaunchError(f"{online} of {count} SuperNodes online after {timeout:.0f} s")
+
+
 def submit(cmd: Sequence[str], env: Mapping[str, str], log: IO[str] | None = None) -> tuple[int, str | None]:
     """Run ``flwr run`` to the end of its log stream; return its exit code and the run id it printed."""
     show(cmd)

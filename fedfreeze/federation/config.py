@@ -31,8 +31,10 @@ class FederationConfig(Section):
     method: Literal["unfreeze", "adapters", "both"] = "unfreeze"
     local_epochs: int = Field(1, ge=1, description="local epochs per fine-tuning round")
     probe_local_epochs: int = Field(5, ge=1, description="local epochs per probe round (on cached features)")
-    strategy: Literal["fedavg", "fedprox", "trimmed-mean", "median"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedavgm", "trimmed-mean", "median"] = "fedavg"
     proximal_mu: float = Field(0.01, ge=0.0, description="FedProx: weight of the proximal term")
+    server_lr: float = Field(1.0, gt=0.0, description="FedAvgM: the server's step along the averaged update")
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="FedAvgM: the server's momentum")
     trim_beta: float = Field(0.2, gt=0.0, lt=0.5, description="trimmed mean: fraction cut at each end")
     bn_policy: Literal["average", "local"] = Field(
         "average", description="BatchNorm of trainable groups: averaged by the server, or kept at each site (FedBN)"

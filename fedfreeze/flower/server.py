@@ -2,7 +2,7 @@
 
 The loop is ours (Flower's ``Strategy.start`` runs one fixed configuration for every round, cannot
 resume, and reports success when every site failed); sampling and aggregation are Flower's own
-strategies (FedAvg, FedProx, FedTrimmedAvg, FedMedian), called through their ``configure_train`` /
+strategies (FedAvg, FedProx, FedAvgM, FedTrimmedAvg, FedMedian), called through their ``configure_train`` /
 ``aggregate_train`` on the round's arrays only, so Flower's DP wrappers compose with them.
 """
 
@@ -36,6 +36,7 @@ from fedfreeze.federation.protocol import ARRAYS, BASE, EVALUATE_ROLE, METRICS, 
 from fedfreeze.federation.records import Reply, RoundRecord
 from fedfreeze.federation.report import write_report
 from fedfreeze.flower.approval import refusal_in
+from fedfreeze.flower.fedavgm import KeyedFedAvgM
 
 log = logging.getLogger("fedfreeze.server")
 
@@ -61,6 +62,8 @@ def make_strategy(cfg: FedConfig, sites: int | None = None) -> Strategy:
     strategy: Strategy
     if fed.strategy == "fedprox":
         strategy = FedProx(proximal_mu=fed.proximal_mu, **common)
+    elif fed.strategy == "fedavgm":
+        strategy = KeyedFedAvgM(server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum, **common)
     elif fed.strategy == "trimmed-mean":
         strategy = FedTrimmedAvg(beta=fed.trim_beta, **common)
     elif fed.strategy == "median":

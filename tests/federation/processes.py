@@ -165,22 +165,11 @@ def site_folder(folder: Path, site: str, *, only_label: str | None = None) -> Pa
 def wait_online(
     connection: str, env: Mapping[str, str], count: int, processes: Sequence[launch.Managed], timeout: float = 60.0
 ) -> None:
-    """Poll ``flwr supernode ls`` until ``count`` SuperNodes are online."""
-    deadline = time.monotonic() + timeout
-    online: list = []
-    while time.monotonic() < deadline:
-        for proc in processes:
-            if not proc.alive():
-                raise AssertionError(f"{proc.name} exited; its log ends:\n{proc.tail(30)}")
-        try:
-            answer = launch.flwr_json(["supernode", "ls", connection], env)
-        except launch.LaunchError:  # the Control API may answer a moment after /health
-            answer = {}
-        online = [n for n in answer.get("nodes", []) if n.get("status") == "online"]
-        if len(online) >= count:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{len(online)} of {count} SuperNodes online after {timeout:.0f} s")
+    """``launch.wait_sites_online``, failing the test (not erroring it) when the sites never come up."""
+    try:
+        launch.wait_sites_online(connection, env, count, processes, timeout)
+    except launch.LaunchError as err:
+        raise AssertionError(str(err)) from err
 
 
 def check_completed(metrics: dict, rounds: int) -> None:

@@ -375,13 +375,27 @@ def test_fedbn_keeps_batchnorm_at_each_site(tmp_path, site_folders, honest):
 
 @pytest.mark.parametrize(
     "name, expected",
-    [("fedavg", "FedAvg"), ("fedprox", "FedProx"), ("trimmed-mean", "FedTrimmedAvg"), ("median", "FedMedian")],
+    [
+        ("fedavg", "FedAvg"),
+        ("fedprox", "FedProx"),
+        ("fedavgm", "KeyedFedAvgM"),
+        ("trimmed-mean", "FedTrimmedAvg"),
+        ("median", "FedMedian"),
+    ],
 )
 def test_strategy_choice(name, expected):
     cfg = load_fed_config(None, {"federation.strategy": name, "federation.min-sites": 3})
     strategy = make_strategy(cfg)
     assert type(strategy).__name__ == expected
     assert strategy.min_train_nodes == 3
+
+
+def test_fedavgm_runs_when_the_round_sends_other_arrays(tmp_path, site_folders):
+    """Round 3 sends layer4 beside the head: Flower's own FedAvgM fails there (test_fedavgm.py)."""
+    config = fast_config(tmp_path, rounds=3, extra='strategy = "fedavgm"\nserver-momentum = 0.5')
+    metrics = run(tmp_path / "out", config, node_configs(site_folders, tmp_path / "state"))
+    assert metrics["status"] == "completed", metrics["reason"]
+    assert metrics["rounds"][2]["parts"] == ["head", "layer4"]
 
 
 def test_median_strategy_runs(tmp_path, site_folders):
