@@ -67,13 +67,16 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=3, help="images per patient at most")
     parser.add_argument("--seed", type=int, default=0, help="which patients are drawn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
-    parser.add_argument("--out", type=Path, default=HERE.parent / "runs" / "experiment-kermany")
+    parser.add_argument("--out", type=Path, help="work folder (default: runs/<config name>)")
     parser.add_argument(
         "--results",
-        default=str(HERE / "results" / "experiment-kermany"),
-        help="where the report is copied ('' : not copied)",
+        help="where the report is copied (default: benchmarks/results/<config name>; '' : not copied)",
     )
     args = parser.parse_args()
+    if args.out is None:
+        args.out = HERE.parent / "runs" / args.config.stem
+    if args.results is None:
+        args.results = str(HERE / "results" / args.config.stem)
 
     import torch
 
