@@ -56,6 +56,8 @@ FED_OVERRIDES = (
     "dual-local-epochs",
     "strategy",
     "proximal-mu",
+    "server-lr",
+    "server-momentum",
 )
 
 
@@ -453,6 +455,8 @@ def main() -> None:
     fed.add_argument("--dual-local-epochs", type=int, default=None)
     fed.add_argument("--strategy", default=None, help="federation.strategy (e.g. fedprox)")
     fed.add_argument("--proximal-mu", type=float, default=None)
+    fed.add_argument("--server-lr", type=float, default=None, help="fedavgm")
+    fed.add_argument("--server-momentum", type=float, default=None, help="fedavgm")
     sim = sub.choices["simulate"]
     sim.add_argument("--sites", dest="sites_list", default="10,25,50")
     sim.add_argument(
