@@ -9,7 +9,8 @@ fresh process, so one arm's memory cannot hide another's. Per arm:
   model and data; ``saved MB``: the peak bytes autograd held for backward (``SavedTensorMeter``);
   ``estimate MB``: the memory planner's estimate of the same configuration, weights left out
   (they were loaded before the measurement started);
-* accuracy at threshold 0.5, balanced accuracy and AUROC on the held-out images.
+* accuracy at threshold 0.5 with its 95 % Wilson interval, the paired difference from the first arm
+  with its bootstrap interval, balanced accuracy and AUROC on the held-out images (one per patient).
 
 Arms: ``full`` (the current engine: PyTorch's autograd, every layer trains), ``r0.9`` and ``r0.95``
 (dynamic freezing, lean autograd, fp32 storage); optional: ``r0.9-int8`` (8-bit storage per
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -59,7 +61,8 @@ LR = {"head": 1e-3, "layer4": 5e-4, "layer3": 2.5e-4, "layer2": 1e-4, "layer1": 
 
 
 def kermany_split(n_train: int, n_test: int, folder: Path, seed: int = 0) -> tuple[Path, Path]:
-    """Two manifests of Kermany images, half per class, with no patient in both."""
+    """Two manifests of Kermany images, half per class, with no patient in both; the test set holds
+    one image per patient, so its images are independent cases (a patient's images agree with each other)."""
     import numpy as np
     from common import KERMANY
 
@@ -70,6 +73,13 @@ def kermany_split(n_train: int, n_test: int, folder: Path, seed: int = 0) -> tup
     for split, n in (("train", n_train), ("test", n_test)):
         for label in ("0", "1"):
             pool = [r for r in rows if r["label"] == label and r["patient_id"] not in used]
+            if split == "test":
+                first: dict[str, dict] = {}
+                for i in rng.permutation(len(pool)):
+                    first.setdefault(pool[i]["patient_id"], pool[i])
+                pool = sorted(first.values(), key=lambda r: r["path"])
+            if len(pool) < n // 2:
+                raise SystemExit(f"--{split}-images {n}: only {len(pool)} of class {label} left to draw from")
             chosen = [pool[i] for i in rng.choice(len(pool), size=n // 2, replace=False)]
             picked[split] += chosen
         used |= {r["patient_id"] for r in picked[split]}
@@ -83,6 +93,27 @@ def kermany_split(n_train: int, n_test: int, folder: Path, seed: int = 0) -> tup
                 writer.writerow([str(KERMANY / r["path"]), r["label"], r["patient_id"]])
         out.append(path)
     return out[0], out[1]
+
+
+def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson interval of a proportion (one image per patient: the cases are independent)."""
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def paired_difference(right_a: list[bool], right_b: list[bool], replicates: int = 10_000) -> dict[str, float]:
+    """Accuracy of a minus b on the same test patients: the difference and its 95 % paired bootstrap
+    interval (patients resampled), in points."""
+    import numpy as np
+
+    a, b = np.asarray(right_a, dtype=float), np.asarray(right_b, dtype=float)
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(a), size=(replicates, len(a)))
+    diffs = (a[draws] - b[draws]).mean(axis=1)
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return {"points": 100 * float(a.mean() - b.mean()), "ci_low": 100 * float(lo), "ci_high": 100 * float(hi)}
 
 
 def run_arm(arm: str, train_csv: str, test_csv: str, args: argparse.Namespace, queue: mp.Queue) -> None:
@@ -144,6 +175,7 @@ def run_arm(arm: str, train_csv: str, test_csv: str, args: argparse.Namespace, q
             "balanced_accuracy": metrics["balanced_accuracy"],
             "auroc": metrics["auroc"],
             "n_test": metrics["n"],
+            "right": [bool((sc >= 0.5) == bool(y)) for sc, y in zip(scores.tolist(), labels.tolist(), strict=True)],
             "n_train": len(train),
             "losses": [log.loss for log in logs],
             "trained_tensors": [len(log.trained) for log in logs],
@@ -249,6 +281,16 @@ def main() -> None:
                 r[f"saved_ratio_vs_{reference}"] = ref["saved_mb"] / max(r["saved_mb"], 1e-9)
     for r in results.values():
         r["accuracy_percent"] = 100 * r["accuracy"]
+        low, high = wilson(sum(r["right"]), len(r["right"]))
+        r["accuracy_ci_percent"] = [100 * low, 100 * high]
+        r["accuracy_vs_full"] = paired_difference(r["right"], base["right"])
+    print("accuracy, 95 % interval (Wilson), and the paired difference from the first arm with its bootstrap interval:")
+    for arm, r in results.items():
+        ci, d = r["accuracy_ci_percent"], r["accuracy_vs_full"]
+        print(
+            f"  {arm:<11} {r['accuracy_percent']:.1f} % [{ci[0]:.1f}, {ci[1]:.1f}]  "
+            f"{d['points']:+.1f} points [{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
+        )
     setup = {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in vars(args).items()}
     setup.update(weights=weights, threads_used=base["threads"], load_average_after=list(os.getloadavg()))
     if args.json:
