@@ -76,7 +76,7 @@ EXTRA_DESCRIPTIONS: dict[str, str] = {
     "cv.seed": "seed of the fold split",
     "federation.rounds": "rounds in all: dual-stage, probe and fine-tuning rounds",
     "federation.method": "what an unfrozen group trains: its weights, low-rank adapters, or both",
-    "federation.strategy": "Flower's aggregation strategy: FedAvg, FedProx, FedTrimmedAvg or FedMedian",
+    "federation.strategy": "Flower's aggregation strategy: FedAvg, FedProx, FedAvgM (server momentum, kept per array), FedTrimmedAvg or FedMedian",
     "federation.fraction-train": "share of the connected sites sampled for each round",
     "federation.score-bins": "bins of the per-class score histograms a site merges into cells before it sends them "
     "(uniform in logit space)",
