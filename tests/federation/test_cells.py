@@ -28,6 +28,7 @@ from fedfreeze.evaluation.pooled import (
     score_bin_edges,
     snap_threshold,
 )
+from tests.federation.reference import exact_figures
 
 EDGES = score_bin_edges(200)
 HALF = int(np.searchsorted(EDGES, snap_threshold(0.5, EDGES)))  # the 0.5 edge: 100
@@ -228,13 +229,7 @@ def test_ranges_hold_the_exact_figures_and_the_estimates(sites: list[tuple[np.nd
     estimated = estimated_counts(releases, EDGES)
     for threshold in (0.5, snap_threshold(0.3, EDGES)):
         m = released_metrics(releases, estimated, EDGES, threshold)
-        pred = p >= threshold
-        exact = {
-            "auroc": roc_auc_score(y, p),
-            "sensitivity": pred[y == 1].mean(),
-            "specificity": (~pred[y == 0]).mean(),
-        }
-        exact["balanced_accuracy"] = (exact["sensitivity"] + exact["specificity"]) / 2
+        exact = exact_figures(y, p, threshold)
         for key, value in exact.items():
             lo, hi = m["ranges"][key]
             assert lo - 1e-12 <= value <= hi + 1e-12, (key, value, lo, hi)

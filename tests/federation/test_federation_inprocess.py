@@ -16,7 +16,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from sklearn.metrics import roc_auc_score
 
 from client.app import app as real_client
 from fedfreeze.evaluate import evaluate_model
@@ -32,6 +31,7 @@ from fedfreeze.provenance import DATA_KEYS
 from fedfreeze.sample_data import kermany_mini
 from fedfreeze.training.engine import predict_scores
 from tests.federation.conftest import fast_config
+from tests.federation.reference import exact_figures
 
 Tamper = Callable[[Message], None]
 
@@ -236,13 +236,8 @@ def test_pooled_figures_hold_sklearn_on_the_concatenated_predictions(honest, sit
         labels.append(val.labels.numpy())
         scores.append(predict_scores(model, val.images, torch.device("cpu")))
     y, p = np.concatenate(labels), np.concatenate(scores)
+    exact = exact_figures(y, p, threshold)
     pred = p >= threshold
-    exact = {
-        "auroc": roc_auc_score(y, p),
-        "sensitivity": pred[y == 1].mean(),
-        "specificity": (~pred[y == 0]).mean(),
-    }
-    exact["balanced_accuracy"] = (exact["sensitivity"] + exact["specificity"]) / 2
     assert final["n"] == len(y)
     for key, value in exact.items():
         lo, hi = final["ranges"][key]
