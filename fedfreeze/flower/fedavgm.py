@@ -21,12 +21,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 
-BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+from fedfreeze.federation.exchange import BN_STAT_SUFFIXES
 
 
 def takes_a_step(name: str, value: np.ndarray) -> bool:
-    """Weights move by the server's step; statistics and counters are plainly averaged."""
-    return np.issubdtype(value.dtype, np.floating) and not name.endswith(BUFFER_SUFFIXES)
+    """Weights move by the server's step; running statistics and integer counters are plainly averaged."""
+    return np.issubdtype(value.dtype, np.floating) and not name.endswith(BN_STAT_SUFFIXES)
 
 
 class KeyedFedAvgM(FedAvgM):
