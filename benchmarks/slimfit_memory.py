@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import multiprocessing as mp
 import os
 import sys
@@ -93,14 +92,6 @@ def kermany_split(n_train: int, n_test: int, folder: Path, seed: int = 0) -> tup
                 writer.writerow([str(KERMANY / r["path"]), r["label"], r["patient_id"]])
         out.append(path)
     return out[0], out[1]
-
-
-def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95 % Wilson interval of a proportion (one image per patient: the cases are independent)."""
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
 
 
 def paired_difference(right_a: list[bool], right_b: list[bool], replicates: int = 10_000) -> dict[str, float]:
@@ -186,6 +177,8 @@ def run_arm(arm: str, train_csv: str, test_csv: str, args: argparse.Namespace, q
 
 
 def main() -> None:
+    from fedfreeze.model_card import wilson
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--arms", default="full,r0.9,r0.95", help=f"comma-separated, from {list(ARMS)}")
@@ -281,7 +274,7 @@ def main() -> None:
                 r[f"saved_ratio_vs_{reference}"] = ref["saved_mb"] / max(r["saved_mb"], 1e-9)
     for r in results.values():
         r["accuracy_percent"] = 100 * r["accuracy"]
-        low, high = wilson(sum(r["right"]), len(r["right"]))
+        low, high = wilson(sum(r["right"]), len(r["right"]))  # one image per patient: independent cases
         r["accuracy_ci_percent"] = [100 * low, 100 * high]
         r["accuracy_vs_full"] = paired_difference(r["right"], base["right"])
     print("accuracy, 95 % interval (Wilson), and the paired difference from the first arm with its bootstrap interval:")
