@@ -55,6 +55,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         seed=args.seed,
         allow_single_class=True,
+        site=args.site,
     )
     written = []
     if args.report is not None:
@@ -76,9 +77,12 @@ def _adapt(args: argparse.Namespace) -> int:
     options = AdaptOptions(
         bn=args.bn,
         labels=args.labels,
+        site=args.site,
+        allow_unverified=args.allow_unverified,
         prevalence=args.prevalence,
         train_prior=args.train_prior,
         objective=args.objective,
+        refit=args.refit,
         calibrate=args.calibrate,
         threshold_rule=args.threshold_rule,
         target_sensitivity=args.target_sensitivity,
@@ -90,6 +94,26 @@ def _adapt(args: argparse.Namespace) -> int:
     )
     result = adapt_model(args.model, args.data, args.out, options, progress=not args.quiet)
     print("\n".join(result.lines))
+    return 0
+
+
+def _suggest(args: argparse.Namespace) -> int:
+    from fedfreeze.adaptation.suggest import suggest_for_site, write_suggestions
+
+    if args.out.exists() and not args.force:
+        raise FedfreezeError(f"--out {args.out} exists; choose another file or --force to replace it")
+    picked, data = suggest_for_site(args.model, args.data, args.n, seed=args.seed, device=args.device)
+    written = write_suggestions(args.out, picked, data)
+    images = sum(len(s.images) for s in picked)
+    print(
+        f"suggest: {len(picked)} of {len(set(data.patient_ids))} patients ({images} images), one from each of "
+        f"{len(picked)} equal strata of the model's scores (seed {args.seed}); scores {picked[0].score:.3f} to "
+        f"{picked[-1].score:.3f}"
+    )
+    print(
+        f"wrote {written}: fill in its label column, then: fedfreeze adapt --model {args.model} --data {written} "
+        "--labels use --out ..."
+    )
     return 0
 
 
@@ -534,6 +558,8 @@ class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fedfreeze.adaptation.threshold_rules import RULES
+
     parser = argparse.ArgumentParser(prog="fedfreeze", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -573,7 +599,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="patient-level bootstrap replicates for the 95%% intervals (0: no intervals)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument(
+        "--site",
+        default=None,
+        help="score at this site's operating point (default: the folder's own site, set by adapt; a site "
+        "without one gets the global threshold and a line saying it was not validated there)",
+    )
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "suggest",
+        help="list the patients of an unlabelled site whose labels would best set its operating point",
+    )
+    p.add_argument("--model", required=True, type=Path, help="the model folder the site will run")
+    p.add_argument("--data", required=True, help="the site's images: a manifest .csv (path[,patient_id])")
+    p.add_argument("--n", type=int, default=30, help="how many patients to label (default 30)")
+    p.add_argument("--out", required=True, type=Path, help="the manifest to write, with an empty label column")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--seed", type=int, default=0, help="which patient of each stratum (the list is fixed per seed)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=_suggest)
 
     p = sub.add_parser(
         "adapt",
@@ -587,6 +632,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the site's images: a manifest .csv (path[,patient_id], label optional), .npz or IDX folder",
     )
     p.add_argument("--out", required=True, type=Path, help="the new model folder")
+    p.add_argument(
+        "--site",
+        default=None,
+        help="the site's name for its operating point (default: the data's folder, or the manifest's file name)",
+    )
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="without labels: store a step the label-free check cannot vouch for (flagged in the record) "
+        "instead of refusing it",
+    )
     p.add_argument(
         "--bn",
         choices=("keep", "reestimate"),
@@ -621,6 +677,14 @@ def build_parser() -> argparse.ArgumentParser:
         "balanced-accuracy)",
     )
     p.add_argument(
+        "--refit",
+        choices=("none", "head"),
+        default=None,
+        help="with labels: head refits the linear head on the labelled patients' features (class-balanced, kept "
+        "close to the source head) and runs it at 0.5: for a site whose patients the model ranks poorly "
+        "(default none: threshold and calibration only)",
+    )
+    p.add_argument(
         "--calibrate",
         choices=("temperature", "platt", "none"),
         default=None,
@@ -628,12 +692,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threshold-rule",
-        choices=("youden", "target-sensitivity"),
+        choices=RULES,
         default=None,
-        help="with labels: how the threshold is chosen (default youden)",
+        help="with labels: how the site's threshold is chosen (default binormal: the balanced-accuracy "
+        "threshold of normal fits to each class's logit scores, sound at small n; target-sensitivity-lcb: "
+        "the target holds for a 95%% lower confidence bound)",
     )
     p.add_argument(
-        "--target-sensitivity", type=float, default=None, help="with --threshold-rule target-sensitivity (default 0.9)"
+        "--target-sensitivity",
+        type=float,
+        default=None,
+        help="with --threshold-rule target-sensitivity or target-sensitivity-lcb (default 0.9)",
     )
     p.add_argument("--bootstrap", type=int, default=1000, help="patient-level bootstrap replicates")
     p.add_argument("--confidence", type=float, default=0.95, help="level of the bootstrap intervals")

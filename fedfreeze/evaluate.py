@@ -15,7 +15,8 @@ from fedfreeze.data.dataset import load_image_set
 from fedfreeze.errors import ConfigError, DataError
 from fedfreeze.evaluation.external import external_validation
 from fedfreeze.metrics import classification_metrics
-from fedfreeze.model_io import load_model, model_scores, read_card
+from fedfreeze.model_io import load_model, model_scores, model_sha256, read_card
+from fedfreeze.operating_point import in_use
 from fedfreeze.provenance import provenance_line
 from fedfreeze.training.engine import resolve_device
 
@@ -30,8 +31,13 @@ def evaluate_model(
     bootstrap: int = 1000,
     seed: int = 0,
     allow_single_class: bool = False,
+    site: str | None = None,
 ) -> dict[str, Any]:
-    """Metrics of the model in ``model_dir`` on ``data_path`` at the model's stored threshold.
+    """Metrics of the model in ``model_dir`` on ``data_path`` at the threshold in use at ``site``.
+
+    The threshold is the site's operating point when the folder holds one for ``site`` (None: the
+    folder's own site, ``local_site``), else the global model's (``operating_point.in_use``);
+    ``operating_point`` says which, and whether it was validated at that site.
 
     The returned keys ``auroc, balanced_accuracy, f1, sensitivity, specificity, n`` (and, for a binary
     model, ``threshold, tp, fp, tn, fn``) are a stable contract: every model, site-level or federated,
@@ -60,20 +66,29 @@ def evaluate_model(
     binary = cfg.num_classes == 2
     if not (binary and allow_single_class):
         data.require_classes(2, why="AUROC needs both classes in the evaluation data")
-    scores = model_scores(model, card, data.images, resolve_device(device))
+    use = in_use(card.threshold, card.operating_points, card.local_site, site, model_sha256(model), binary=binary)
+    scores = use.apply(model_scores(model, card, data.images, resolve_device(device)))
     about = {
         "model": str(model_dir),
         "data": str(data_path),
         "backbone": cfg.backbone,
         "provenance": provenance_line(card.provenance, card.threshold, card.adaptations),
+        "operating_point": use.record(),
     }
     if not binary:
         return {**classification_metrics(data.labels.numpy(), scores, card.threshold), **about}
     result = external_validation(
-        data.labels.numpy(), scores, data.patient_ids, card.threshold, bootstrap=bootstrap, seed=seed
+        data.labels.numpy(), scores, data.patient_ids, use.threshold, bootstrap=bootstrap, seed=seed
     )
     card_calibration = card.calibration.model_dump(by_alias=True) if card.calibration is not None else None
-    return {**result, **about, "class_names": list(card.class_names), "score_calibration": card_calibration}
+    site_calibration = use.calibration.model_dump(by_alias=True) if use.calibration is not None else None
+    return {
+        **result,
+        **about,
+        "class_names": list(card.class_names),
+        "score_calibration": card_calibration,
+        "site_calibration": site_calibration,
+    }
 
 
 def single_class_message(result: dict[str, Any]) -> str:
@@ -90,6 +105,8 @@ def format_text(result: dict[str, Any]) -> str:
     """Plain-text lines: what produced the model, each metric with its interval, then Brier and ECE,
     the threshold and n."""
     lines = [result["provenance"]] if result.get("provenance") else []
+    if (result.get("operating_point") or {}).get("line") and "threshold" in result:
+        lines.append(result["operating_point"]["line"])
     ci = result.get("ci") or {}
     calibration = result.get("calibration")
     for key in ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity"):
@@ -103,7 +120,9 @@ def format_text(result: dict[str, Any]) -> str:
             f"(observed positive rate {calibration['observed_positive_rate']:.4f})"
         )
     if "threshold" in result:
-        lines.append(f"{'threshold':<18} {result['threshold']:.4f}  (the model's stored threshold)")
+        validated = (result.get("operating_point") or {}).get("validated_at_site")
+        whose = "this site's operating point" if validated else "the global model's, not validated at this site"
+        lines.append(f"{'threshold':<18} {result['threshold']:.4f}  ({whose})")
     if "n_patients" in result:
         lines.append(
             f"{'n':<18} {result['n']}  ({result['n_patients']} patients, {result['n_positive']} positive, "

@@ -71,6 +71,10 @@ class ModelCard(Protocol):
     def adaptations(self) -> list[dict[str, Any]]: ...
     @property
     def provenance(self) -> Provenance | None: ...
+    @property
+    def operating_points(self) -> Mapping[str, Any]: ...
+    @property
+    def local_site(self) -> str | None: ...
 
 
 def render_card(card: ModelCard, *, weights_sha256: str | None = None) -> str:
@@ -83,6 +87,7 @@ def render_card(card: ModelCard, *, weights_sha256: str | None = None) -> str:
         _training(p),
         _performance(card, p),
         _threshold(card, p),
+        _operating_points(card),
         _adaptations(card.adaptations),
         _limits(card, p),
     ]
@@ -393,6 +398,82 @@ def _threshold(card: ModelCard, p: Provenance | None) -> str:
             f"({c.fitted_on or 'fitted at a site'})."
         )
     return "\n".join(lines)
+
+
+def _operating_points(card: ModelCard) -> str:
+    """Each site's own threshold with the evidence behind it (``operating_point.OperatingPoint``)."""
+    lines = ["## Site operating points", ""]
+    if card.model.num_classes != 2:
+        return ""
+    points = card.operating_points
+    if not points:
+        return "\n".join(
+            [
+                *lines,
+                f"None: no site has validated a threshold on its own patients, so every site runs at the global "
+                f"threshold {card.threshold:.4g}, which was not validated there. A model's operating point moves "
+                "between hospitals even when its ranking holds; before use at a site, fit one on its own labelled "
+                "patients (`fedfreeze suggest`, then `fedfreeze adapt --labels use`).",
+            ]
+        )
+    lines.append(
+        f"Sites without their own run at the global threshold {card.threshold:.4g}. "
+        + (
+            f"This folder belongs to site **{card.local_site}**: `fedfreeze evaluate` uses its operating point "
+            "unless `--site` names another."
+            if card.local_site
+            else "`fedfreeze evaluate --site NAME` uses NAME's operating point."
+        )
+    )
+    lines.append("")
+    rows = []
+    for name in sorted(points):
+        op = points[name]
+        promise = op.promise
+        ci = f" [{op.threshold_ci[0]:.3f}, {op.threshold_ci[1]:.3f}]" if op.threshold_ci else ""
+        patients = str(op.n_patients)
+        if op.n_positive_patients is not None and op.n_negative_patients is not None:
+            patients += f" ({op.n_positive_patients} positive, {op.n_negative_patients} negative)"
+        rows.append(
+            (
+                name,
+                f"{op.threshold:.4g}{ci}",
+                op.rule,
+                op.evidence + ("" if op.labels_used else " (no labels)"),
+                patients,
+                _promised(promise, "sensitivity"),
+                _promised(promise, "specificity"),
+                _promised(promise, "balanced_accuracy"),
+                (op.created_utc or "")[:10],
+            )
+        )
+    lines += _table(
+        (
+            "site",
+            "threshold [95% CI]",
+            "rule",
+            "evidence",
+            "patients",
+            "sensitivity",
+            "specificity",
+            "balanced accuracy",
+            "date",
+        ),
+        rows,
+    )
+    lines += [
+        "",
+        "Promised figures are estimated at the site on patients the fit did not use (bootstrap); a threshold from "
+        "unlabelled images promises nothing.",
+    ]
+    return "\n".join(lines)
+
+
+def _promised(promise: Any, key: str) -> str:
+    if promise is None or getattr(promise, key) is None:
+        return "—"
+    ci = getattr(promise, f"{key}_ci")
+    return f"{getattr(promise, key):.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def _adaptations(adaptations: Sequence[Mapping[str, Any]]) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,28 +27,12 @@ from fedfreeze.model_card import CARD_MARKDOWN, render_card
 from fedfreeze.models.adapters import adapter_rank
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import Normalize, build_model
+from fedfreeze.operating_point import OperatingPoint, ScoreCalibration, state_sha256
 from fedfreeze.provenance import Provenance
+from fedfreeze.reference_scores import ReferenceScores
 
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
-
-
-class ScoreCalibration(Section):
-    """A recalibration of the positive-class score fitted at a site: ``p' = sigmoid(a * logit(p) + b)``.
-
-    Temperature scaling is ``b = 0``, ``a = 1 / T``; Platt scaling fits both. The model's weights are
-    untouched, so the ranking (AUROC) of its scores is unchanged; only probabilities and the
-    meaning of a threshold move.
-    """
-
-    method: Literal["temperature", "platt"]
-    a: float = Field(gt=0.0)
-    b: float = 0.0
-    fitted_on: str = Field("", description="the data it was fitted on, for the record")
-
-    def apply(self, p_pos: np.ndarray) -> np.ndarray:
-        p = np.clip(np.asarray(p_pos, dtype=np.float64), 1e-12, 1 - 1e-12)
-        return 1.0 / (1.0 + np.exp(-(self.a * np.log(p / (1 - p)) + self.b)))
 
 
 class ModelCard(Section):
@@ -71,6 +55,16 @@ class ModelCard(Section):
     )
     provenance: Provenance | None = Field(
         None, description="what produced the model (None: a folder written before it was recorded)"
+    )
+    operating_points: dict[str, OperatingPoint] = Field(
+        default_factory=dict,
+        description="site name -> the threshold that site fitted on its own patients (operating_point.py)",
+    )
+    local_site: str | None = Field(
+        None, description="the site this folder was adapted at: its operating point is the one used by default"
+    )
+    reference_scores: ReferenceScores | None = Field(
+        None, description="binary models: per-class validation scores of the training data, for label-free checks"
     )
 
 
@@ -178,6 +172,11 @@ def load_model(folder: str | Path) -> tuple[GroupedNet, ModelCard]:
         )
     model.eval()
     return model, card
+
+
+def model_sha256(model: GroupedNet) -> str:
+    """The content hash that site operating points name their model by (``operating_point.state_sha256``)."""
+    return state_sha256(model.state_dict())
 
 
 def model_scores(model: GroupedNet, card: ModelCard, images: torch.Tensor, device: torch.device) -> np.ndarray:

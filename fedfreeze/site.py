@@ -31,6 +31,7 @@ from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.init_from import InitModel, data_class_names, load_init
 from fedfreeze.models.registry import build_model
 from fedfreeze.provenance import Provenance, site_train_provenance
+from fedfreeze.reference_scores import ReferenceScores, reference_from_scores
 from fedfreeze.training.engine import (
     EpochLog,
     fit,
@@ -274,6 +275,7 @@ def site_train(
             )
         else:
             card = adapted_card(model, start, cfg, report, threshold["value"], data.class_names, provenance)
+        card.reference_scores = out_of_fold_reference(oof_rows)
         save_model(out, model, card)
         report["model"] = str(out)
         report["refit_seconds"] = float(sum(log.seconds for log in logs))
@@ -420,6 +422,25 @@ def memory_plans(cfg: SiteConfig, logs: list[EpochLog], *, progress: bool = Fals
                 f"{rate}, activation storage {p['storage']}{estimate}"
             )
     return {"freezing": cfg.train.freezing, "max_train_memory_mb": budget, "phases": phases}
+
+
+REFERENCE_MIN_CELL = 5  # the federation's default min-cell-count: the folder tells no more than a round does
+
+
+def out_of_fold_reference(oof_rows: list[tuple[int, int, str, int, Any]]) -> ReferenceScores | None:
+    """The first repeat's out-of-fold scores as the model's reference score distribution (binary models):
+    the scores of the fold models on patients they did not train on, released as cells of at least 5."""
+    rows = [row for row in oof_rows if row[0] == 0 and np.ndim(row[4]) == 0]
+    labels = np.array([row[3] for row in rows])
+    if not rows or len(set(labels.tolist())) < 2:
+        return None
+    return reference_from_scores(
+        labels,
+        np.array([float(row[4]) for row in rows]),
+        REFERENCE_MIN_CELL,
+        f"out-of-fold cross-validation scores at the training site ({len(rows)} images, first repeat), "
+        f"released as cells of >= {REFERENCE_MIN_CELL} cases",
+    )
 
 
 def choose_model_threshold(

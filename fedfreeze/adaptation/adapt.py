@@ -1,32 +1,31 @@
 """``fedfreeze adapt``: a new site adapts a trained model folder to itself, without sharing its data.
 
-What runs depends on what the site's data holds and the options:
+What it makes is a **site operating point** (``fedfreeze/operating_point.py``): the threshold (and a
+recalibration of the scores) this site runs the model at, stored under the site's name beside the
+global model's threshold, which stays as training chose it. The new folder's ``local_site`` names the
+site, so ``fedfreeze evaluate`` on it uses that operating point.
 
-* **unlabelled images** (a manifest without a ``label`` column, or ``labels="ignore"``): optionally
-  re-estimate the BatchNorm statistics (AdaBN, ``bn="reestimate"``), then estimate the site's
-  prevalence by EM from the model's scores (``prevalence.py``) and store the prior-corrected
-  posterior as the card's calibration: a logit shift ``delta = logit(pi_site) - logit(pi_train)``
-  (Platt with ``a = 1``, ``b = delta``, composed with any calibration the card had). The stored
-  threshold then moves so that the decisions stay the intended ones:
+* **a few labelled patients** (the normal path; ``fedfreeze suggest`` lists which to label): fit
+  temperature or Platt scaling on them and choose the threshold by a rule that is sound at small n
+  (``binormal`` by default, ``adaptation/threshold_rules.py``); what the operating point promises
+  (sensitivity, specificity, balanced accuracy with intervals) is estimated on the patients each
+  bootstrap replicate left out (``recalibration.py``). At least ``MIN_PATIENTS_PER_CLASS`` labelled
+  patients of each class are required. BatchNorm re-estimation may run first, on the same images.
+* **unlabelled images** (``labels="ignore"`` or no label column): optionally re-estimate the
+  BatchNorm statistics (AdaBN, ``bn="reestimate"``), then estimate the site's prevalence by EM from
+  the model's scores (``prevalence.py``) and store the prior-corrected posterior as the operating
+  point's calibration, with the threshold mapped so that decisions stay the intended ones
+  (``objective``). Neither step can be checked against labels, and on a real new site both made the
+  model worse without a word, so each must pass a label-free check first (``reliability.py``: do the
+  site's scores look like the training sites' under some prevalence?); a step the check cannot
+  vouch for is refused with one line, unless ``allow_unverified``, which stores it flagged as such.
 
-  - ``objective="balanced-accuracy"`` (default): the Bayes decision for balanced accuracy weighs the
-    classes equally whatever their prevalence, so it does not depend on the prevalence; the
-    threshold is mapped through the same shift, ``t' = sigmoid(logit(t) + delta)``, and every
-    decision is unchanged (only the probabilities now mean the site's posteriors);
-  - ``objective="accuracy"``: the threshold becomes 0.5 on the corrected posterior, the Bayes rule
-    for accuracy at the site's prevalence (fewer positives called where they are rarer).
-
-* **a few labelled cases**: fit temperature or Platt scaling on them and choose the threshold by
-  Youden's J or a target sensitivity, with patient-level bootstrap intervals
-  (``recalibration.py``); BatchNorm re-estimation may run first, on the same images.
-
-The new folder holds the (possibly re-estimated) weights and a card whose ``adaptations`` list gains
-one record: what was done, from which model (its folder and the sha256 of its weights.pt), on
-which data and how many images and patients, the estimates with their intervals, the fedfreeze
-version and the UTC date. The card's ``provenance`` (what trained the source model) is kept as it
-was, and the folder's ``MODEL_CARD.md`` is written anew with this adaptation listed. Scores always
-come from ``model_io.model_scores``, so a calibration the source card already held is respected and
-composed with.
+Re-estimated BatchNorm statistics change the weights: the operating points the source folder held
+were fitted for other weights and are dropped (the record says which). The new folder's
+``adaptations`` list gains one record: what was done, from which model (its folder and the sha256 of
+its weights.pt), on which data and how many images and patients, the estimates with their intervals,
+the check's verdicts, the fedfreeze version and the UTC date. Scores always come from
+``model_io.model_scores``, so a calibration the source card already held is respected.
 """
 
 from __future__ import annotations
@@ -35,76 +34,21 @@ import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
-import torch
+from typing import Any
 
 from fedfreeze import __version__
-from fedfreeze.adaptation.batchnorm import reestimate_all_bn
-from fedfreeze.adaptation.prevalence import check_prior, estimate_prevalence, logit, prior_shift
-from fedfreeze.adaptation.recalibration import Recalibration, Rule, compose, recalibrate
+from fedfreeze.adaptation.label_free import batchnorm_step, prevalence_step
+from fedfreeze.adaptation.labelled import labelled_lines, labelled_step, refit_step
+from fedfreeze.adaptation.options import LABELLED_OPTIONS, UNLABELLED_OPTIONS, AdaptationRefused, AdaptOptions
 from fedfreeze.config import parse_config
 from fedfreeze.data.dataset import ImageSet, load_image_set
 from fedfreeze.errors import ConfigError, DataError
-from fedfreeze.model_io import (
-    WEIGHTS_FILE,
-    ModelCard,
-    ScoreCalibration,
-    file_sha256,
-    load_model,
-    model_scores,
-    save_model,
-    write_model_card,
-)
-from fedfreeze.models.grouped import GroupedNet
+from fedfreeze.model_io import WEIGHTS_FILE, ModelCard, file_sha256, load_model, save_model, write_model_card
+from fedfreeze.operating_point import OperatingPoint
+from fedfreeze.provenance import manifest_of, manifest_sha256
 from fedfreeze.training.engine import resolve_device
 
-THRESHOLD_CLIP = 1e-6
-EDGE = 1e-3  # an EM prevalence this close to 0 or 1 is a boundary fit, not an estimate
-
-
-@dataclass(frozen=True)
-class AdaptOptions:
-    """What ``adapt`` does. ``None`` means "not given": the option's default for the mode that runs;
-    an option given for the other mode is an error, never silently ignored."""
-
-    bn: Literal["keep", "reestimate"] = "keep"
-    labels: Literal["auto", "use", "ignore"] = "auto"
-    # unlabelled mode
-    prevalence: Literal["em", "none"] | None = None  # default "em"
-    train_prior: float | None = None  # default 0.5: fedfreeze trains with class-balanced sampling
-    objective: Literal["balanced-accuracy", "accuracy"] | None = None  # default "balanced-accuracy"
-    # labelled mode
-    calibrate: Literal["temperature", "platt", "none"] | None = None  # default "temperature"
-    threshold_rule: Rule | None = None  # default "youden"
-    target_sensitivity: float | None = None  # default 0.9, with threshold_rule="target-sensitivity"
-    # both
-    replicates: int = 1000
-    confidence: float = 0.95
-    seed: int = 0
-    split: str | None = None
-    device: str = "auto"
-
-    def check(self) -> None:
-        if self.replicates < 1:
-            raise ConfigError(f"--bootstrap should be at least 1 replicate, got {self.replicates}")
-        if not 0.0 < self.confidence < 1.0:
-            raise ConfigError(f"--confidence should be between 0 and 1, got {self.confidence}")
-        if self.train_prior is not None:
-            check_prior(self.train_prior, "--train-prior")
-        if self.target_sensitivity is not None and not 0.0 < self.target_sensitivity <= 1.0:
-            raise ConfigError(f"--target-sensitivity should be in (0, 1], got {self.target_sensitivity}")
-        if self.target_sensitivity is not None and self.threshold_rule != "target-sensitivity":
-            raise ConfigError("--target-sensitivity applies with --threshold-rule target-sensitivity only")
-
-
-UNLABELLED_OPTIONS = {"prevalence": "--prevalence", "train_prior": "--train-prior", "objective": "--objective"}
-LABELLED_OPTIONS = {
-    "calibrate": "--calibrate",
-    "threshold_rule": "--threshold-rule",
-    "target_sensitivity": "--target-sensitivity",
-}
+__all__ = ["AdaptOptions", "AdaptResult", "AdaptationRefused", "adapt_model", "site_name_of"]
 
 
 @dataclass
@@ -115,6 +59,14 @@ class AdaptResult:
     threshold_after: float
     card: ModelCard
     lines: list[str] = field(default_factory=list)  # what changed, for the terminal
+
+
+def site_name_of(data_path: str | Path) -> str:
+    """A site's default name from its data's path: the folder of a ``manifest.csv``, else the file's stem."""
+    path = Path(data_path)
+    if path.is_dir():
+        return path.resolve().name
+    return path.resolve().parent.name if path.name == "manifest.csv" else path.stem
 
 
 def adapt_model(
@@ -147,59 +99,81 @@ def adapt_model(
     labelled = _use_labels(options, data, data_path)
     _check_mode(options, labelled, cfg.num_classes, model_dir)
     device = resolve_device(options.device)
+    site = (options.site or site_name_of(data_path)).strip()
+    manifest = manifest_of(data_path)
 
     steps: list[str] = []
     record: dict[str, Any] = {
         "kind": "",
+        "site": site,
         "source_model": str(model_dir.resolve()),
         "source_weights_sha256": file_sha256(model_dir / WEIGHTS_FILE),
         "data": str(Path(data_path).resolve()),
+        "data_fingerprint": manifest_sha256(manifest) if manifest is not None else None,
         "n_images": len(data),
         "n_patients": len(set(data.patient_ids)),
         "labels_used": labelled,
+        "checks": [],
     }
     lines = [
-        f"adapt: {len(data)} images of {record['n_patients']} patients from {data_path} "
+        f"adapt: {len(data)} images of {record['n_patients']} patients from {data_path}, site {site!r}"
+        f"{'' if options.site else ' (named after the data; --site to name it)'} "
         f"({'labels used' if labelled else 'no labels used'})"
     ]
+    operating_points = dict(card.operating_points)
     if options.bn == "reestimate":
-        layers = reestimate_all_bn(model, data.images, device)
+        batchnorm_step(model, card, data, options, device, labelled, record, lines)
         steps.append("batchnorm-statistics")
-        record["batchnorm"] = {"reestimated": True, "layers": layers, "n_images": len(data)}
-        lines.append(
-            f"BatchNorm statistics: re-estimated in all {layers} layers on the site's images (every weight unchanged)"
-        )
+        if operating_points:  # fitted for the weights before: they do not apply to these
+            record["dropped_operating_points"] = sorted(operating_points)
+            lines.append(
+                f"operating points dropped (fitted for the weights before re-estimation): {', '.join(sorted(operating_points))}"
+            )
+            operating_points = {}
     else:
         record["batchnorm"] = {"reestimated": False}
 
-    calibration, threshold = card.calibration, card.threshold
+    point: OperatingPoint | None = None
     if cfg.num_classes == 2 and not labelled and (options.prevalence or "em") == "em":
-        calibration, threshold = _prevalence_step(model, card, data, options, device, record, lines)
+        point = prevalence_step(model, card, data, options, device, site, record, lines)
         steps.append("prevalence-em")
+    elif labelled and options.refit == "head":
+        point = refit_step(model, card, data, options, device, site, record, lines)
+        steps.append("head-refit")
+        if operating_points:
+            record["dropped_operating_points"] = sorted(operating_points)
+            lines.append(f"operating points dropped (fitted for the old head): {', '.join(sorted(operating_points))}")
+            operating_points = {}
     elif labelled:
-        calibration, threshold, fit = _labelled_step(model, card, data, options, device, record, data_path)
+        point, fit = labelled_step(model, card, data, options, device, site, record, data_path)
         if fit.calibration != "none":
             steps.append(f"recalibration-{fit.calibration}")
         steps.append(f"threshold-{fit.rule}")
-        lines.extend(_labelled_lines(fit, card.threshold))
+        lines.extend(labelled_lines(fit, card.threshold, site))
+    if point is not None:
+        point = point.model_copy(update={"data_fingerprint": record["data_fingerprint"]})
+        operating_points[site] = point
+        record["operating_point"] = point.model_dump()
     record["kind"] = "+".join(steps)
     record["fedfreeze_version"] = __version__
     record["date_utc"] = datetime.now(UTC).isoformat(timespec="seconds")
     fields = {
         **card.model_dump(),
-        "threshold": threshold,
+        **({"calibration": None} if options.refit == "head" else {}),  # the refit head replaces it
         "adaptations": [*card.adaptations, record],
-        "calibration": None if calibration is None else calibration.model_dump(),
+        "operating_points": {name: p.model_dump() for name, p in operating_points.items()},
+        "local_site": site if point is not None else card.local_site,
     }
     new_card: ModelCard = parse_config(fields, ModelCard, "the adapted model card")
 
     save_model(out, model, new_card)
-    if options.bn == "keep":
+    if options.bn == "keep" and options.refit != "head":
         shutil.copyfile(model_dir / WEIGHTS_FILE, out / WEIGHTS_FILE)  # bit-identical weights, same sha256
         write_model_card(out, new_card)  # MODEL_CARD.md names the weights file the folder holds
     lines.append(f"model:   {out}  (score it with: fedfreeze evaluate --model {out} --data ...)")
+    after = point.threshold if point is not None else card.threshold
     return AdaptResult(
-        out=out, record=record, threshold_before=card.threshold, threshold_after=threshold, card=new_card, lines=lines
+        out=out, record=record, threshold_before=card.threshold, threshold_after=after, card=new_card, lines=lines
     )
 
 
@@ -229,152 +203,3 @@ def _check_mode(options: AdaptOptions, labelled: bool, num_classes: int, model_d
         )
     if not labelled and options.bn == "keep" and options.prevalence == "none":
         raise ConfigError("nothing to adapt: --bn keep and --prevalence none (choose --bn reestimate, or EM)")
-
-
-def _prevalence_step(
-    model: GroupedNet,
-    card: ModelCard,
-    data: ImageSet,
-    options: AdaptOptions,
-    device: torch.device,
-    record: dict[str, Any],
-    lines: list[str],
-) -> tuple[ScoreCalibration, float]:
-    train_prior = options.train_prior if options.train_prior is not None else 0.5
-    objective = options.objective or "balanced-accuracy"
-    scores = model_scores(model, card, data.images, device)
-    estimate = estimate_prevalence(
-        scores,
-        data.patient_ids,
-        train_prior,
-        replicates=options.replicates,
-        confidence=options.confidence,
-        seed=options.seed,
-    )
-    if not EDGE <= estimate.prevalence <= 1 - EDGE:
-        after_bn = (
-            " (re-estimated BatchNorm statistics move with the site's class mix)" if options.bn == "reestimate" else ""
-        )
-        raise DataError(
-            f"EM puts the prevalence of {card.class_names[1]!r} at {estimate.prevalence:.4f}, the edge of [0, 1]: "
-            f"either {record['data']} holds (almost) one class only, or the model's scores there are not posteriors "
-            f"at the training prior {train_prior:g} moved by a change of prevalence{after_bn}; a shift to the edge "
-            "would set every score to 0 or 1, so none is stored (use --prevalence none, or labels)"
-        )
-    delta = prior_shift(estimate.prevalence, train_prior)
-    calibration = compose(
-        card.calibration,
-        1.0,
-        delta,
-        "platt",
-        fitted_on=f"prior shift to the EM prevalence {estimate.prevalence:.4f} of {record['data']}",
-    )
-    if objective == "accuracy":
-        threshold = 0.5
-        rule = "0.5 on the prior-corrected posterior: the Bayes rule for accuracy at the site's prevalence"
-    else:
-        threshold = float(1.0 / (1.0 + np.exp(-(logit(card.threshold) + delta))))
-        rule = "mapped through the prior shift: balanced accuracy's Bayes decision does not depend on prevalence"
-    threshold = float(np.clip(threshold, THRESHOLD_CLIP, 1 - THRESHOLD_CLIP))
-    record["prevalence"] = estimate.record()
-    record["calibration"] = {
-        "method": "prior shift (platt, a = 1)",
-        "logit_shift": delta,
-        "card_calibration": calibration.model_dump(),
-    }
-    record["threshold"] = {"objective": objective, "rule": rule, "before": card.threshold, "after": threshold}
-    positive = card.class_names[1]
-    pct = f"{options.confidence:.0%}"
-    converged = "" if estimate.em_converged else f" (EM did not converge in {estimate.em_iterations} iterations)"
-    lines += [
-        f"estimated prevalence of {positive!r} at this site: {estimate.prevalence:.3f} "
-        f"({pct} CI {estimate.ci_low:.3f}-{estimate.ci_high:.3f}, patient-level bootstrap, "
-        f"{estimate.replicates} replicates){converged}; the model's scores assume {train_prior:g}; "
-        f"mean score {estimate.mean_score:.3f}",
-        f"calibration: scores shifted by {delta:+.3f} on the logit scale, so they are posteriors at the site's "
-        f"prevalence (stored as platt a = {calibration.a:.4g}, b = {calibration.b:+.4g})",
-        f"threshold: {card.threshold:.4f} -> {threshold:.4f} ({objective}: "
-        + (
-            "every decision unchanged)"
-            if objective == "balanced-accuracy"
-            else "the Bayes rule for accuracy at this prevalence; decisions change)"
-        ),
-    ]
-    return calibration, threshold
-
-
-def _labelled_step(
-    model: GroupedNet,
-    card: ModelCard,
-    data: ImageSet,
-    options: AdaptOptions,
-    device: torch.device,
-    record: dict[str, Any],
-    data_path: str | Path,
-) -> tuple[ScoreCalibration | None, float, Recalibration]:
-    data.require_classes(2, why="recalibration and threshold choice need labelled cases of both classes")
-    method = options.calibrate or "temperature"
-    rule = options.threshold_rule or "youden"
-    target = options.target_sensitivity if options.target_sensitivity is not None else 0.9
-    scores = model_scores(model, card, data.images, device)
-    fit = recalibrate(
-        scores,
-        data.labels.numpy(),
-        data.patient_ids,
-        method=method,
-        rule=rule,
-        target_sensitivity=target,
-        replicates=options.replicates,
-        confidence=options.confidence,
-        seed=options.seed,
-    )
-    calibration = card.calibration
-    if method != "none":
-        calibration = compose(
-            card.calibration,
-            fit.a,
-            fit.b,
-            method,
-            fitted_on=f"{fit.n_images} labelled images of {fit.n_patients} patients in {data_path}",
-        )
-    record["recalibration"] = fit.record()
-    record["calibration"] = None if calibration is None else {"card_calibration": calibration.model_dump()}
-    record["threshold"] = {"rule": rule, "before": card.threshold, "after": fit.threshold}
-    return calibration, fit.threshold, fit
-
-
-def _labelled_lines(fit: Recalibration, before: float) -> list[str]:
-    pct = f"{fit.confidence:.0%}"
-    lines = []
-    if fit.calibration == "temperature":
-        lines.append(
-            f"calibration: temperature scaling a = 1/T = {fit.a:.3f} ({pct} CI {fit.a_ci[0]:.3f}-"
-            f"{fit.a_ci[1]:.3f}); log loss {fit.log_loss_before:.3f} -> {fit.log_loss_after:.3f}"
-        )
-    elif fit.calibration == "platt":
-        lines.append(
-            f"calibration: Platt scaling a = {fit.a:.3f} ({pct} CI {fit.a_ci[0]:.3f}-{fit.a_ci[1]:.3f}), "
-            f"b = {fit.b:+.3f} ({pct} CI {fit.b_ci[0]:+.3f} to {fit.b_ci[1]:+.3f}); "
-            f"log loss {fit.log_loss_before:.3f} -> {fit.log_loss_after:.3f}"
-        )
-    else:
-        lines.append("calibration: unchanged (--calibrate none)")
-    rule = "Youden's J" if fit.rule == "youden" else f"target sensitivity {fit.target_sensitivity:g}"
-    lines += [
-        f"threshold ({rule}): {before:.4f} -> {fit.threshold:.4f} ({pct} CI {fit.threshold_ci[0]:.4f}-"
-        f"{fit.threshold_ci[1]:.4f})",
-        f"  on the {fit.n_images} cases used for fitting ({fit.n_positive} positive): sensitivity "
-        f"{fit.fitted_sensitivity:.3f}, specificity {fit.fitted_specificity:.3f}  <- OPTIMISTIC: fitted on these cases",
-        f"  the same rule on the patients each bootstrap replicate left out: sensitivity "
-        f"{fit.out_of_bootstrap_sensitivity:.3f} ({pct} {fit.out_of_bootstrap_sensitivity_ci[0]:.3f}-"
-        f"{fit.out_of_bootstrap_sensitivity_ci[1]:.3f}), specificity {fit.out_of_bootstrap_specificity:.3f} "
-        f"({pct} {fit.out_of_bootstrap_specificity_ci[0]:.3f}-{fit.out_of_bootstrap_specificity_ci[1]:.3f})"
-        + (
-            f"; the calibration could not be fitted in {fit.failed_replicates} of {fit.replicates} replicates"
-            if fit.failed_replicates
-            else ""
-        ),
-        "note: figures on the cases used for fitting are optimistic; judge the adapted model with "
-        "fedfreeze evaluate on other patients of this site",
-    ]
-    return lines

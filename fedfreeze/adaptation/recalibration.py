@@ -22,13 +22,13 @@ from typing import Any, Literal
 import numpy as np
 
 from fedfreeze.adaptation.prevalence import logit, patient_index
+from fedfreeze.adaptation.threshold_rules import Rule, choose_threshold
 from fedfreeze.errors import DataError
 from fedfreeze.evaluation.bootstrap import bootstrap_weights, percentile_interval
-from fedfreeze.model_io import ScoreCalibration
+from fedfreeze.operating_point import Promise, ScoreCalibration
 
 Method = Literal["temperature", "platt"]
-Rule = Literal["youden", "target-sensitivity"]
-THRESHOLD_CLIP = 1e-6
+MIN_PATIENTS_PER_CLASS = 5  # fewer labelled patients of a class than this: no threshold is fitted
 
 
 def log_loss(z: np.ndarray, y: np.ndarray, a: float = 1.0, b: float = 0.0, weights: np.ndarray | None = None) -> float:
@@ -80,7 +80,7 @@ def fit_calibration(
     if a <= 0:
         raise DataError(
             f"{method} scaling fits a slope a = {a:.3g} <= 0: the model's scores rank the labelled cases the "
-            "wrong way round, which a recalibration cannot fix; use --calibrate none, or retrain"
+            "wrong way round, which a recalibration cannot fix; refit the head on these labels (--refit head)"
         )
     return a, b
 
@@ -109,41 +109,6 @@ def compose(existing: ScoreCalibration | None, a: float, b: float, method: Metho
     new_a, new_b = a * a0, a * b0 + b
     kind: Method = "temperature" if method == "temperature" and new_b == 0.0 else "platt"
     return ScoreCalibration(method=kind, a=new_a, b=new_b, fitted_on=fitted_on)
-
-
-def choose_threshold(
-    scores: np.ndarray,
-    labels: np.ndarray,
-    rule: Rule,
-    target_sensitivity: float = 0.9,
-    weights: np.ndarray | None = None,
-) -> float:
-    """The decision threshold (a case is positive when its score >= threshold) chosen by ``rule``.
-
-    ``youden``: maximise sensitivity + specificity - 1, the highest such threshold on ties (as
-    ``fedfreeze.metrics.youden_threshold``); ``target-sensitivity``: the highest threshold whose
-    sensitivity reaches the target. Cases with weight 0 (left out of a bootstrap replicate) play no
-    part; the threshold is always one of the scores that do.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels).astype(bool)
-    w = np.ones_like(s) if weights is None else np.asarray(weights, dtype=np.float64)
-    keep = w > 0
-    s, y, w = s[keep], y[keep], w[keep]
-    pos_total, neg_total = w[y].sum(), w[~y].sum()
-    if pos_total == 0 or neg_total == 0:
-        raise DataError("choosing a threshold needs labelled cases of both classes")
-    order = np.argsort(-s, kind="stable")
-    s, y, w = s[order], y[order], w[order]
-    tpr = np.cumsum(w * y) / pos_total
-    fpr = np.cumsum(w * ~y) / neg_total
-    last = np.r_[s[1:] != s[:-1], True]  # the last case of each run of equal scores
-    thresholds, tpr, fpr = s[last], tpr[last], fpr[last]
-    if rule == "youden":
-        best = int(np.argmax(tpr - fpr))
-    else:
-        best = int(np.argmax(tpr >= target_sensitivity - 1e-12))  # tpr only grows as the threshold falls
-    return float(np.clip(thresholds[best], THRESHOLD_CLIP, 1 - THRESHOLD_CLIP))
 
 
 def sensitivity_specificity(
@@ -180,13 +145,18 @@ class Recalibration:
     out_of_bootstrap_sensitivity_ci: tuple[float, float]
     out_of_bootstrap_specificity: float
     out_of_bootstrap_specificity_ci: tuple[float, float]
+    out_of_bootstrap_balanced_accuracy: float
+    out_of_bootstrap_balanced_accuracy_ci: tuple[float, float]
     failed_replicates: int  # replicates with no finite or no positive-slope calibration fit
+    failed_threshold_replicates: int  # replicates where the rule found no threshold (e.g. one score per class)
     replicates: int
     confidence: float
     seed: int
     n_images: int
     n_patients: int
     n_positive: int
+    n_positive_patients: int
+    n_negative_patients: int
 
     def record(self) -> dict[str, Any]:
         return {
@@ -194,6 +164,32 @@ class Recalibration:
             "interval": "percentile, patient-level bootstrap stratified by class",
             "fitted_figures_are_optimistic": True,
         }
+
+    def promise(self) -> Promise:
+        """What the rule promises on patients it was not fitted on (each replicate's left-out patients)."""
+        return Promise(
+            sensitivity=_finite(self.out_of_bootstrap_sensitivity),
+            sensitivity_ci=_finite_pair(self.out_of_bootstrap_sensitivity_ci),
+            specificity=_finite(self.out_of_bootstrap_specificity),
+            specificity_ci=_finite_pair(self.out_of_bootstrap_specificity_ci),
+            balanced_accuracy=_finite(self.out_of_bootstrap_balanced_accuracy),
+            balanced_accuracy_ci=_finite_pair(self.out_of_bootstrap_balanced_accuracy_ci),
+            how=(
+                f"the rule refitted on {self.replicates} patient-level bootstrap resamples (stratified by class) and "
+                f"applied to the patients each left out; {self.confidence:.0%} percentile intervals (slightly "
+                "pessimistic: each refit sees about 63 % of the patients)"
+            ),
+        )
+
+
+def require_patients_per_class(patient_class: np.ndarray, minimum: int = MIN_PATIENTS_PER_CLASS) -> None:
+    """A threshold fitted on fewer than ``minimum`` patients of a class says little: refuse, naming it."""
+    counts = [int((patient_class == c).sum()) for c in (0, 1)]
+    if min(counts) < minimum:
+        raise DataError(
+            f"fitting an operating point needs at least {minimum} labelled patients of each class; got "
+            f"{counts[0]} negative and {counts[1]} positive (label more patients: fedfreeze suggest lists which)"
+        )
 
 
 def recalibrate(
@@ -207,6 +203,7 @@ def recalibrate(
     replicates: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    min_patients_per_class: int = MIN_PATIENTS_PER_CLASS,
 ) -> Recalibration:
     """Fit the calibration on the logit of ``scores``, choose the threshold on the recalibrated
     scores, and bootstrap both by patient."""
@@ -214,26 +211,32 @@ def recalibrate(
     y = np.asarray(labels).astype(int)
     if len(np.unique(y)) < 2:
         raise DataError(f"recalibration needs labelled cases of both classes, got only class {int(y[0])} (n={len(y)})")
+    units, n_patients = patient_index(patient_ids)
+    patient_class = np.zeros(n_patients, dtype=int)
+    np.maximum.at(patient_class, units, y)
+    require_patients_per_class(patient_class, min_patients_per_class)
     a, b = fit_calibration(z, y, method) if method != "none" else (1.0, 0.0)
     calibrated = 1.0 / (1.0 + np.exp(-(a * z + b)))
     threshold = choose_threshold(calibrated, y, rule, target_sensitivity)
     fitted_sens, fitted_spec = sensitivity_specificity(calibrated, y, threshold)
 
-    units, n_patients = patient_index(patient_ids)
-    patient_class = np.zeros(n_patients, dtype=int)
-    np.maximum.at(patient_class, units, y)
     unit_weights = bootstrap_weights(patient_class, replicates, seed)
     a_reps, b_reps, t_reps, sens_reps, spec_reps = (np.full(replicates, np.nan) for _ in range(5))
-    failed = 0
+    failed = failed_threshold = 0
     for r in range(replicates):
         w = unit_weights[r, units]
-        t_reps[r] = choose_threshold(calibrated, y, rule, target_sensitivity, w)  # both classes: stratified
-        sens_reps[r], spec_reps[r] = sensitivity_specificity(calibrated, y, t_reps[r], mask=w == 0)
+        try:
+            t_reps[r] = choose_threshold(calibrated, y, rule, target_sensitivity, w)  # both classes: stratified
+        except DataError:  # e.g. a resample whose cases of a class share one score: counted, not hidden
+            failed_threshold += 1
+        else:
+            sens_reps[r], spec_reps[r] = sensitivity_specificity(calibrated, y, t_reps[r], mask=w == 0)
         if method != "none":
             try:
                 a_reps[r], b_reps[r] = fit_calibration(z, y, method, w)
             except DataError:  # separated or reversed in this replicate: counted, not hidden
                 failed += 1
+    ba_reps = 0.5 * (sens_reps + spec_reps)
 
     def interval(values: np.ndarray) -> tuple[float, float]:
         return percentile_interval(values, confidence)
@@ -247,20 +250,37 @@ def recalibrate(
         log_loss_before=log_loss(z, y),
         log_loss_after=log_loss(z, y, a, b),
         rule=rule,
-        target_sensitivity=target_sensitivity if rule == "target-sensitivity" else None,
+        target_sensitivity=target_sensitivity if rule.startswith("target-sensitivity") else None,
         threshold=threshold,
         threshold_ci=interval(t_reps),
         fitted_sensitivity=fitted_sens,
         fitted_specificity=fitted_spec,
-        out_of_bootstrap_sensitivity=float(np.nanmean(sens_reps)) if np.isfinite(sens_reps).any() else float("nan"),
+        out_of_bootstrap_sensitivity=_nanmean(sens_reps),
         out_of_bootstrap_sensitivity_ci=interval(sens_reps),
-        out_of_bootstrap_specificity=float(np.nanmean(spec_reps)) if np.isfinite(spec_reps).any() else float("nan"),
+        out_of_bootstrap_specificity=_nanmean(spec_reps),
         out_of_bootstrap_specificity_ci=interval(spec_reps),
+        out_of_bootstrap_balanced_accuracy=_nanmean(ba_reps),
+        out_of_bootstrap_balanced_accuracy_ci=interval(ba_reps),
         failed_replicates=failed,
+        failed_threshold_replicates=failed_threshold,
         replicates=replicates,
         confidence=confidence,
         seed=seed,
         n_images=len(y),
         n_patients=n_patients,
         n_positive=int(y.sum()),
+        n_positive_patients=int(patient_class.sum()),
+        n_negative_patients=int(n_patients - patient_class.sum()),
     )
+
+
+def _nanmean(values: np.ndarray) -> float:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _finite_pair(pair: tuple[float, float]) -> tuple[float, float] | None:
+    return (float(pair[0]), float(pair[1])) if all(np.isfinite(v) for v in pair) else None

@@ -47,6 +47,7 @@ from fedfreeze.model_io import make_card, save_model
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import build_model
 from fedfreeze.provenance import data_summary, federation_provenance, federation_threshold, summary_row
+from fedfreeze.reference_scores import ReferenceScores, reference_from_histograms
 from fedfreeze.training.schedule import adapter_groups, check_groups
 
 log = logging.getLogger("fedfreeze.coordinator")
@@ -476,9 +477,25 @@ class Coordinator:
                 "threshold_interval": chosen["threshold_interval"],
             },
             provenance=provenance,
+            reference_scores=self._reference(chosen),
         )
         info = {k: v for k, v in chosen.items() if k != "state"}
         return save_model(self.out / MODEL_DIR, model, card), info
+
+
+    def _reference(self, chosen: dict[str, Any]) -> ReferenceScores | None:
+        """The exported model's pooled validation histograms of the training sites (estimated from the
+        cells they released): what a new site's label-free checks compare its scores with."""
+        hist = ((chosen.get("pooled") or {}).get("histograms") or {}) if self.binary else {}
+        if not hist.get("neg") or not hist.get("pos"):
+            return None
+        return reference_from_histograms(
+            hist["neg"],
+            hist["pos"],
+            self.fed.min_cell_count,
+            f"pooled validation of the training sites for the exported model (after round {chosen['round']}), "
+            f"estimated from cells of >= {self.fed.min_cell_count} cases",
+        )
 
 
 def _rounded(values: np.ndarray) -> list[float]:

@@ -13,9 +13,10 @@ import torch
 from fedfreeze.config import SiteConfig, parse_config
 from fedfreeze.data.dataset import ImageSet, load_image_set
 from fedfreeze.model_io import make_card, save_model
+from fedfreeze.reference_scores import reference_from_scores
 from fedfreeze.sample_data import kermany_mini
 from fedfreeze.site import new_model
-from fedfreeze.training.engine import extract_features, fit
+from fedfreeze.training.engine import extract_features, fit, predict_scores
 
 CLASSES = ["normal", "pneumonia"]
 SIZE = 96
@@ -35,6 +36,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     device = torch.device("cpu")
     feats = extract_features(model, data.images, device)
     fit(model, data.images, data.labels, cfg.train, rng=np.random.default_rng(0), device=device, probe_features=feats)
+    # what site-train stores (there from out-of-fold scores; here the probe's own, for speed)
+    reference = reference_from_scores(
+        data.labels.numpy(), predict_scores(model, data.images, device), 5, "tests: the probe's training scores"
+    )
     card = make_card(
         model,
         cfg.model,
@@ -42,6 +47,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         class_names=CLASSES,
         trained_by="tests/adaptation",
         notes={"data": "kermany_mini/train"},
+        reference_scores=reference,
     )
     return save_model(tmp_path_factory.mktemp("model") / "m", model, card)
 

@@ -87,6 +87,7 @@ def test_adapted_folder_differs_only_in_running_statistics(model_dir: Path, test
                 "reestimate",
                 "--prevalence",
                 "none",
+                "--allow-unverified",  # this is about what the folder holds, not whether AdaBN helps
             ]
         )
         == 0
@@ -104,6 +105,7 @@ def test_adapted_folder_differs_only_in_running_statistics(model_dir: Path, test
                 "--quiet",
                 "--bootstrap",
                 "50",
+                "--allow-unverified",
             ]
         )
         == 0

@@ -109,11 +109,13 @@ def test_adapt_estimates_known_prevalences_of_real_images(model_dir: Path, test_
                     "--quiet",
                     "--bootstrap",
                     "500",
+                    "--allow-unverified",  # 63 images: fewer than the check needs to vouch
                 ]
             )
             == 0
         )
         record = json.loads((out / "model.json").read_text())["adaptations"][-1]
+        assert [c["vouched"] for c in record["checks"]] == [False] and "only 63 images" in record["checks"][0]["reason"]
         estimate = record["prevalence"]
         truth = positives / (positives + negatives)
         assert estimate["ci_low"] <= truth <= estimate["ci_high"], (name, truth, estimate)
@@ -145,12 +147,14 @@ def test_prior_shift_keeps_decisions_and_accuracy_objective_moves_them(
                 "--quiet",
                 "--bootstrap",
                 "200",
+                "--allow-unverified",
             ]
         )
         == 0
     )
     printed = capsys.readouterr().out
     assert "estimated prevalence of 'pneumonia'" in printed and "every decision unchanged" in printed
+    assert "NOT vouched for, stored anyway (--allow-unverified)" in printed
     assert (
         main(
             [
@@ -166,17 +170,21 @@ def test_prior_shift_keeps_decisions_and_accuracy_objective_moves_them(
                 "200",
                 "--objective",
                 "accuracy",
+                "--allow-unverified",
             ]
         )
         == 0
     )
     card = json.loads((kept / "model.json").read_text())
     pi = card["adaptations"][-1]["prevalence"]["prevalence"]
-    shift = card["calibration"]["b"]
-    assert card["calibration"]["method"] == "platt" and card["calibration"]["a"] == 1.0
+    op = card["operating-points"]["site"]  # named after site.csv
+    assert card["local-site"] == "site" and card["threshold"] == 0.4 and card["calibration"] is None
+    assert op["evidence"] == "label-free-prevalence" and op["labels-used"] is False and op["promise"] is None
+    shift = op["calibration"]["b"]
+    assert op["calibration"]["method"] == "platt" and op["calibration"]["a"] == 1.0
     assert shift == pytest.approx(float(logit(pi) - logit(0.5)), abs=1e-12)
-    assert card["threshold"] == pytest.approx(1 / (1 + np.exp(-(logit(0.4) + shift))))
-    assert json.loads((accurate / "model.json").read_text())["threshold"] == 0.5
+    assert op["threshold"] == pytest.approx(1 / (1 + np.exp(-(logit(0.4) + shift))))
+    assert json.loads((accurate / "model.json").read_text())["operating-points"]["site"]["threshold"] == 0.5
 
     before = evaluate_model(model_dir, labelled, bootstrap=0)
     after = evaluate_model(kept, labelled, bootstrap=0)
@@ -191,7 +199,41 @@ def test_prior_shift_keeps_decisions_and_accuracy_objective_moves_them(
     # calibration, their decisions would have changed
     position = {source: i for i, source in enumerate(test_set.sources)}
     raw = test_scores[[position[row["path"]] for row in chosen]]
-    assert pi < 0.5 and np.any((raw >= card["threshold"]) & (raw < 0.4))
+    assert pi < 0.5 and np.any((raw >= op["threshold"]) & (raw < 0.4))
     # at ~20 % prevalence the Bayes rule for accuracy (posterior >= 0.5, i.e. raw >= sigmoid(-shift))
     # calls fewer cases positive than the stored threshold did
     assert (raw >= 1 / (1 + np.exp(shift))).sum() < (raw >= 0.4).sum()
+
+
+def test_the_check_vouches_for_em_where_only_the_class_mix_changed(model_dir: Path, tmp_path: Path, capsys) -> None:
+    """kermany_mini/train (300 images) is what the fixture's reference scores come from: its scores fit
+    a reference mixture, so EM runs without --allow-unverified and the record says it was vouched for."""
+    import csv
+
+    from fedfreeze.sample_data import kermany_mini
+
+    manifest = kermany_mini("train")
+    with manifest.open(newline="") as handle:
+        rows = [{**r, "path": str(manifest.parent / r["path"])} for r in csv.DictReader(handle)]
+    data = write_rows(tmp_path / "site.csv", rows, ["path", "patient_id"])
+    out = tmp_path / "adapted"
+    assert (
+        main(
+            [
+                "adapt",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--quiet",
+                "--bootstrap",
+                "100",
+            ]
+        )
+        == 0
+    )
+    assert "check: prevalence (EM) vouched for" in capsys.readouterr().out
+    record = json.loads((out / "model.json").read_text())["adaptations"][-1]
+    assert [c["vouched"] for c in record["checks"]] == [True]
