@@ -192,6 +192,16 @@ def _print_federation(metrics: dict, out: Path) -> None:
         for key in ("auroc", "balanced_accuracy", "sensitivity", "specificity"):
             where = "(over all thresholds)" if key == "auroc" else f"at threshold {ext['threshold']:.3f}"
             print(f"  {key:<18} {ext[key]:.4f}  {where}")
+    if at and "threshold" in at:
+        shared = exported.get("operating_points") or []
+        print(
+            f"threshold in use: the global {at['threshold']:.3f} at every site without its own (not validated there); "
+            + (
+                f"site operating points in the model folder: {', '.join(shared)} (evaluate --site NAME)"
+                if shared
+                else "no site shared its operating point (each keeps its own in its state folder)"
+            )
+        )
     print(f"report:  {out / 'metrics.json'}, {out / 'rounds.csv'}, {out / 'rounds.png'}")
     print(
         f"model:   {metrics['model']}  (score new data with: fedfreeze evaluate --model {metrics['model']} --data ...)"
@@ -218,6 +228,7 @@ def _simulate(args: argparse.Namespace) -> int:
         resume=args.resume,
         cpus_per_site=args.cpus_per_site,
         evaluation_sites=args.evaluation_site,
+        share_operating_points=args.share_operating_points,
     )
     _print_federation(metrics, Path(args.out))
     return 0
@@ -332,6 +343,8 @@ def _site(args: argparse.Namespace) -> int:
         node["weights"] = str(Path(args.weights).resolve())
     if args.threads:
         node["threads"] = args.threads
+    if args.share_operating_point:
+        node["share-operating-point"] = "true"
     cmd = launch.supernode_command(
         superlink=args.superlink,
         node_config=node,
@@ -721,6 +734,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-site", type=int, default=1, help="CPUs Ray gives each simulated site")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     p.add_argument(
+        "--share-operating-points",
+        action="store_true",
+        help="every simulated site sends the coordinator the operating point it fits at the final evaluation",
+    )
+    p.add_argument(
         "--evaluation-site",
         action="append",
         metavar="NAME=DATA",
@@ -792,6 +810,12 @@ def build_parser() -> argparse.ArgumentParser:
         "nothing goes to ~/.flwr) (default: ~/.cache/fedfreeze/NAME)",
     )
     p.add_argument("--weights", default=None, help="the site's own copy of the pretrained checkpoint")
+    p.add_argument(
+        "--share-operating-point",
+        action="store_true",
+        help="send the coordinator the operating point this site fits on its labelled validation patients at the "
+        "final evaluation, so the model folder holds it (default: it stays in --state-dir)",
+    )
     p.add_argument(
         "--root-cert",
         type=Path,

@@ -117,8 +117,12 @@ def simulate(
     resume: bool = False,
     cpus_per_site: int = 1,
     evaluation_sites: list[str] | None = None,
+    share_operating_points: bool = False,
 ) -> dict[str, Any]:
-    """Partition, run every round in Flower's simulation runtime, and return ``metrics.json``."""
+    """Partition, run every round in Flower's simulation runtime, and return ``metrics.json``.
+
+    ``share_operating_points``: every simulated site sends the operating point it fits at the final
+    evaluation, so the model folder holds them (each site keeps its own in ``sites/site-N/state`` anyway)."""
     out = Path(out).resolve()
     config_path = resolve_config_path(config)
     cfg = load_fed_config(config_path, {"federation.out-dir": str(out)})
@@ -153,7 +157,12 @@ def simulate(
     env = flower_env(home, tag=tag)
     link_cmd = superlink_command(port=port, database=out / "superlink.db", simulation=True, insecure=True)  # loopback
     link = Managed("simulation SuperLink", link_cmd, out / "logs" / "superlink.log", env)
-    run_config: dict[str, Any] = {"sites-dir": str(out / "sites"), "out-dir": str(out), "resume": resume}
+    run_config: dict[str, Any] = {
+        "sites-dir": str(out / "sites"),
+        "out-dir": str(out),
+        "resume": resume,
+        "share-operating-points": share_operating_points,
+    }
     if config_path is not None:
         run_config["config"] = str(config_path.resolve())
     cmd = run_command(

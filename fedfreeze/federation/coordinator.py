@@ -43,9 +43,10 @@ from fedfreeze.federation.exchange import (
 from fedfreeze.federation.protocol import DUAL, EVALUATE_ROLE, RoundOrders
 from fedfreeze.federation.records import Reply, RoundRecord, json_default
 from fedfreeze.federation.rounds import RoundPlan, plan_round
-from fedfreeze.model_io import make_card, save_model
+from fedfreeze.model_io import make_card, model_sha256, save_model
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import build_model
+from fedfreeze.operating_point import OperatingPoint
 from fedfreeze.provenance import data_summary, federation_provenance, federation_threshold, summary_row
 from fedfreeze.reference_scores import ReferenceScores, reference_from_histograms
 from fedfreeze.training.schedule import adapter_groups, check_groups
@@ -81,6 +82,9 @@ class Coordinator:
         self.state = self.recipe.initial_state()
         self.binary = cfg.model.num_classes == 2
         self.edges = score_bin_edges(self.fed.score_bins)
+        self.shared_points: dict[
+            str, OperatingPoint
+        ] = {}  # site -> the operating point it shared at the final evaluation
         self.threshold = snap_threshold(0.5, self.edges) if self.binary else 0.5
         self.completed = 0
         self.history: list[RoundRecord] = []
@@ -164,6 +168,8 @@ class Coordinator:
             n = reply.metrics.get("num-examples")
             if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.fed.max_examples:
                 problems.append(f"num-examples {n!r} is not an integer in [1, {self.fed.max_examples}]")
+        if reply.operating_point is not None:
+            problems += self._operating_point_problems(reply, with_arrays)
         if reply.frozen_hash != proof:
             problems.append("frozen-weight hash differs from the coordinator's: the site's backbone is not the same")
         try:
@@ -175,6 +181,39 @@ class Coordinator:
         except ValueError as err:
             problems.append(f"data summary: {err}")
         return problems
+
+    def _operating_point_problems(self, reply: Reply, with_arrays: bool) -> list[str]:
+        """A shared operating point belongs to the final evaluation, names the replying site and parses."""
+        if with_arrays:
+            return ["sent an operating point outside the final evaluation"]
+        try:
+            point = OperatingPoint.model_validate_json(str(reply.operating_point))
+        except ValueError as err:
+            return [f"operating point: {str(err).splitlines()[0]}"]
+        if point.site != reply.site:
+            return [f"operating point names site {point.site!r}, but the reply comes from {reply.site!r}"]
+        return []
+
+    def keep_operating_points(self, replies: list[Reply]) -> None:
+        """The operating points sites shared at the final evaluation (checked with their replies)."""
+        self.shared_points = {
+            r.site: OperatingPoint.model_validate_json(r.operating_point)
+            for r in replies
+            if r.operating_point is not None
+        }
+
+    def operating_points_line(self, exported: dict[str, Any]) -> str:
+        """Which threshold each site runs the exported model at, and whether it was validated there."""
+        kept = exported.get("operating_points") or []
+        skipped = exported.get("operating_points_for_other_weights") or []
+        line = f"threshold in use: the global {exported['threshold']:.3f} at every site without its own (not validated there)"
+        if kept:
+            line += f"; site operating points in the model folder: {', '.join(kept)}"
+        else:
+            line += "; no site shared an operating point (sites keep theirs in their state folder)"
+        if skipped:
+            line += f"; left out, fitted for another round's model: {', '.join(skipped)}"
+        return line
 
     def site_stats(self, reply: Reply, orders: RoundOrders) -> ReleasedCells:
         """A reply's validation statistics: the cells it released (per class, over score bins or, for
@@ -443,6 +482,10 @@ class Coordinator:
         model: GroupedNet = self.model
         model.load_state_dict(chosen["state"])
         threshold = chosen["threshold"] if self.binary else 0.5
+        sha = model_sha256(model)
+        points = {site: p for site, p in self.shared_points.items() if p.model_sha256 == sha}
+        chosen["operating_points"] = sorted(points)
+        chosen["operating_points_for_other_weights"] = sorted(set(self.shared_points) - set(points))
         provenance = federation_provenance(
             config=self.cfg.model_dump(mode="json", by_alias=True),
             app_hash=self.app_hash,
@@ -478,10 +521,10 @@ class Coordinator:
             },
             provenance=provenance,
             reference_scores=self._reference(chosen),
+            operating_points=points,
         )
         info = {k: v for k, v in chosen.items() if k != "state"}
         return save_model(self.out / MODEL_DIR, model, card), info
-
 
     def _reference(self, chosen: dict[str, Any]) -> ReferenceScores | None:
         """The exported model's pooled validation histograms of the training sites (estimated from the

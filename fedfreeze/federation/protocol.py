@@ -25,6 +25,7 @@ ARRAYS = "arrays"  # ArrayRecord: the round's trainable arrays (down and up)
 METRICS = "metrics"  # MetricRecord: example counts, timings, validation figures and statistics
 CONFIG = "config"  # ConfigRecord: the coordinator's orders for the round
 PROOF = "proof"  # ConfigRecord: the site's name, its role and the hash of its frozen weights
+OPERATING_POINT = "operating-point"  # in PROOF, final evaluation only: a site's own operating point (JSON), if shared
 BASE = "base"  # ArrayRecord, down only: frozen arrays a site cannot rebuild (merged rounds of train.recipe = "dual")
 
 DUAL = "dual"  # the stage of a round that trains the dual model (train.recipe = "dual")

@@ -25,6 +25,7 @@ class Reply:
     bytes_down: int = 0
     bytes_up: int = 0
     role: str = "train"  # protocol.TRAIN_ROLE, or EVALUATE_ROLE for a site that only scores the global model
+    operating_point: str | None = None  # final evaluation: the site's own operating point (JSON), if it shares it
 
 
 @dataclass

@@ -8,6 +8,7 @@ features keyed by the frozen weights' hash, and under FedBN its own BatchNorm la
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedfreeze import __version__
+from fedfreeze.adaptation.recalibration import recalibrate
+from fedfreeze.adaptation.threshold_rules import Rule
 from fedfreeze.config import ModelConfig
 from fedfreeze.data.dataset import MANIFEST_NAME, ImageSet, load_image_set
 from fedfreeze.data.splits import split_patients
@@ -35,7 +39,8 @@ from fedfreeze.federation.exchange import (
 from fedfreeze.federation.protocol import EVALUATE_ROLE, TRAIN_ROLE, RoundOrders
 from fedfreeze.federation.site_stages import stage_for
 from fedfreeze.models.grouped import GroupedNet
-from fedfreeze.provenance import site_data_metrics
+from fedfreeze.operating_point import Evidence, OperatingPoint, ScoreCalibration, state_sha256
+from fedfreeze.provenance import now_utc, site_data_metrics
 from fedfreeze.training.dynamic_freeze import updated_keys
 from fedfreeze.training.engine import predict_scores, resolve_device
 from fedfreeze.training.features import FeatureCache
@@ -49,6 +54,8 @@ class SiteReply:
     frozen_hash: str
     metrics: dict[str, Any] = field(default_factory=dict)
     role: str = TRAIN_ROLE
+    operating_point: OperatingPoint | None = None  # final evaluation, only when the site shares it
+    note: str | None = None  # for the site's own log (e.g. why it has no operating point): never sent
 
 
 class SiteRuntime:
@@ -63,6 +70,7 @@ class SiteRuntime:
         weights: str | None = None,
         device: str = "auto",
         max_train_memory_mb: float | None = None,
+        share_operating_point: bool = False,
     ) -> None:
         self.data_path = Path(data_path)
         self.site = site
@@ -71,6 +79,8 @@ class SiteRuntime:
         self.device = resolve_device(device)
         # this site's memory for training, overriding the coordinator's train.max-train-memory-mb
         self.max_train_memory_mb = max_train_memory_mb
+        # the site's own choice: its operating point stays in its state folder unless this is set
+        self.share_operating_point = share_operating_point
 
     # ------------------------------------------------------------------ data
     def datasets(self, orders: RoundOrders) -> tuple[ImageSet, ImageSet]:
@@ -219,16 +229,51 @@ class SiteRuntime:
         return SiteReply(subset(model.state_dict(), keys), proof, metrics)
 
     def evaluate(
-        self, orders: RoundOrders, arrays: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None = None
+        self,
+        orders: RoundOrders,
+        arrays: dict[str, torch.Tensor],
+        base: dict[str, torch.Tensor] | None = None,
+        *,
+        final: bool = False,
     ) -> SiteReply:
-        """Score the received global model on the validation split (an evaluation-only site: on all its data)."""
+        """Score the received global model on the validation split (an evaluation-only site: on all its data).
+
+        ``final`` (the federation's final evaluation): the site also fits its own operating point for
+        this model on those labelled patients (``site_operating_point``), keeps it in its state folder,
+        and returns it only if it shares it."""
         role = orders.role_of(self.site)
         splits = [self._evaluation_set(orders)] if role == EVALUATE_ROLE else list(self.datasets(orders))
         val_set = splits[-1]
         model, plan = self.model(orders, arrays, base)
-        metrics = self._evaluate(stage_for(orders).scored(model), orders, val_set, head_only=False)
+        scored = stage_for(orders).scored(model)
+        scores = self._scores(scored, val_set)
+        metrics = validation_release(val_set.labels.numpy(), scores, orders)
         metrics.update(site_data_metrics(self.data_path, splits))  # totals for the model card (provenance.py)
-        return SiteReply({}, frozen_hash(model.state_dict(), plan), metrics, role=role)
+        reply = SiteReply({}, frozen_hash(model.state_dict(), plan), metrics, role=role)
+        if final and scores.ndim == 1:
+            point, reply.note = self._operating_point(scored, val_set, scores, role)
+            reply.operating_point = point if self.share_operating_point else None
+        return reply
+
+    def _operating_point(
+        self, model: GroupedNet, data: ImageSet, scores: np.ndarray, role: str
+    ) -> tuple[OperatingPoint | None, str]:
+        """This site's operating point for ``model`` from its labelled patients, written to its state
+        folder (``operating-points/<model sha256>.json``); a site too small for one writes why instead."""
+        folder = self.state_dir / OPERATING_POINTS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        sha = state_sha256(model.state_dict())
+        evidence: Evidence = "labelled-patients" if role == EVALUATE_ROLE else "local-validation"
+        try:
+            point = site_operating_point(self.site, sha, data, scores, evidence)
+        except DataError as err:
+            refusal = {"site": self.site, "model_sha256": sha, "reason": str(err)}
+            _write_json(folder / f"{sha[:16]}.refused.json", refusal)
+            return None, f"site {self.site}: no operating point of its own for this model: {err}"
+        path = folder / f"{sha[:16]}.json"
+        _write_json(path, point.model_dump(mode="json", by_alias=True))
+        shared = "shared with the coordinator" if self.share_operating_point else "kept at the site (not shared)"
+        return point, f"site {self.site}: its operating point for this model is {path} ({shared}): {point.summary()}"
 
     def _evaluation_set(self, orders: RoundOrders) -> ImageSet:
         """An evaluation-only site scores every image it holds: none of it trains anything."""
@@ -251,9 +296,11 @@ class SiteRuntime:
                 logits = model.head(feats)
             scores = torch.sigmoid(logits[:, 0]).numpy() if logits.shape[1] == 1 else torch.softmax(logits, 1).numpy()
         else:
-            scores = predict_scores(model, val_set.images, self.device)
-        labels = val_set.labels.numpy()
-        return validation_release(labels, scores, orders)
+            scores = self._scores(model, val_set)
+        return validation_release(val_set.labels.numpy(), scores, orders)
+
+    def _scores(self, model: GroupedNet, data: ImageSet) -> np.ndarray:
+        return predict_scores(model, data.images, self.device)
 
 
 def validation_release(labels: np.ndarray, scores: np.ndarray, orders: RoundOrders) -> dict[str, Any]:
@@ -279,6 +326,49 @@ def validation_release(labels: np.ndarray, scores: np.ndarray, orders: RoundOrde
         around = [[e for e in (c, c + 1) if 0 < e < classes] for c in range(classes)]
         cells = release_cells(matrix, k, anchors=around)
     return {"val-n": int(len(labels)), **cells.to_metrics("val-")}
+
+
+OPERATING_POINTS_DIR = "operating-points"
+SITE_RULE: Rule = "binormal"
+
+
+def site_operating_point(
+    site: str, model_sha: str, data: ImageSet, scores: np.ndarray, evidence: Evidence
+) -> OperatingPoint:
+    """A federation site's own operating point for the final model, from its labelled validation
+    patients (an evaluation-only site: all its patients): temperature scaling and the binormal rule,
+    as ``fedfreeze adapt --labels use`` fits one, with the promise estimated on left-out patients."""
+    fit = recalibrate(
+        scores, data.labels.numpy(), data.patient_ids, method="temperature", rule=SITE_RULE, replicates=SITE_REPLICATES
+    )
+    return OperatingPoint(
+        site=site,
+        threshold=fit.threshold,
+        calibration=ScoreCalibration(
+            method="temperature", a=fit.a, fitted_on=f"{fit.n_images} validation images of {fit.n_patients} patients"
+        ),
+        rule=SITE_RULE,
+        evidence=evidence,
+        labels_used=True,
+        model_sha256=model_sha,
+        n_images=fit.n_images,
+        n_patients=fit.n_patients,
+        n_positive_patients=fit.n_positive_patients,
+        n_negative_patients=fit.n_negative_patients,
+        threshold_ci=fit.threshold_ci if all(np.isfinite(fit.threshold_ci)) else None,
+        promise=fit.promise(),
+        created_utc=now_utc(),
+        fedfreeze_version=__version__,
+    )
+
+
+SITE_REPLICATES = 300  # bootstrap replicates of a federation site's operating point (seconds, not minutes)
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def proximal_term(model: GroupedNet, mu: float):

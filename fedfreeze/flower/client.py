@@ -22,7 +22,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedfreeze.errors import ConfigError
-from fedfreeze.federation.protocol import ARRAYS, BASE, CONFIG, METRICS, PROOF, RoundOrders
+from fedfreeze.federation.protocol import ARRAYS, BASE, CONFIG, METRICS, OPERATING_POINT, PROOF, RoundOrders
 from fedfreeze.federation.site_runtime import SiteReply, SiteRuntime
 
 log = logging.getLogger("flwr")  # Flower's handler prints it in the SuperNode's log
@@ -63,7 +63,22 @@ def runtime_for(context: Context) -> SiteRuntime:
         weights=str(weights) if weights else None,
         device=str(node.get("device", "auto")),
         max_train_memory_mb=float(memory) if memory is not None else None,
+        share_operating_point=shares_operating_point(context),
     )
+
+
+def shares_operating_point(context: Context) -> bool:
+    """The site's own choice (node config ``share-operating-point``); in a simulation, where whoever runs it
+    holds every site, the run config's ``share-operating-points`` (``fedfreeze simulate``'s option)."""
+    node = context.node_config
+    value = node.get("share-operating-point")
+    if value is None and "partition-id" in node:
+        value = context.run_config.get("share-operating-points", False)
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false"):
+            raise ConfigError(f"node config share-operating-point: expected true or false, got {value!r}")
+        return value.lower() == "true"
+    return bool(value)
 
 
 def site_names(sites_dir: Path) -> dict[str, str]:
@@ -120,12 +135,10 @@ def to_reply(message: Message, result: SiteReply, site: str, *, with_arrays: boo
     metrics: dict[str, Any] = {k: v for k, v in result.metrics.items()}
     if "num-examples" not in metrics:
         metrics["num-examples"] = int(metrics.get("val-n", 0))
-    content = RecordDict(
-        {
-            METRICS: MetricRecord(metrics),
-            PROOF: ConfigRecord({"frozen-hash": result.frozen_hash, "site": site, "role": result.role}),
-        }
-    )
+    proof: dict[str, Any] = {"frozen-hash": result.frozen_hash, "site": site, "role": result.role}
+    if result.operating_point is not None:  # final evaluation, and only when the site shares it
+        proof[OPERATING_POINT] = result.operating_point.model_dump_json(by_alias=True)
+    content = RecordDict({METRICS: MetricRecord(metrics), PROOF: ConfigRecord(proof)})
     if with_arrays:
         content[ARRAYS] = ArrayRecord(result.arrays)
     return Message(content=content, reply_to=message)
@@ -183,7 +196,11 @@ def handle_train(message: Message, context: Context) -> Message:
 @logged_failures
 def handle_evaluate(message: Message, context: Context) -> Message:
     runtime = runtime_for(context)
-    result = runtime.evaluate(orders_from(message.content.config_records[CONFIG]), *received_arrays(message))
+    result = runtime.evaluate(
+        orders_from(message.content.config_records[CONFIG]), *received_arrays(message), final=True
+    )
+    if result.note:
+        log.info("%s", result.note)
     result.metrics["process-seconds"] = process_seconds()
     return to_reply(message, result, runtime.site, with_arrays=False)
 

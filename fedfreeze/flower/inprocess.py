@@ -69,8 +69,12 @@ def run_in_process(
     resume: bool = True,
     device: str = "auto",
     client_app: ClientApp | None = None,
+    share_operating_points: bool = False,
 ) -> dict[str, Any]:
     """Run the federation of ``cfg`` over ``sites`` (name -> data folder); returns its ``metrics.json``.
+
+    ``share_operating_points``: every site sends the operating point it fits at the final evaluation
+    (each keeps its own in its state folder either way).
 
     The configuration is written to ``out_dir/fed.toml`` (the run reads it like any run config).
     With ``resume``, a federation stopped earlier in ``out_dir`` continues from its checkpoint.
@@ -89,6 +93,7 @@ def run_in_process(
             "site-name": name,
             "state-dir": str(Path(state_dir).resolve() / name),
             "device": device,
+            "share-operating-point": share_operating_points,
         }
         for number, (name, folder) in enumerate(sites.items(), start=1)
     }

@@ -32,7 +32,16 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from fedfreeze.federation.config import FedConfig, from_run_config
 from fedfreeze.federation.coordinator import Coordinator, FederationFailed
 from fedfreeze.federation.exchange import ExchangePlan, key_groups
-from fedfreeze.federation.protocol import ARRAYS, BASE, EVALUATE_ROLE, METRICS, PROOF, TRAIN_ROLE, RoundOrders
+from fedfreeze.federation.protocol import (
+    ARRAYS,
+    BASE,
+    EVALUATE_ROLE,
+    METRICS,
+    OPERATING_POINT,
+    PROOF,
+    TRAIN_ROLE,
+    RoundOrders,
+)
 from fedfreeze.federation.records import Reply, RoundRecord
 from fedfreeze.federation.report import write_report
 from fedfreeze.flower.approval import refusal_in
@@ -182,6 +191,7 @@ def unpack(message: Message, bytes_down: int, node: int | None = None) -> Reply 
         bytes_down=bytes_down,
         bytes_up=bytes_up,
         role=str(proof.get("role", TRAIN_ROLE)),
+        operating_point=str(proof[OPERATING_POINT]) if OPERATING_POINT in proof else None,
     )
 
 
@@ -428,6 +438,7 @@ def final_evaluation(grid: Grid, coord: Coordinator, strategy: Strategy) -> Roun
     messages = with_base(messages, coord.base_for(plan))
     _, valid = exchange(grid, messages, coord, plan, orders, record, with_arrays=False)
     coord.pool(valid, record, orders)
+    coord.keep_operating_points(valid)
     record.sites = [coord.site_row(r) for r in valid]
     record.round_seconds = time.perf_counter() - started
     return record
@@ -476,6 +487,7 @@ def run_federation(grid: Grid, context: Context) -> None:
             exported["rule"],
             exported["threshold"],
         )
+        log.info("%s", coord.operating_points_line(exported))
         write_report(coord, status="completed", final=final, model_dir=model_dir, exported=exported)
     except Exception as err:
         write_report(coord, status="failed", reason=f"{type(err).__name__}: {err}")
@@ -515,7 +527,11 @@ def log_round(record: RoundRecord, *, final: bool = False) -> None:
     mean = record.weighted_mean or {}
     # binary: AUROC from the pooled histograms; multi-class: accuracy from the pooled confusion matrices
     first, key = ("AUROC", "auroc") if "auroc" in pooled else ("accuracy", "accuracy")
-    at = f" at threshold {record.threshold_used:.3f}" if "auroc" in pooled and record.threshold_used is not None else ""
+    at = (
+        f" at the global threshold {record.threshold_used:.3f} (no site's own)"
+        if "auroc" in pooled and record.threshold_used is not None
+        else ""
+    )
     label = "final evaluation" if final else f"round {record.round} [{'+'.join(record.parts)}]"
     external = ""
     if record.evaluation_sites:

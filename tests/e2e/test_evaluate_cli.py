@@ -148,8 +148,9 @@ def test_text_lines_and_report_files(trained, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0
-    provenance, *lines = out.splitlines()
+    provenance, operating, *lines = out.splitlines()
     assert provenance.startswith("model: site-train, fedfreeze ")  # what produced the model, then the figures
+    assert "is the global model's and was not validated at this site" in operating  # which threshold, and whose
     keys = [line.split()[0] for line in lines[:8]]
     assert keys == ["auroc", "balanced_accuracy", "f1", "sensitivity", "specificity", "brier", "ece", "mean_score"]
     interval = re.compile(r"^(\w+)\s+(\d\.\d{4})\s+\[(\d\.\d{3}), (\d\.\d{3})\]$")

@@ -79,8 +79,11 @@ def test_adapt_keeps_the_provenance_and_adds_itself_to_the_card(trained, adapted
     section = text.split("## Adaptations", 1)[1].split("## Known limits", 1)[0]
     assert "1. **recalibration-temperature+threshold-youden**" in section
     assert str(trained.resolve()) in section and record["source_weights_sha256"][:16] in section
-    assert f"threshold {before.threshold:.4g} -> {after.threshold:.4g} (youden)" in section
-    assert "Adaptations since moved it to" in text
+    site = after.operating_points["test"]  # the site is named after test.csv
+    assert after.threshold == before.threshold  # the global threshold stays; the site's own is beside it
+    assert f"threshold {before.threshold:.4g} -> {site.threshold:.4g} (youden)" in section
+    points = text.split("## Site operating points", 1)[1].split("## Adaptations", 1)[0]
+    assert f"| test | {site.threshold:.4g} [" in points and "This folder belongs to site **test**" in points
     assert "| train.csv | training | 300 | 235 |" in text  # the training data are still listed
 
 
@@ -92,5 +95,6 @@ def test_evaluate_prints_where_the_model_came_from(trained, adapted, capsys):
     assert first.startswith("model: site-train, fedfreeze ")
     assert f"threshold {card.threshold:.4g} (rule: youden-oof)" in first
     assert main(["evaluate", "--model", str(adapted), "--data", test, "--bootstrap", "0"]) == 0
-    first = capsys.readouterr().out.splitlines()[0]
-    assert "(rule: youden-oof, moved by adaptation), then adapted 1x (recalibration-temperature" in first
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    assert "(rule: youden-oof), then adapted 1x (recalibration-temperature" in first
+    assert second.startswith("operating point: site 'test': threshold ")
