@@ -202,6 +202,7 @@ class PrefixScorer:
             not (
                 torch.equal(model.normalize.mean, self.base.normalize.mean)
                 and torch.equal(model.normalize.std, self.base.normalize.std)
+                and getattr(model.normalize, "equalize", False) == getattr(self.base.normalize, "equalize", False)
             )
             or list(model.groups) != self.names
         ):

@@ -49,6 +49,11 @@ class ModelConfig(Section):
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     mean: list[float] | None = None
     std: list[float] | None = None
+    intensity: Literal["as-is", "equalize"] = Field(
+        "as-is",
+        description="equalize: each image's histogram is equalised inside the model (training and every scorer) "
+        "before the mean/std normalisation",
+    )
     top_group: bool = Field(
         False,
         description="cut the backbone's last block (Lite0's 1x1 conv_head, ResNet's last bottleneck) out of its "
@@ -110,6 +115,12 @@ class TrainConfig(Section):
     batch_size: int = Field(32, ge=1)
     cutmix_prob: float = Field(0.5, ge=0.0, le=1.0)
     cutmix_alpha: float = Field(1.0, gt=0.0)
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="targets move this far toward uniform (binary: 1 -> 1 - s/2, 0 -> s/2), against over-confidence",
+    )
     bn_stats: Literal["auto", "update", "frozen"] = Field(
         "auto",
         description="BatchNorm running statistics of trainable groups: update them, keep them frozen, "

@@ -31,7 +31,8 @@ REFERENCE_LOGIT_RANGE = 12.0
 
 
 class ReferenceScores(Section):
-    """Estimated per-class counts of validation scores on ``bins`` fixed score bins."""
+    """Estimated per-class counts of validation scores on ``bins`` fixed score bins: the model's raw
+    scores, before any calibration the card holds (what a site's check compares its own raw scores with)."""
 
     bins: int = Field(REFERENCE_BINS, ge=2)
     logit_range: float = Field(REFERENCE_LOGIT_RANGE, gt=0.0, allow_inf_nan=False)

@@ -20,6 +20,7 @@ from fedfreeze.model_io import ModelCard, model_scores, model_sha256
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.operating_point import OperatingPoint
 from fedfreeze.provenance import now_utc
+from fedfreeze.training.engine import predict_scores
 
 THRESHOLD_CLIP = 1e-6
 EDGE = 1e-3  # an EM prevalence this close to 0 or 1 is a boundary fit, not an estimate
@@ -60,7 +61,8 @@ def batchnorm_step(
     record: dict[str, Any],
     lines: list[str],
 ) -> None:
-    before = model_scores(model, card, data.images, device) if card.model.num_classes == 2 else None
+    # the reference holds the model's raw scores (before any calibration the card holds): compare like with like
+    before = predict_scores(model, data.images, device) if card.model.num_classes == 2 else None
     layers = reestimate_all_bn(model, data.images, device)
     record["batchnorm"] = {"reestimated": True, "layers": layers, "n_images": len(data)}
     lines.append(
@@ -68,7 +70,7 @@ def batchnorm_step(
     )
     if before is None:  # multi-class: no score distribution to check against
         return
-    after = model_scores(model, card, data.images, device)
+    after = predict_scores(model, data.images, device)
     rho = spearman(before, after)
     record["batchnorm"]["spearman_source_vs_adapted"] = rho
     if labelled:  # the labelled operating point's promise is estimated on the adapted scores
@@ -117,7 +119,8 @@ def prevalence_step(
     if card.reference_scores is None:
         verdict = _no_reference("prevalence-em")
     else:
-        verdict = check_prevalence(mixture_fit(scores, card.reference_scores, seed=options.seed), estimate.prevalence)
+        raw = predict_scores(model, data.images, device)  # the reference's scale: before any card calibration
+        verdict = check_prevalence(mixture_fit(raw, card.reference_scores, seed=options.seed), estimate.prevalence)
     record_verdict(verdict, options, record, lines)
     delta = prior_shift(estimate.prevalence, train_prior)
     calibration = compose(

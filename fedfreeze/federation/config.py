@@ -85,6 +85,17 @@ class FederationConfig(Section):
         description="WiSE-FT: the final model is the probe-end model + "
         "wise-alpha x (fine-tuned - probe-end); 1 keeps the fine-tuned model",
     )
+    swa_rounds: int = Field(
+        0,
+        ge=0,
+        description="SWA over rounds: the exported model is the average of the global models after the last "
+        "swa-rounds fine-tuning rounds (0: the last round's)",
+    )
+    calibrate: Literal["none", "temperature"] = Field(
+        "none",
+        description="temperature: fit temperature scaling on the final pooled validation histograms of the "
+        "training sites and store it in the model folder (decisions at 0.5 unchanged, probabilities calibrated)",
+    )
     evaluation_sites: list[str] = Field(
         default_factory=list,
         description="sites (by name) that only score the global model every round: they "
@@ -140,6 +151,12 @@ class FederationConfig(Section):
             raise ValueError(
                 f"wise-alpha ({self.wise_alpha}) interpolates from the probe-end model: it needs probe-rounds >= 1"
             )
+        if self.swa_rounds > self.rounds - self.probe_rounds:
+            raise ValueError(
+                f"swa-rounds ({self.swa_rounds}) is more than the fine-tuning rounds ({self.rounds - self.probe_rounds})"
+            )
+        if self.swa_rounds and self.export == "best":
+            raise ValueError("swa-rounds averages the last rounds: it needs export = 'last'")
         if len(set(self.evaluation_sites)) != len(self.evaluation_sites):
             raise ValueError(f"evaluation-sites names a site twice: {self.evaluation_sites}")
         return self
@@ -203,7 +220,7 @@ def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
 
 CONFIG_KEY = "config"  # run-config key naming the TOML file
 # run-config keys about this run rather than the federation's settings
-RUN_KEYS = {CONFIG_KEY, "sites-dir", "resume", "out-dir"}
+RUN_KEYS = {CONFIG_KEY, "sites-dir", "resume", "out-dir", "share-operating-points"}  # the run's, not the config's
 
 
 def load_fed_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> FedConfig:

@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedfreeze.adaptation.recalibration import fit_calibration
 from fedfreeze.config import resolve_bn_stats
 from fedfreeze.errors import DataError, FedfreezeError, ProtocolError
 from fedfreeze.evaluation.cells import ReleasedCells
 from fedfreeze.evaluation.pooled import (
     choose_threshold,
+    edge_logits,
     estimated_counts,
     pooled_multiclass_metrics,
     released_metrics,
@@ -46,7 +48,7 @@ from fedfreeze.federation.rounds import RoundPlan, plan_round
 from fedfreeze.model_io import make_card, model_sha256, save_model
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import build_model
-from fedfreeze.operating_point import OperatingPoint
+from fedfreeze.operating_point import OperatingPoint, ScoreCalibration
 from fedfreeze.provenance import data_summary, federation_provenance, federation_threshold, summary_row
 from fedfreeze.reference_scores import ReferenceScores, reference_from_histograms
 from fedfreeze.training.schedule import adapter_groups, check_groups
@@ -92,6 +94,8 @@ class Coordinator:
         # (the model a round's sites scored before training: the one after the previous round)
         self.best: dict[str, Any] | None = None
         self.probe_state: dict[str, torch.Tensor] | None = None  # WiSE-FT's start: the model after the probe rounds
+        self.swa_state: dict[str, torch.Tensor] | None = None  # SWA: the running mean of the last rounds' models
+        self.swa_count = 0
         self.failed_round: RoundRecord | None = None  # the round that stopped the run, with its reasons
         self.started = time.time()
         # node id -> site name, from the sites' replies: progress lines and failure records name the site
@@ -367,6 +371,28 @@ class Coordinator:
         if self.fed.wise_alpha < 1.0 and rnd == self.fed.probe_rounds:
             self.probe_state = {k: v.clone() for k, v in self.state.items()}
 
+    def accumulate_swa(self, rnd: int) -> None:
+        """SWA over rounds: fold the global model after round ``rnd`` into the running mean when it is one
+        of the last ``swa-rounds`` rounds (floating arrays; counters keep the last round's value)."""
+        if self.fed.swa_rounds == 0 or rnd <= self.fed.rounds - self.fed.swa_rounds:
+            return
+        self.swa_count += 1
+        if self.swa_state is None:
+            self.swa_state = {k: v.clone() for k, v in self.state.items()}
+            return
+        for key, value in self.state.items():
+            if value.is_floating_point():
+                self.swa_state[key] += (value - self.swa_state[key]) / self.swa_count
+            else:
+                self.swa_state[key] = value.clone()
+
+    def apply_swa(self) -> None:
+        """The exported model becomes the mean of the last rounds' global models (``accumulate_swa``)."""
+        if self.swa_state is None:
+            return
+        self.state = {k: v.clone() for k, v in self.swa_state.items()}
+        log.info("SWA: the final model is the mean of the global models after the last %d rounds", self.swa_count)
+
     def apply_wise(self) -> None:
         """WiSE-FT (Wortsman et al. 2022): move the fine-tuned global model back toward the probe-end model,
         ``probe + alpha * (fine-tuned - probe)``, every floating array (counters keep their value)."""
@@ -410,7 +436,7 @@ class Coordinator:
         """Global state and schedule position after a completed round (written atomically)."""
         folder = self.out / CHECKPOINT_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        kept = {"state": self.state, "best": self.best, "probe_state": self.probe_state}
+        kept = {"state": self.state, "best": self.best, "probe_state": self.probe_state, "swa_state": self.swa_state}
         for name, value in kept.items():
             if value is None:
                 (folder / f"{name}.pt").unlink(missing_ok=True)
@@ -420,6 +446,7 @@ class Coordinator:
             tmp.replace(folder / f"{name}.pt")
         progress = {
             "completed_rounds": self.completed,
+            "swa_count": self.swa_count,
             "threshold": self.threshold,
             "history": [vars(r) for r in self.history],
             "config": self.cfg.model_dump(by_alias=True),
@@ -443,7 +470,8 @@ class Coordinator:
         if set(state) != self.recipe.state_keys(state):  # (the dual recipe: before or after the merge)
             raise FederationFailed(f"{folder}/state.pt does not match the model")
         self.state = state
-        for name in ("best", "probe_state"):
+        self.swa_count = int(progress.get("swa_count", 0))
+        for name in ("best", "probe_state", "swa_state"):
             if (folder / f"{name}.pt").is_file():
                 setattr(self, name, torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True))
         self.completed = int(progress["completed_rounds"])
@@ -482,6 +510,9 @@ class Coordinator:
         model: GroupedNet = self.model
         model.load_state_dict(chosen["state"])
         threshold = chosen["threshold"] if self.binary else 0.5
+        calibration = self._pooled_temperature(chosen)
+        if calibration is not None:  # the stored threshold moves with the scores: the same decisions
+            threshold = float(calibration.apply(np.array([threshold]))[0])
         sha = model_sha256(model)
         points = {site: p for site, p in self.shared_points.items() if p.model_sha256 == sha}
         chosen["operating_points"] = sorted(points)
@@ -521,10 +552,35 @@ class Coordinator:
             },
             provenance=provenance,
             reference_scores=self._reference(chosen),
+            calibration=calibration,
             operating_points=points,
         )
         info = {k: v for k, v in chosen.items() if k != "state"}
         return save_model(self.out / MODEL_DIR, model, card), info
+
+    def _pooled_temperature(self, chosen: dict[str, Any]) -> ScoreCalibration | None:
+        """``federation.calibrate = "temperature"``: temperature scaling fitted to the exported model's pooled
+        validation histograms (each bin's cases at its centre logit), by ``recalibration.fit_calibration``."""
+        hist = ((chosen.get("pooled") or {}).get("histograms") or {}) if self.binary else {}
+        if self.fed.calibrate == "none" or not hist.get("neg") or not hist.get("pos"):
+            return None
+        logits = edge_logits(self.edges)
+        step = float(logits[2] - logits[1]) if len(logits) > 3 else 1.0
+        inner = np.nan_to_num(logits, posinf=logits[-2] + step, neginf=logits[1] - step)
+        centres = (inner[:-1] + inner[1:]) / 2
+        z = np.r_[centres, centres]
+        y = np.r_[np.zeros(len(centres)), np.ones(len(centres))]
+        w = np.r_[np.asarray(hist["neg"], dtype=float), np.asarray(hist["pos"], dtype=float)]
+        try:
+            a, _ = fit_calibration(z[w > 0], y[w > 0], "temperature", w[w > 0])
+        except DataError as err:
+            log.warning("federation.calibrate = temperature: not fitted (%s); the scores stay as they are", err)
+            return None
+        return ScoreCalibration(
+            method="temperature",
+            a=a,
+            fitted_on=f"pooled validation histograms of the training sites (after round {chosen['round']})",
+        )
 
     def _reference(self, chosen: dict[str, Any]) -> ReferenceScores | None:
         """The exported model's pooled validation histograms of the training sites (estimated from the

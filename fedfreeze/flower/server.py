@@ -474,9 +474,11 @@ def run_federation(grid: Grid, context: Context) -> None:
             coord.history.append(record)
             coord.completed = rnd
             coord.end_probe(rnd)
+            coord.accumulate_swa(rnd)
             coord.checkpoint()
             write_report(coord, status="running")
             log_round(record)
+        coord.apply_swa()
         coord.apply_wise()
         final = final_evaluation(grid, coord, strategy)
         log_round(final, final=True)

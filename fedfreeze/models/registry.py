@@ -74,18 +74,43 @@ def get_backbone(name: str) -> BackboneSpec:
 
 
 class Normalize(nn.Module):
-    """Per-channel ``(x - mean) / std`` on inputs in [0, 1]; stored in model.json, not in the weights."""
+    """Per-channel ``(x - mean) / std`` on inputs in [0, 1]; stored in model.json, not in the weights.
+
+    ``equalize`` (``model.intensity = "equalize"``): each image's intensities are first mapped through
+    its own cumulative histogram (histogram equalisation), so two hospitals' exposure and contrast
+    settings reach the network alike; inside the model, so training and every scorer apply it."""
 
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, mean: list[float], std: list[float]) -> None:
+    def __init__(self, mean: list[float], std: list[float], equalize: bool = False) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.equalize = equalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.equalize:
+            x = equalize_histograms(x)
         return (x - self.mean) / self.std
+
+
+LEVELS = 256
+
+
+def equalize_histograms(x: torch.Tensor) -> torch.Tensor:
+    """Per-image histogram equalisation of ``[B, C, H, W]`` in [0, 1] on 256 grey levels (the channels'
+    mean: chest X-rays are grey, stored as 3 equal channels); every channel gets the equalised grey."""
+    with torch.no_grad():
+        grey = x.mean(dim=1)  # [B, H, W]
+        levels = (grey.clamp(0.0, 1.0) * (LEVELS - 1)).round().long().flatten(1)  # [B, H*W]
+        counts = torch.zeros(x.shape[0], LEVELS, dtype=x.dtype, device=x.device)
+        counts.scatter_add_(1, levels, torch.ones_like(levels, dtype=x.dtype))
+        cdf = counts.cumsum(1)
+        low = cdf.gather(1, levels.min(dim=1, keepdim=True).values)  # the darkest level maps to 0
+        cdf = ((cdf - low) / (cdf[:, -1:] - low).clamp_min(1.0)).clamp(0.0, 1.0)
+        out = cdf.gather(1, levels).view_as(grey)
+    return out.unsqueeze(1).expand(-1, x.shape[1], -1, -1).contiguous(memory_format=torch.channels_last)
 
 
 def resolve_normalisation(cfg: ModelConfig, weights_format: str | None) -> tuple[list[float], list[float]]:
@@ -129,7 +154,7 @@ def build_model(
     if cfg.top_group:
         model.split_top()  # after loading: checkpoints map to the backbone's own layout
     mean, std = resolve_normalisation(cfg, fmt)
-    model.normalize = Normalize(mean, std)
+    model.normalize = Normalize(mean, std, equalize=cfg.intensity == "equalize")
     for group in adapter_groups or []:
         model.add_adapters(group, adapter_rank)
     return model, fmt

@@ -116,7 +116,7 @@ def train_dual(
         batch = min(cfg.batch_size, n)
         steps_per_epoch = max(n // batch, 1)
         optimizer, scheduler = dual_optimizer(model, cfg, steps_per_epoch * epochs)
-        all_targets = targets_for(labels, model.num_classes)
+        all_targets = targets_for(labels, model.num_classes, cfg.label_smoothing)
 
         def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, float]:
             targets = all_targets[idx].to(device)

@@ -68,11 +68,12 @@ def to_unit(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def targets_for(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Float targets: the positive-class probability (binary) or one-hot rows (multi-class)."""
-    if num_classes == 2:
-        return labels.float()
-    return F.one_hot(labels, num_classes).float()
+def targets_for(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """Float targets: the positive-class probability (binary) or one-hot rows (multi-class), moved
+    ``smoothing`` of the way toward uniform (label smoothing)."""
+    hard = labels.float() if num_classes == 2 else F.one_hot(labels, num_classes).float()
+    uniform = 0.5 if num_classes == 2 else 1.0 / num_classes
+    return hard * (1.0 - smoothing) + smoothing * uniform
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -221,7 +222,7 @@ def train_phase(
             input_sizes=unit_input_sizes(model, parts, trace),
         )
     lean = activation_context(plan.choice.storage)
-    all_targets = targets_for(labels, model.num_classes)
+    all_targets = targets_for(labels, model.num_classes, cfg.label_smoothing)
 
     def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, float | None]:
         targets = all_targets[idx].to(device)

@@ -33,6 +33,8 @@ def backbone_hash(model: GroupedNet) -> str:
     items = [(k, v) for k, v in model.state_dict().items() if model.part_of_key(k) != HEAD]
     norm = model.normalize
     items += [(f"normalize.{k}", v) for k, v in norm.named_buffers()]
+    if getattr(norm, "equalize", False):  # histogram equalisation changes the features, not a buffer
+        items.append(("normalize.equalize", torch.ones(1)))
     return tensors_hash(items)
 
 
