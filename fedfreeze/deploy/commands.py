@@ -78,6 +78,55 @@ def add_operations(
     _connection_options(p)
     p.set_defaults(func=checked(_unregister))
     _add_backup(sub, formatter)
+    _add_service(sub, formatter)
+
+
+def _add_service(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
+    p = sub.add_parser(
+        "service",
+        formatter_class=formatter,
+        help="print a systemd unit for the coordinator or a site",
+        description="Print a systemd unit (fedfreeze/deploy/service.py says why each line is there): a "
+        "dedicated user, its keys as credentials, stop and restart rules. Install it with "
+        "`fedfreeze service --print ... > /etc/systemd/system/NAME.service` (docs/deployment.md).",
+    )
+    p.add_argument("--print", dest="role", choices=("coordinator", "site"), required=True, help="which unit")
+    p.add_argument(
+        "--fedfreeze",
+        default=None,
+        help="the fedfreeze program the unit runs (default: this installation's, next to its Python)",
+    )
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=Path("/etc/fedfreeze/coordinator"),
+        help="coordinator: the folder of ca.pem, server.pem, server.key (root's, mode 600)",
+    )
+    p.add_argument("--name", default=None, help="site: its name (as registered)")
+    p.add_argument("--data", default=None, help="site: its data folder (manifest.csv), mounted read-only")
+    p.add_argument("--superlink", default=None, help="site: the coordinator's address, HOST:PORT")
+    p.add_argument(
+        "--keys-dir",
+        type=Path,
+        default=None,
+        help="site: the folder of ca.pem and NAME.key (root's, mode 600) (default: /etc/fedfreeze/NAME)",
+    )
+    p.add_argument("--approved-apps", type=Path, default=None, help="site: its approved-apps list")
+    p.add_argument("--port", type=_port, default=None, help="coordinator: 9093; site: its local port, 9094")
+    p.add_argument("--threads", type=int, default=None, help="site: CPU threads for training")
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="metrics and health on 127.0.0.1:PORT (default: 9464 for the coordinator, none for a site)",
+    )
+    p.set_defaults(func=_service)
+
+
+def _service(args: argparse.Namespace) -> int:
+    from fedfreeze.deploy.service import service_command
+
+    return service_command(args)
 
 
 def _add_backup(sub: Any, formatter: type[argparse.HelpFormatter]) -> None:
