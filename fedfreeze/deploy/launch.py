@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from fedfreeze.deploy.logs import LogSink
 from fedfreeze.errors import FedfreezeError
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the project folder: pyproject.toml, server/, client/
@@ -497,13 +498,15 @@ def wait_sites_online(
 
 
 def submit(cmd: Sequence[str], env: Mapping[str, str], log: IO[str] | None = None) -> tuple[int, str | None]:
-    """Run ``flwr run`` to the end of its log stream; return its exit code and the run id it printed."""
+    """Run ``flwr run`` to the end of its log stream; return its exit code and the run id it printed.
+    The stream's lines get a timestamp, and lose Flower's colour codes off a terminal (``logs.LogSink``)."""
     show(cmd)
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(env))
     run_id = None
+    sink = LogSink("run", console=log)
     assert proc.stdout is not None
     for line in proc.stdout:
-        (log or sys.stdout).write(line)
+        sink.write(line)
         if "Successfully started run" in line:
             run_id = line.strip().split()[-1]
     return proc.wait(), run_id

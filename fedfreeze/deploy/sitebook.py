@@ -40,8 +40,8 @@ def read_sites(env: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
 
 
 def names(sites: list[dict[str, Any]]) -> dict[int, str]:
-    """node id -> registered name, for the sites that have one."""
-    return {int(s["node_id"]): str(s["name"]) for s in sites if s.get("name")}
+    """node id -> registered name, for the registered sites that have one."""
+    return {int(s["node_id"]): str(s["name"]) for s in sites if s.get("name") and s.get("status") != "unregistered"}
 
 
 def not_connected(sites: list[dict[str, Any]], connected: set[int]) -> list[str]:

@@ -333,6 +333,7 @@ def test_an_approved_app_runs_and_a_changed_one_is_refused_at_every_site(tracker
         assert "fewer than min-sites = 2 (2 failed, 0 rejected): site-" in metrics["reason"]
         assert "site-a: site-a" not in metrics["reason"]  # a refusal names its site once
         assert f"site-a refused to run app {changed_hash}" in log  # the submitter sees it in the stream
+        assert "Traceback" not in log and "the federation failed: round 1: 0 valid replies" in log  # one line
 
         # Flower's own record of the two runs: the hashes fedfreeze app-hash printed
         runs = launch.flwr_json(["ls", CONNECTION], tracker.env)["runs"]

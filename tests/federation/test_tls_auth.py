@@ -192,7 +192,9 @@ def test_tls_and_site_authentication_on_loopback(tracker: Tracker, tmp_path: Pat
         assert main(["sites", *tls]) == 0
         rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
         for name in ("site-a", "site-b"):
-            assert rows[name].split()[1] == "online" and fingerprint((public / f"{name}.pub").read_bytes()) in rows[name]
+            assert (
+                rows[name].split()[1] == "online" and fingerprint((public / f"{name}.pub").read_bytes()) in rows[name]
+            )
         assert rows["site-d"].split()[1] == "registered"  # its key is registered; it never got in
         assert "2 of 3 registered sites online; offline: site-d (last seen never)" in rows["2"]
 
