@@ -26,7 +26,7 @@ import pytest
 
 from fedfreeze.cli import build_parser, main
 from fedfreeze.deploy import launch
-from tests.federation.processes import Tracker, messages, run_cli, site_folder, tracked, wait_online
+from tests.federation.processes import Tracker, messages, record_timing, run_cli, site_folder, tracked, wait_online
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 SITE_VAR = "FEDFREEZE_TEST_SITE"  # marks every process of one site (the SuperNode's children inherit it)
@@ -410,6 +410,12 @@ def test_tls_deployment_kill_a_site_mid_round(tracker: Tracker, tmp_path: Path, 
             assert ("site-b" in who) != bool(failed), waiting
         assert "round 2: site-b failed after" in log
 
+        record_timing(
+            "site SIGKILL mid-round (its SuperNode, ClientApp training)",
+            processes_before=len(before),
+            all_gone_seconds=round(gone_after, 2),
+            failure_recorded_after_seconds=failure["seconds"],
+        )
         with capsys.disabled():
             print(
                 f"\nsite-b's SuperNode killed: all its processes gone after {gone_after:.1f} s; its one failure "
