@@ -15,6 +15,8 @@ The rules, each in this one place:
   and the supervisor exits with its code: a service manager sees the failure and restarts it.
 - **When the supervisor is killed outright** (SIGKILL), Linux SIGKILLs the Flower process
   (``PR_SET_PDEATHSIG``), and the guards (``guard.py``) take its children with it.
+- **As a container's PID 1** (the images' entry points), it also collects the exit status of the
+  orphans the kernel hands it, so no zombie stays.
 """
 
 from __future__ import annotations
@@ -74,6 +76,22 @@ def _signal(pids: Sequence[int], sig: int) -> None:
             os.kill(pid, sig)
 
 
+def _reap_adopted(keep: int) -> None:
+    """Collect the exit status of ended processes adopted by this process (as a container's PID 1),
+    except ``keep`` (the Flower process, which ``Popen`` waits for), so none stays a zombie."""
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == keep:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] == "Z" and int(fields[1]) == me:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry.name), os.WNOHANG)
+
+
 def _killed_with_us() -> None:
     """In the child, before exec: SIGKILL when the supervisor dies (survives exec)."""
     if sys.platform.startswith("linux"):
@@ -119,6 +137,8 @@ class Supervisor:
                     break
                 self._wake.wait(0.2)
                 self._wake.clear()
+                if os.getpid() == 1:  # a container's init: orphans of Flower's processes end up ours
+                    _reap_adopted(proc.pid)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

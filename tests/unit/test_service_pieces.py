@@ -220,3 +220,45 @@ def test_a_damaged_or_foreign_archive_and_a_newer_flower_are_refused(tmp_path: P
     with pytest.raises(ConfigError, match="made with Flower 9.0.0, newer than the installed"):
         backup.restore(newer, tmp_path / "r3")
     assert not (tmp_path / "r1" / backup.DATABASE).exists() and not (tmp_path / "r3").exists()
+
+
+# ---------------------------------------------------------------------------------------- a container's PID 1
+PID1 = """
+import io, threading, time
+from pathlib import Path
+from fedfreeze.deploy.logs import LogSink
+from fedfreeze.deploy.supervise import Supervisor
+
+def zombies():
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] == "Z":
+                found.append(int(entry.name))
+    return found
+
+seen = []
+threading.Timer(2.0, lambda: seen.append(zombies())).start()
+# the stand-in for a Flower process: a child of it outlives its own parent, is adopted by PID 1, and ends
+code = Supervisor(["sh", "-c", "(sleep 0.3 &); sleep 3"], {"PATH": "/usr/bin:/bin"}, LogSink("x", console=io.StringIO())).run()
+print(__import__("os").getpid(), code, seen)
+"""
+
+
+@pytest.mark.skipif(
+    not Path("/usr/bin/unshare").exists() or __import__("os").geteuid() != 0, reason="needs root and unshare"
+)
+def test_as_a_containers_pid_1_the_supervisor_leaves_no_zombie():
+    import sys
+
+    proc = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", PID1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    pid, code, seen = proc.stdout.split(maxsplit=2)
+    assert (pid, code) == ("1", "0") and seen.strip() == "[[]]", proc.stdout
