@@ -262,3 +262,14 @@ def test_as_a_containers_pid_1_the_supervisor_leaves_no_zombie():
     assert proc.returncode == 0, proc.stderr
     pid, code, seen = proc.stdout.split(maxsplit=2)
     assert (pid, code) == ("1", "0") and seen.strip() == "[[]]", proc.stdout
+
+
+def test_one_coordinator_per_state_folder(tmp_path: Path):
+    from fedfreeze.deploy.serve import state_lock
+
+    with state_lock(tmp_path):
+        with pytest.raises(ConfigError, match=rf"--state-dir {tmp_path}: in use by another coordinator \(pid \d+\)"):
+            with state_lock(tmp_path):
+                pass
+    with state_lock(tmp_path):  # free again once the first one ended
+        pass
