@@ -269,27 +269,34 @@ def _server(args: argparse.Namespace) -> int:
         supernode_auth=tls is not None and args.auth is not False,
         insecure=args.insecure,
     )
+    from fedfreeze.deploy import serve
+
+    sink = serve.sink_for(args, "coordinator")
     if args.insecure:
         who = (
             "only processes on this machine"
             if host in ("127.0.0.1", "localhost", "::1")
             else f"anyone who reaches {host}:{args.port}"
         )
-        print(
+        sink.note(
             f"fedfreeze server: --insecure: no TLS (weights and metrics travel in clear text) and no site "
             f"authentication ({who} can join as a site or submit a federation); listening on {host}:{args.port}",
-            flush=True,
+            "WARNING",
         )
     elif args.auth is False:
-        print(
+        sink.note(
             f"fedfreeze server: --no-auth: TLS on, but no site authentication (any site that trusts the CA and "
             f"reaches {host}:{args.port} can join)",
-            flush=True,
+            "WARNING",
         )
-    launch.show(cmd, sys.stdout)
-    env = launch.flower_env(launch.flwr_home_in(state))  # Flower's installed apps go in the state folder
-    os.execvpe(cmd[0], cmd, env)
-    return 0  # not reached
+    watch = serve.Watch(
+        address=serve.loopback(host, args.port),
+        ca=tls.ca if tls else None,
+        certificates={"server.pem": tls.cert, "ca.pem": tls.ca} if tls and tls.cert else {},
+        metrics_port=args.metrics_port,
+        metrics_file=args.metrics_file,
+    )
+    return serve.run_coordinator(cmd, state, sink, watch)
 
 
 SITE_HINTS = {  # what the SuperNode's own output says -> why a site with exit code 305 could not join
@@ -353,44 +360,51 @@ def _site(args: argparse.Namespace) -> int:
         auth_key=args.auth_key,
         insecure=args.insecure,
     )
+    from fedfreeze.deploy import serve
+
+    sink = serve.sink_for(args, f"site {args.name}")
     if args.insecure:
-        print(
+        sink.note(
             f"fedfreeze site: --insecure: no TLS (this site's model weights and metrics travel to "
             f"{args.superlink} in clear text) and no site key (the coordinator cannot tell this site from any "
             "other)",
-            flush=True,
+            "WARNING",
         )
     state.mkdir(parents=True, exist_ok=True)
-    env = launch.flower_env(launch.flwr_home_in(state))  # Flower's installed apps go in the state folder
+    env = serve.guarded_env(state)  # FLWR_HOME in the state folder; Flower's children end with their parent
     if approved is None:
-        print(
+        sink.note(
             "fedfreeze site: warning: no --approved-apps: this site runs whatever app a job submitted to the "
             "coordinator brings (give --approved-apps FILE, the hashes `fedfreeze app-hash` prints, to run "
             "approved releases only)",
-            flush=True,
+            "WARNING",
         )
     else:
-        print(_approve_apps_only(args, approved, state, env), flush=True)
-    launch.show(cmd, sys.stdout)
-    code, seen = launch.run_supervised(cmd, env, markers=[SUPERNODE_CONNECTION_ERROR, *SITE_HINTS])
+        sink.note(_approve_apps_only(args, approved, state, env))
+    watch = serve.Watch(
+        address=f"127.0.0.1:{args.port}",
+        ca=None,
+        certificates={"ca.pem": args.root_cert} if args.root_cert else {},
+        metrics_port=args.metrics_port,
+    )
+    outcome = serve.run_site(cmd, env, sink, [SUPERNODE_CONNECTION_ERROR, *SITE_HINTS], watch)
+    code, seen = outcome.code, outcome.seen
+    error = None
     if code != 0 and SUPERNODE_CONNECTION_ERROR in seen:
         hint = next(
             (SITE_HINTS[m] for m in SITE_HINTS if m in seen),
             "the coordinator at --superlink {superlink} did not answer: is it running, is the address "
             "right, does the firewall let this machine reach it?",
         )
-        print(
-            f"fedfreeze site: error: site {args.name} could not join (Flower exit code 305): "
-            + hint.format(name=args.name, superlink=args.superlink, root_cert=args.root_cert),
-            file=sys.stderr,
-            flush=True,
+        error = f"site {args.name} could not join (Flower exit code 305): " + hint.format(
+            name=args.name, superlink=args.superlink, root_cert=args.root_cert
         )
-    elif code < 0:
-        print(
-            f"fedfreeze site: error: site {args.name}'s SuperNode ended by signal {-code}", file=sys.stderr, flush=True
-        )
-        return 128 - code  # the shell's convention
-    return code
+    elif code < 0 and outcome.stop_signal is None:
+        error = f"site {args.name}'s SuperNode ended by signal {-code}"
+    if error is not None:
+        sink.note(f"fedfreeze site: error: {error}", "ERROR", console=False)
+        print(f"fedfreeze site: error: {error}", file=sys.stderr, flush=True)
+    return outcome.exit_code()
 
 
 def _approve_apps_only(args: argparse.Namespace, approved: ApprovedApps, state: Path, env: dict[str, str]) -> str:
@@ -438,7 +452,12 @@ def _run(args: argparse.Namespace) -> int:
     code, run_id = launch.submit(
         launch.run_command(connection="fedfreeze", run_config=run_config, app_dir=args.app or launch.APP_DIR), env
     )
-    launch.require_completed("fedfreeze", run_id, env)
+    try:
+        launch.require_completed("fedfreeze", run_id, env, args.superlink)
+    except launch.LaunchError as err:
+        from fedfreeze.deploy.operator import not_completed
+
+        raise not_completed(out, err) from None
     metrics_path = out / "metrics.json"
     if metrics_path.is_file():
         metrics = _json.loads(metrics_path.read_text())
@@ -496,69 +515,18 @@ def _tls_or_insecure(insecure: bool, given: object, option: str, missing: str) -
         raise ConfigError(missing)
 
 
-def _flwr_listing(args: argparse.Namespace, flwr_args: list[str]) -> dict:
-    """``flwr ARGS fedfreeze --format json`` with a private FLWR_HOME holding only this connection."""
-    import tempfile
-
-    from fedfreeze.deploy import launch
+def _sites(args: argparse.Namespace) -> int:
+    from fedfreeze.deploy.operator import sites_command
 
     _check_client_tls(args)
-    with tempfile.TemporaryDirectory(prefix="fedfreeze-flwr-") as tmp:
-        home = launch.write_flwr_home(Path(tmp), [launch.Connection("fedfreeze", args.superlink, args.root_cert)])
-        answer = launch.flwr_json([*flwr_args, "fedfreeze"], launch.flower_env(home))
-    if not answer.get("success", False):
-        message = str(answer.get("error-message", answer)).strip().splitlines()
-        raise launch.LaunchError(
-            f"`flwr {' '.join(flwr_args)}` at {args.superlink} failed: {message[-1] if message else answer}"
-        )
-    return answer
-
-
-def _sites(args: argparse.Namespace) -> int:
-    answer = _flwr_listing(args, ["supernode", "ls"])
-    if args.json:
-        print(json.dumps(answer, indent=1))
-        return 0
-    nodes = answer.get("nodes", [])
-    print(f"{'node id':<22} {'status':<12} since (UTC)")
-    for node in nodes:
-        status = str(node.get("status", ""))
-        since = {
-            "online": node.get("online-at"),
-            "offline": node.get("offline-at"),
-            "unregistered": node.get("deleted-at"),
-        }.get(status) or node.get("created-at")
-        print(f"{node.get('node-id', ''):<22} {status:<12} {since}")
-    online = sum(n.get("status") == "online" for n in nodes)
-    registered = sum(n.get("status") != "unregistered" for n in nodes)
-    print(
-        f"{online} of {registered} registered sites online (Flower's `flwr supernode ls`; Flower 1.42 does not "
-        "list the names given at registration: `fedfreeze register` printed each site's node id)"
-    )
-    return 0
+    return sites_command(args)
 
 
 def _runs(args: argparse.Namespace) -> int:
-    flwr_args = ["ls"] + (["--run-id", str(args.run_id)] if args.run_id is not None else [])
-    answer = _flwr_listing(args, flwr_args)
-    if args.json:
-        print(json.dumps(answer, indent=1))
-        return 0
-    runs = sorted(answer.get("runs", []), key=lambda r: str(r.get("pending-at", "")))
-    print(f"{'run id':<22} {'status':<22} {'submitted (UTC)':<22} {'elapsed':>9}  details")
-    for run in runs:
-        elapsed = run.get("elapsed")
-        seconds = f"{float(elapsed):.0f} s" if isinstance(elapsed, (int, float)) else str(elapsed or "")
-        details = run.get("status-details") or ""
-        print(
-            f"{run.get('run-id', ''):<22} {run.get('status', ''):<22} {run.get('pending-at', ''):<22} "
-            f"{seconds:>9}  {'' if details == 'N/A' else details}"
-        )
-    print(
-        f"{len(runs)} run(s) (Flower's `flwr ls`); finished:failed is a federation that did not complete "
-        "(its metrics.json says why)"
-    )
-    return 0
+    from fedfreeze.deploy.operator import runs_command
+
+    _check_client_tls(args)
+    return runs_command(args)
 
 
 class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -924,8 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
             command,
             formatter_class=ShowDefaults,
             help=what,
-            description=f"{what[0].upper()}{what[1:]} (`{flwr}` with a temporary Flower config "
-            "holding this one connection).",
+            description=f"{what[0].upper()}{what[1:]} (Flower's Control API, as `{flwr}` asks it).",
         )
         p.add_argument("--superlink", default="127.0.0.1:9093", help="the coordinator's address, HOST:PORT")
         p.add_argument(
@@ -937,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--insecure", action="store_true", help="for a coordinator started with --insecure")
         if command == "runs":
             p.add_argument("--run-id", type=int, default=None, help="only this run")
-        p.add_argument("--json", action="store_true", help="print Flower's JSON answer")
+        p.add_argument("--json", action="store_true", help="print the list as JSON")
         p.set_defaults(func=func)
 
     p = sub.add_parser("models", help="list the backbones with parameters, groups and input size")
@@ -957,6 +924,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_experiment)
+
+    # running a federation as a service (fedfreeze/deploy/commands.py): log and metrics options of
+    # server and site, runs --state-dir, and the subcommands unregister, service, backup, restore
+    from fedfreeze.deploy.commands import add_operations
+
+    add_operations(sub, ShowDefaults, _check_client_tls)
     return parser
 
 

@@ -1,7 +1,8 @@
 """The federation's outputs: ``metrics.json``, ``rounds.csv``, ``sites.csv`` and ``rounds.png``.
 
-``metrics.json`` carries a ``status`` (running, completed, failed with its reason): a run is only a
-success when it says ``completed``, whatever the transport reported.
+``metrics.json`` carries a ``status`` (running, completed, failed with its reason, interrupted with
+when and after which round): a run is only a success when it says ``completed``, whatever the
+transport reported.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def write_report(
     model_dir: Path | None = None,
     reason: str | None = None,
     exported: dict[str, Any] | None = None,
+    interrupted: dict[str, Any] | None = None,
 ) -> Path:
     """Write every output file for the rounds so far; the plot only once the run has ended."""
     out = coord.out
@@ -68,6 +70,7 @@ def write_report(
     report: dict[str, Any] = {
         "status": status,
         "reason": reason,
+        "interrupted": interrupted,
         "completed_rounds": coord.completed,
         "rounds_planned": coord.fed.rounds,
         "threshold": coord.threshold,

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from fedfreeze.deploy import runstate, sitebook
 from fedfreeze.federation.config import FedConfig, from_run_config
 from fedfreeze.federation.coordinator import Coordinator, FederationFailed
 from fedfreeze.federation.exchange import ExchangePlan, key_groups
@@ -147,11 +148,17 @@ def wait_for_sites(grid: Grid, coord: Coordinator) -> int:
                 f"{listing(nodes, coord.node_names)})"
             )
         if now >= next_note:
+            registered = sitebook.read_sites()  # the coordinator's registered sites, when it keeps them
+            coord.node_names.update(
+                {n: name for n, name in sitebook.names(registered).items() if n not in coord.node_names}
+            )
+            missing = sitebook.not_connected(registered, set(nodes))
             log.info(
-                "waiting for sites: %d connected (%s), min-sites is %d; giving up in %.0f s",
+                "waiting for sites: %d connected (%s), min-sites is %d%s; giving up in %.0f s",
                 len(nodes),
                 listing(nodes, coord.node_names),
                 coord.fed.min_sites,
+                f"; not connected: {', '.join(missing)}" if missing else "",
                 deadline - now,
             )
             next_note = now + PROGRESS_SECONDS
@@ -445,12 +452,33 @@ def final_evaluation(grid: Grid, coord: Coordinator, strategy: Strategy) -> Roun
 
 
 def run_federation(grid: Grid, context: Context) -> None:
-    """The ServerApp's main: every round, then the final evaluation and the exported model."""
+    """The ServerApp's main: every round, then the final evaluation and the exported model.
+
+    The run's status is written to ``metrics.json`` (and noted in the coordinator's state folder,
+    ``deploy/runstate.py``) at every turn: running, completed, failed with its reason, or
+    interrupted when the coordinator stops it (a signal ends the ServerApp with ``SystemExit``).
+    """
     show_logs_with_flower()
     cfg = from_run_config(context.run_config)
     coord = Coordinator(cfg, cfg.federation.out_dir, app_hash=run_fab_hash(grid))
     if bool(context.run_config.get("resume", False)):
         coord.resume()
+    coord.node_names.update(sitebook.names(sitebook.read_sites()))  # registered names, before any reply
+    run_id = getattr(context, "run_id", None)
+    last_round_at: str | None = None
+
+    def note(status: str, reason: str | None = None, interrupted: dict[str, Any] | None = None) -> None:
+        runstate.note_run(
+            run_id,
+            coord.out,
+            status,
+            completed_rounds=coord.completed,
+            rounds_planned=cfg.federation.rounds,
+            reason=reason,
+            interrupted=interrupted,
+        )
+
+    note(runstate.RUNNING)
     strategy = make_strategy(cfg, sites=_sampled_sites(grid, coord) if cfg.federation.dp != "off" else None)
     log.info(
         "fedfreeze: %d rounds (%d probe), strategy %s, out %s",
@@ -477,6 +505,8 @@ def run_federation(grid: Grid, context: Context) -> None:
             coord.accumulate_swa(rnd)
             coord.checkpoint()
             write_report(coord, status="running")
+            last_round_at = runstate.utc_now()
+            note(runstate.RUNNING)
             log_round(record)
         coord.apply_swa()
         coord.apply_wise()
@@ -491,8 +521,21 @@ def run_federation(grid: Grid, context: Context) -> None:
         )
         log.info("%s", coord.operating_points_line(exported))
         write_report(coord, status="completed", final=final, model_dir=model_dir, exported=exported)
+        note(runstate.COMPLETED)
     except Exception as err:
-        write_report(coord, status="failed", reason=f"{type(err).__name__}: {err}")
+        reason = f"{type(err).__name__}: {err}"
+        write_report(coord, status="failed", reason=reason)
+        note(runstate.FAILED, reason)
+        raise
+    except BaseException as err:  # SystemExit, KeyboardInterrupt: Flower's handler of SIGTERM or SIGINT
+        how = "SIGINT" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}, after a stop signal"
+        info = runstate.interruption(
+            f"the coordinator was stopped while it ran ({how})", coord.completed, last_round_at
+        )
+        reason = runstate.reason_for(info)
+        write_report(coord, status=runstate.INTERRUPTED, reason=reason, interrupted=info)
+        note(runstate.INTERRUPTED, reason, info)
+        log.warning("fedfreeze: %s", reason)
         raise
 
 
@@ -508,13 +551,30 @@ def run_fab_hash(grid: Grid) -> str | None:
 
 
 def show_logs_with_flower() -> None:
-    """Send fedfreeze's log lines through Flower's handlers, so ``flwr run --stream`` shows them."""
+    """Send fedfreeze's log lines through Flower's handlers, so ``flwr run --stream`` shows them; a
+    failed federation is one line there, not Flower's traceback of the ServerApp."""
     ours = logging.getLogger("fedfreeze")
+    flower = logging.getLogger("flwr")
     if not ours.handlers:
-        for handler in logging.getLogger("flwr").handlers:
+        for handler in flower.handlers:
             ours.addHandler(handler)
         ours.setLevel(logging.INFO)
         ours.propagate = False
+    if not any(isinstance(f, OneLineFailure) for f in flower.filters):
+        flower.addFilter(OneLineFailure())
+
+
+class OneLineFailure(logging.Filter):
+    """Flower logs "ServerApp raised an exception" with the traceback (~30 lines of the round loop's
+    frames) for any exception; for ``FederationFailed``, whose message says what failed and why, the
+    message alone is the line (``metrics.json`` holds the details)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failure = record.exc_info[1] if record.exc_info else None
+        if isinstance(failure, FederationFailed):
+            record.msg, record.args = "the federation failed: %s", (str(failure),)
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _sampled_sites(grid: Grid, coord: Coordinator) -> int:

@@ -26,7 +26,7 @@ import pytest
 
 from fedfreeze.cli import build_parser, main
 from fedfreeze.deploy import launch
-from tests.federation.processes import Tracker, run_cli, site_folder, tracked, wait_online
+from tests.federation.processes import Tracker, messages, record_timing, run_cli, site_folder, tracked, wait_online
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 SITE_VAR = "FEDFREEZE_TEST_SITE"  # marks every process of one site (the SuperNode's children inherit it)
@@ -131,7 +131,7 @@ def test_insecure_coordinator_is_loopback_only_and_a_busy_site_port_is_refused(t
         launch.wait_healthy(f"127.0.0.1:{port}", link)
         assert listening(port) == ["0100007F"]  # 127.0.0.1 only: no 0.0.0.0, no ::
         log = link.log_path.read_text()
-        said = [line for line in log.splitlines() if line.startswith("fedfreeze server: --insecure")]
+        said = [line for line in messages(log) if line.startswith("fedfreeze server: --insecure")]
         assert len(said) == 1 and "no TLS" in said[0] and "no site authentication" in said[0]
         assert "only processes on this machine" in said[0] and f"127.0.0.1:{port}" in said[0]
         assert f"--host 127.0.0.1 --port {port}" in log  # the printed Flower command
@@ -410,6 +410,12 @@ def test_tls_deployment_kill_a_site_mid_round(tracker: Tracker, tmp_path: Path, 
             assert ("site-b" in who) != bool(failed), waiting
         assert "round 2: site-b failed after" in log
 
+        record_timing(
+            "site SIGKILL mid-round (its SuperNode, ClientApp training)",
+            processes_before=len(before),
+            all_gone_seconds=round(gone_after, 2),
+            failure_recorded_after_seconds=failure["seconds"],
+        )
         with capsys.disabled():
             print(
                 f"\nsite-b's SuperNode killed: all its processes gone after {gone_after:.1f} s; its one failure "
