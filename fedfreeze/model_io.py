@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,10 +30,14 @@ from fedfreeze.model_card import CARD_MARKDOWN, render_card
 from fedfreeze.models.adapters import adapter_rank
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import Normalize, build_model
+from fedfreeze.outputs import crash_point
 from fedfreeze.provenance import Provenance
 
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
+CALIBRATION_LIMIT = 1e3  # |a|, |b| beyond this map every score to 0 or 1: a broken fit or a hand edit
+
+log = logging.getLogger("fedfreeze.model_io")
 
 
 class ScoreCalibration(Section):
@@ -42,8 +49,8 @@ class ScoreCalibration(Section):
     """
 
     method: Literal["temperature", "platt"]
-    a: float = Field(gt=0.0)
-    b: float = 0.0
+    a: float = Field(gt=0.0, le=CALIBRATION_LIMIT)
+    b: float = Field(0.0, ge=-CALIBRATION_LIMIT, le=CALIBRATION_LIMIT)
     fitted_on: str = Field("", description="the data it was fitted on, for the record")
 
     def apply(self, p_pos: np.ndarray) -> np.ndarray:
@@ -72,6 +79,9 @@ class ModelCard(Section):
     provenance: Provenance | None = Field(
         None, description="what produced the model (None: a folder written before it was recorded)"
     )
+    weights_sha256: str | None = Field(
+        None, description="SHA-256 of weights.pt, set by save_model (None: a folder written before it was recorded)"
+    )
 
 
 def make_card(model: GroupedNet, cfg: ModelConfig, **fields: Any) -> ModelCard:
@@ -85,15 +95,41 @@ def make_card(model: GroupedNet, cfg: ModelConfig, **fields: Any) -> ModelCard:
     return ModelCard(model=resolved, adapter_groups=adapters, adapter_rank=rank, class_names=class_names, **fields)
 
 
-def save_model(folder: str | Path, model: GroupedNet, card: ModelCard) -> Path:
-    """Write ``model.json``, ``weights.pt`` and ``MODEL_CARD.md`` into ``folder`` (created if needed)."""
+def save_model(folder: str | Path, model: GroupedNet, card: ModelCard, *, weights_from: Path | None = None) -> Path:
+    """Write ``weights.pt``, ``MODEL_CARD.md`` and ``model.json`` (recording the weights' SHA-256)
+    into ``folder`` (created if needed).
+
+    Each file is written aside and renamed into place, ``model.json`` last: a folder interrupted
+    half-way holds either no ``model.json`` or one whose hash does not match the weights beside it,
+    and ``load_model`` refuses both (commands also write the whole folder aside, ``outputs.py``).
+    ``weights_from``: copy this weights file byte for byte instead (``model`` holds the same weights).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, folder / WEIGHTS_FILE)
-    (folder / CARD_FILE).write_text(card.model_dump_json(by_alias=True, indent=2) + "\n", encoding="utf-8")
+    weights_tmp = folder / f".{WEIGHTS_FILE}.tmp"
+    if weights_from is not None:
+        shutil.copyfile(weights_from, weights_tmp)
+    else:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        with weights_tmp.open("wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    card = card.model_copy(update={"weights_sha256": file_sha256(weights_tmp)})
+    weights_tmp.replace(folder / WEIGHTS_FILE)
+    crash_point("weights-written")
     write_model_card(folder, card)
+    _write_text_atomic(folder / CARD_FILE, card.model_dump_json(by_alias=True, indent=2) + "\n")
     return folder
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
 
 
 def write_model_card(folder: str | Path, card: ModelCard) -> Path:
@@ -101,11 +137,13 @@ def write_model_card(folder: str | Path, card: ModelCard) -> Path:
     folder = Path(folder)
     weights = folder / WEIGHTS_FILE
     text = render_card(card, weights_sha256=file_sha256(weights) if weights.is_file() else None)
-    (folder / CARD_MARKDOWN).write_text(text, encoding="utf-8")
+    _write_text_atomic(folder / CARD_MARKDOWN, text)
     return folder / CARD_MARKDOWN
 
 
 def read_card(folder: str | Path) -> ModelCard:
+    """``model.json``, validated strictly: a number written as a string (``"0.3"``) is refused, not
+    converted, so a hand-edited card cannot pass for a written one."""
     folder = Path(folder)
     path = folder / CARD_FILE
     if not path.is_file():
@@ -114,7 +152,9 @@ def read_card(folder: str | Path) -> ModelCard:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON: {err}") from None
-    return parse_config(data, ModelCard, str(path))
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return parse_config(data, ModelCard, str(path), strict=True)
 
 
 def rebuild(card: ModelCard) -> GroupedNet:
@@ -164,6 +204,7 @@ def load_model(folder: str | Path) -> tuple[GroupedNet, ModelCard]:
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a model folder: {WEIGHTS_FILE} is missing")
+    check_weights_hash(folder, card)
     state = read_weights(path)
     try:
         result = model.load_state_dict(state, strict=False)
@@ -178,6 +219,24 @@ def load_model(folder: str | Path) -> tuple[GroupedNet, ModelCard]:
         )
     model.eval()
     return model, card
+
+
+def check_weights_hash(folder: Path, card: ModelCard) -> None:
+    """``weights.pt`` must be the file ``model.json`` was written with; a folder from before the hash
+    was recorded loads with a note."""
+    if card.weights_sha256 is None:
+        log.warning(
+            "note: %s/%s records no weights_sha256 (written by an earlier fedfreeze): its weights are not checked",
+            folder,
+            CARD_FILE,
+        )
+        return
+    actual = file_sha256(folder / WEIGHTS_FILE)
+    if actual != card.weights_sha256:
+        raise CheckpointError(
+            f"{folder / WEIGHTS_FILE} does not match {CARD_FILE}: its SHA-256 is {actual[:12]}..., the card "
+            f"records {card.weights_sha256[:12]}... (a partly written or altered folder)"
+        )
 
 
 def model_scores(model: GroupedNet, card: ModelCard, images: torch.Tensor, device: torch.device) -> np.ndarray:
