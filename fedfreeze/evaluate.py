@@ -30,6 +30,7 @@ def evaluate_model(
     bootstrap: int = 1000,
     seed: int = 0,
     allow_single_class: bool = False,
+    outside_paths: bool = False,
 ) -> dict[str, Any]:
     """Metrics of the model in ``model_dir`` on ``data_path`` at the model's stored threshold.
 
@@ -45,6 +46,7 @@ def evaluate_model(
     """
     if bootstrap < 0:
         raise ConfigError(f"bootstrap (--bootstrap) should be 0 (no intervals) or a positive count, got {bootstrap}")
+    dev = resolve_device(device)
     model, card = load_model(model_dir)
     cfg = card.model
     data = load_image_set(
@@ -55,12 +57,13 @@ def evaluate_model(
         class_names=card.class_names,
         num_classes=cfg.num_classes,
         progress=progress,
+        outside_paths=outside_paths,
     )
     data.require_nonempty()
     binary = cfg.num_classes == 2
     if not (binary and allow_single_class):
         data.require_classes(2, why="AUROC needs both classes in the evaluation data")
-    scores = model_scores(model, card, data.images, resolve_device(device))
+    scores = model_scores(model, card, data.images, dev)
     about = {
         "model": str(model_dir),
         "data": str(data_path),

@@ -31,7 +31,6 @@ composed with.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,9 +54,9 @@ from fedfreeze.model_io import (
     load_model,
     model_scores,
     save_model,
-    write_model_card,
 )
 from fedfreeze.models.grouped import GroupedNet
+from fedfreeze.outputs import Output, output_folder
 from fedfreeze.training.engine import resolve_device
 
 THRESHOLD_CLIP = 1e-6
@@ -85,6 +84,7 @@ class AdaptOptions:
     seed: int = 0
     split: str | None = None
     device: str = "auto"
+    outside_paths: bool = False  # the manifest may name images outside its folder
 
     def check(self) -> None:
         if self.replicates < 1:
@@ -124,13 +124,22 @@ def adapt_model(
     options: AdaptOptions | None = None,
     *,
     progress: bool = False,
+    force: bool = False,
 ) -> AdaptResult:
-    """Adapt the model in ``model_dir`` to the site whose images are at ``data_path``; write ``out_dir``."""
+    """Adapt the model in ``model_dir`` to the site whose images are at ``data_path``; write ``out_dir``
+    (all or nothing; an existing non-empty ``out_dir`` only with ``force``, ``outputs.py``)."""
     options = options or AdaptOptions()
     options.check()
-    model_dir, out = Path(model_dir), Path(out_dir)
-    if out.resolve() == model_dir.resolve():
-        raise ConfigError(f"--out {out} is the source model folder: write the adapted model to a new folder")
+    model_dir = Path(model_dir)
+    with output_folder(out_dir, force=force, inputs={"--model": model_dir, "--data": data_path}) as out:
+        return _adapt(model_dir, data_path, out, options, progress)
+
+
+def _adapt(
+    model_dir: Path, data_path: str | Path, output: Output, options: AdaptOptions, progress: bool
+) -> AdaptResult:
+    """The adaptation itself, written into ``output.work`` (renamed to ``output.final`` when it returns)."""
+    device = resolve_device(options.device)
     model, card = load_model(model_dir)
     cfg = card.model
     data = load_image_set(
@@ -142,11 +151,11 @@ def adapt_model(
         num_classes=cfg.num_classes,
         progress=progress,
         labels="optional",
+        outside_paths=options.outside_paths,
     )
     data.require_nonempty(f"adapt needs the site's images, and {data_path} lists none")
     labelled = _use_labels(options, data, data_path)
     _check_mode(options, labelled, cfg.num_classes, model_dir)
-    device = resolve_device(options.device)
 
     steps: list[str] = []
     record: dict[str, Any] = {
@@ -193,10 +202,9 @@ def adapt_model(
     }
     new_card: ModelCard = parse_config(fields, ModelCard, "the adapted model card")
 
-    save_model(out, model, new_card)
-    if options.bn == "keep":
-        shutil.copyfile(model_dir / WEIGHTS_FILE, out / WEIGHTS_FILE)  # bit-identical weights, same sha256
-        write_model_card(out, new_card)  # MODEL_CARD.md names the weights file the folder holds
+    # --bn keep: bit-identical weights, the same sha256 as the source's
+    save_model(output.work, model, new_card, weights_from=model_dir / WEIGHTS_FILE if options.bn == "keep" else None)
+    out = output.final
     lines.append(f"model:   {out}  (score it with: fedfreeze evaluate --model {out} --data ...)")
     return AdaptResult(
         out=out, record=record, threshold_before=card.threshold, threshold_after=threshold, card=new_card, lines=lines
