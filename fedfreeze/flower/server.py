@@ -8,10 +8,12 @@ strategies (FedAvg, FedProx, FedAvgM, FedTrimmedAvg, FedMedian), called through 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -29,6 +31,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from fedfreeze.data.overlap import NOT_CHECKED
 from fedfreeze.federation.config import FedConfig, from_run_config
 from fedfreeze.federation.coordinator import Coordinator, FederationFailed
 from fedfreeze.federation.exchange import ExchangePlan, key_groups
@@ -37,6 +40,7 @@ from fedfreeze.federation.records import Reply, RoundRecord
 from fedfreeze.federation.report import write_report
 from fedfreeze.flower.approval import refusal_in
 from fedfreeze.flower.fedavgm import KeyedFedAvgM
+from fedfreeze.outputs import output_folder
 
 log = logging.getLogger("fedfreeze.server")
 
@@ -434,19 +438,38 @@ def final_evaluation(grid: Grid, coord: Coordinator, strategy: Strategy) -> Roun
 
 
 def run_federation(grid: Grid, context: Context) -> None:
-    """The ServerApp's main: every round, then the final evaluation and the exported model."""
+    """The ServerApp's main: every round, then the final evaluation and the exported model.
+
+    The output folder is written aside and published when the run completes (``outputs.py``),
+    unless the run config names a ``work-dir``: then the caller (``simulate``, an in-process run)
+    holds the folder and publishes it, and the run writes there."""
     show_logs_with_flower()
     cfg = from_run_config(context.run_config)
-    coord = Coordinator(cfg, cfg.federation.out_dir, app_hash=run_fab_hash(grid))
+    final = Path(cfg.federation.out_dir)
+    work = context.run_config.get("work-dir")
+    if work:
+        federate(grid, context, cfg, Path(str(work)), final)
+        return
+    force, resume = bool(context.run_config.get("force", False)), bool(context.run_config.get("resume", False))
+    with output_folder(final, force=force, resume=resume, resumable=True) as output:
+        federate(grid, context, cfg, output.work, output.final)
+
+
+def federate(grid: Grid, context: Context, cfg: FedConfig, work: Path, final: Path) -> None:
+    """The rounds, written into ``work``; records name ``final``, the folder ``work`` becomes."""
+    coord = Coordinator(cfg, work, app_hash=run_fab_hash(grid))
     if bool(context.run_config.get("resume", False)):
         coord.resume()
+    if cfg.federation.evaluation_sites:
+        check = context.run_config.get("held-out-check")
+        coord.held_out_check = json.loads(str(check)) if check else dict(NOT_CHECKED)
     strategy = make_strategy(cfg, sites=_sampled_sites(grid, coord) if cfg.federation.dp != "off" else None)
     log.info(
         "fedfreeze: %d rounds (%d probe), strategy %s, out %s",
         cfg.federation.rounds,
         cfg.federation.probe_rounds,
         cfg.federation.strategy,
-        coord.out,
+        final,
     )
     try:
         for rnd in range(coord.completed + 1, cfg.federation.rounds + 1):
@@ -467,16 +490,22 @@ def run_federation(grid: Grid, context: Context) -> None:
             write_report(coord, status="running")
             log_round(record)
         coord.apply_wise()
-        final = final_evaluation(grid, coord, strategy)
-        log_round(final, final=True)
-        model_dir, exported = coord.export_model(final)
+        final_record = final_evaluation(grid, coord, strategy)
+        log_round(final_record, final=True)
+        model_dir, exported = coord.export_model(final_record)
         log.info(
             "exported the global model after round %d (%s) with threshold %.3f",
             exported["round"],
             exported["rule"],
             exported["threshold"],
         )
-        write_report(coord, status="completed", final=final, model_dir=model_dir, exported=exported)
+        write_report(
+            coord,
+            status="completed",
+            final=final_record,
+            model_dir=final / model_dir.relative_to(work),
+            exported=exported,
+        )
     except Exception as err:
         write_report(coord, status="failed", reason=f"{type(err).__name__}: {err}")
         raise
