@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedfreeze.deploy import launch
+from fedfreeze.outputs import partial_path
 from tests.federation.processes import Tracker, check_completed, run_cli, site_folder, tracked, wait_online
 
 CONFIG = """
@@ -107,11 +108,13 @@ def test_coordinator_restart_resumes_without_losing_or_repeating_a_round(tracker
             env=tracker.env,
             start_new_session=True,
         )
-        before = wait_for_round(out / "metrics.json", 1, first)
+        # a run writes aside until it completes (fedfreeze.outputs): its rounds so far are in the partial folder
+        before = wait_for_round(partial_path(out) / "metrics.json", 1, first)
         link.stop()  # the coordinator goes down mid-federation
         assert first.wait(timeout=120) != 0  # and the interrupted run reports failure
         log.close()
-        stopped_at = json.loads((out / "metrics.json").read_text())["completed_rounds"]
+        stopped_at = json.loads((partial_path(out) / "metrics.json").read_text())["completed_rounds"]
+        assert not out.exists()  # nothing that looks finished
         assert stopped_at >= 1 and stopped_at < 4
 
         link = superlink(tmp_path, port, tracker).start()  # same port, same database

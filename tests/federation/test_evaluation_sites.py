@@ -16,6 +16,7 @@ from fedfreeze.sample_data import kermany_mini
 from fedfreeze.training.engine import predict_scores
 from tests.federation.conftest import fast_config
 from tests.federation.test_federation_inprocess import node_configs, run
+from tests.shipped import beside
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def held_out_folder(tmp_path_factory) -> Path:
         writer = csv.writer(dst)
         writer.writerow(["path", "label", "patient_id"])
         for row in csv.DictReader(src):
-            writer.writerow([str((manifest.parent / row["path"]).resolve()), row["label"], row["patient_id"]])
+            writer.writerow([beside(folder, row["path"]), row["label"], row["patient_id"]])
     return folder
 
 

@@ -6,7 +6,6 @@ through ``LocalGrid``; process-level faults (a coordinator restart) are in test_
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from fedfreeze.flower.client import handle_evaluate, handle_train
 from fedfreeze.flower.local_grid import LocalGrid
 from fedfreeze.flower.server import run_federation
 from fedfreeze.model_io import load_model
-from tests.federation.conftest import fast_config
+from tests.federation.conftest import fast_config, read_metrics
 from tests.federation.test_federation_inprocess import node_configs
 
 
@@ -60,7 +59,7 @@ def run_on(grid: LocalGrid, out: Path, config: Path, resume: bool = False) -> di
         run_federation(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     except Exception:
         pass
-    return json.loads((out / "metrics.json").read_text())
+    return read_metrics(out)
 
 
 def test_a_site_that_hangs_is_timed_out_and_the_round_goes_on(tmp_path, site_folders):
