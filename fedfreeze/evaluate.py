@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from fedfreeze.data.dataset import load_image_set
-from fedfreeze.errors import ConfigError, DataError
+from fedfreeze.errors import CheckpointError, ConfigError, DataError
 from fedfreeze.evaluation.external import external_validation
 from fedfreeze.metrics import classification_metrics
 from fedfreeze.model_io import load_model, model_scores, read_card
+from fedfreeze.outputs import is_partial
 from fedfreeze.provenance import provenance_line
 from fedfreeze.training.engine import resolve_device
 
@@ -47,6 +48,10 @@ def evaluate_model(
     if bootstrap < 0:
         raise ConfigError(f"bootstrap (--bootstrap) should be 0 (no intervals) or a positive count, got {bootstrap}")
     dev = resolve_device(device)
+    if is_partial(model_dir):
+        raise CheckpointError(
+            f"{model_dir} is in an unfinished run's partial folder (.NAME.partial): evaluate the finished folder"
+        )
     model, card = load_model(model_dir)
     cfg = card.model
     data = load_image_set(

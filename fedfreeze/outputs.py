@@ -47,6 +47,12 @@ def partial_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.partial")
 
 
+def is_partial(path: str | Path) -> bool:
+    """Whether ``path`` is, or lies in, a run's partial folder: work in progress or scrap, never a
+    finished output, whatever it holds."""
+    return any(part.startswith(".") and part.endswith(".partial") for part in Path(path).resolve().parts)
+
+
 def _old_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.old")
 
