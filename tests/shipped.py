@@ -25,3 +25,21 @@ def beside(folder: Path, image: str | Path) -> str:
     path = Path(image)
     relative = path.relative_to(SHIPPED) if path.is_absolute() else path
     return str(Path(LINK) / relative)
+
+
+def site_folder(folder: Path, per_class: int) -> Path:
+    """A site's data folder: the first ``per_class`` shipped training images of each class copied into
+    ``folder/images`` and its ``manifest.csv`` (path, label, patient_id, site)."""
+    import csv
+    import shutil
+
+    with kermany_mini("train").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rows = [r for r in rows if r["label"] == "0"][:per_class] + [r for r in rows if r["label"] == "1"][:per_class]
+    (folder / "images").mkdir(parents=True)
+    lines = ["path,label,patient_id,site"]
+    for i, row in enumerate(rows):
+        shutil.copyfile(SHIPPED / row["path"], folder / "images" / f"{i}.jpeg")
+        lines.append(f"images/{i}.jpeg,{row['label']},{row['patient_id']},{row['site']}")
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return folder

@@ -558,3 +558,30 @@ def test_printed_metrics_from_cells_show_the_range_the_cells_allow(capsys):
     assert next(line for line in lines if line.startswith("  auroc")).endswith("[cells allow 0.860-0.980]")
     assert next(line for line in lines if line.startswith("  f1")).endswith("at threshold 0.500")
     assert any("cells of at least 5 validation cases" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("check", "said"),
+    [
+        (
+            {
+                "checked": True,
+                "how": "100 evaluation-only image(s) compared with 300 training image(s) ...; none shared",
+            },
+            "evaluation-only sites (held-out; held out: 100 evaluation-only image(s) compared with 300",
+        ),
+        (None, "evaluation-only sites (held-out; not checked to be held out from the training sites' data)"),
+    ],
+)
+def test_the_summary_calls_evaluation_sites_held_out_only_when_it_was_checked(check, said, capsys):
+    """A deployment's coordinator cannot compare the sites' data: its summary must not claim it did."""
+    from fedfreeze.cli import _print_federation
+    from fedfreeze.data.overlap import NOT_CHECKED
+
+    metrics = final_metrics("0.5", 0.5)
+    at = metrics["exported"]["pooled"]["at_threshold_next"]
+    metrics["final"]["evaluation_sites"] = {"sites": ["held-out"], "at_threshold_next": {**at, "n": 100}}
+    metrics["held_out_check"] = check or NOT_CHECKED
+    _print_federation(metrics, Path("runs/quick"))
+    out = capsys.readouterr().out
+    assert said in out and "data no site trained on" not in out
