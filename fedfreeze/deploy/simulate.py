@@ -212,8 +212,8 @@ def _simulate(
         "work-dir": str(out),
         "resume": resume,
     }
-    if evaluation and check is not None:
-        run_config["held-out-check"] = json.dumps(check)
+    if evaluation and check is not None:  # a file: Flower's run config cannot carry a JSON string
+        run_config["held-out-check"] = str(out / "sites" / HELD_OUT_FILE)
     if config_path is not None:
         run_config["config"] = str(config_path.resolve())
     cmd = run_command(

@@ -461,8 +461,8 @@ def federate(grid: Grid, context: Context, cfg: FedConfig, work: Path, final: Pa
     if bool(context.run_config.get("resume", False)):
         coord.resume()
     if cfg.federation.evaluation_sites:
-        check = context.run_config.get("held-out-check")
-        coord.held_out_check = json.loads(str(check)) if check else dict(NOT_CHECKED)
+        check = context.run_config.get("held-out-check")  # the file simulate wrote, if any
+        coord.held_out_check = json.loads(Path(str(check)).read_text()) if check else dict(NOT_CHECKED)
     strategy = make_strategy(cfg, sites=_sampled_sites(grid, coord) if cfg.federation.dp != "off" else None)
     log.info(
         "fedfreeze: %d rounds (%d probe), strategy %s, out %s",
