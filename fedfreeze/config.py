@@ -232,11 +232,20 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any], schema: type[Section], source: str, *, strict: bool = False) -> Any:
-    """Validate a dict against ``schema``; a ``ConfigError`` lists every bad field. ``strict``: no
-    conversion between types (a string is never read as a number), for files fedfreeze wrote itself."""
+def parse_config(data: dict[str, Any], schema: type[Section], source: str) -> Any:
+    """Validate a dict against ``schema``; a ``ConfigError`` lists every bad field."""
     try:
-        return schema.model_validate(data, strict=strict)
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def parse_json_strictly(text: str, schema: type[Section], source: str) -> Any:
+    """Validate JSON text against ``schema`` in pydantic's strict JSON mode: no conversion between
+    types (a string is never read as a number), for files fedfreeze writes itself; JSON's own forms
+    (a list for a tuple, a string for a date) are still read."""
+    try:
+        return schema.model_validate_json(text, strict=True)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
 

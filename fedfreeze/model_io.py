@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from fedfreeze import __version__
-from fedfreeze.config import ModelConfig, Section, parse_config
+from fedfreeze.config import ModelConfig, Section, parse_json_strictly
 from fedfreeze.errors import CheckpointError
 from fedfreeze.model_card import CARD_MARKDOWN, render_card
 from fedfreeze.models.adapters import adapter_rank
@@ -148,13 +148,14 @@ def read_card(folder: str | Path) -> ModelCard:
     path = folder / CARD_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a model folder: {CARD_FILE} is missing")
+    text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return parse_config(data, ModelCard, str(path), strict=True)
+    return parse_json_strictly(text, ModelCard, str(path))
 
 
 def rebuild(card: ModelCard) -> GroupedNet:
