@@ -438,8 +438,9 @@ def _run(args: argparse.Namespace) -> int:
         except launch.LaunchError as err:
             stopped = partial_path(out) / "metrics.json"
             if stopped.is_file():
-                reason = _json.loads(stopped.read_text()).get("reason")
-                raise launch.LaunchError(f"{err}; {stopped}: {reason} (--resume continues it)") from None
+                report = _json.loads(stopped.read_text())
+                why = report.get("reason") or f"{report.get('status')} after round {report.get('completed_rounds')}"
+                raise launch.LaunchError(f"{err}; {stopped}: {why} (--resume continues it)") from None
             raise
     metrics_path = out / "metrics.json"
     if metrics_path.is_file():

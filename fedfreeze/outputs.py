@@ -25,6 +25,7 @@ import fcntl
 import os
 import shutil
 import signal
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from pathlib import Path
 from fedfreeze.errors import OutputError
 
 CRASH_VARIABLE = "FEDFREEZE_CRASH_AT"  # tests: the named point at which a run kills itself (SIGKILL)
+LOCK_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,14 @@ def output_folder(
     resume: bool = False,
     resumable: bool = False,
     inputs: Mapping[str, str | Path | None] | None = None,
+    wait: float = 0.0,
 ) -> Iterator[Output]:
     """Hold ``path`` for one run: lock it, check it, yield where to write, publish it on success.
 
     ``resumable``: the run can continue a stopped one (``--resume``); its partial folder is kept
     when it stops, and one left by an earlier run is refused unless ``resume`` or ``force``.
+    ``wait``: seconds to wait for another run's lock before refusing (a command refuses at once; a
+    coordinator restarted under a run whose ServerApp is still ending waits for it to end).
     """
     final = Path(path).expanduser().resolve()
     check_output(path, option, force=force, resume=resume and resumable, resumable=resumable, inputs=inputs)
@@ -116,7 +121,7 @@ def output_folder(
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(f"{option} {path}: cannot create {final.parent}: {err.strerror}") from None
-    with _locked(final, option, path):
+    with _locked(final, option, path, wait):
         _recover(final)
         check_output(path, option, force=force, resume=resume and resumable, resumable=resumable, inputs=inputs)
         work = _start(final, option, path, force=force, resume=resume and resumable, resumable=resumable)
@@ -131,9 +136,10 @@ def output_folder(
 
 
 @contextlib.contextmanager
-def _locked(final: Path, option: str, shown: str | Path) -> Iterator[None]:
+def _locked(final: Path, option: str, shown: str | Path, wait: float) -> Iterator[None]:
     """An exclusive ``flock`` on ``.NAME.lock`` for the run's lifetime; the file is removed after."""
     lock = _lock_path(final)
+    deadline = time.monotonic() + wait
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -144,6 +150,9 @@ def _locked(final: Path, option: str, shown: str | Path) -> Iterator[None]:
         except OSError as err:
             holder = _read_pid(fd)
             os.close(fd)
+            if err.errno in (errno.EAGAIN, errno.EACCES) and time.monotonic() < deadline:
+                time.sleep(LOCK_POLL_S)
+                continue
             if err.errno in (errno.EAGAIN, errno.EACCES):
                 raise OutputError(
                     f"{option} {shown} is being written by another fedfreeze run{holder}: wait for it to end, "

@@ -437,6 +437,9 @@ def final_evaluation(grid: Grid, coord: Coordinator, strategy: Strategy) -> Roun
     return record
 
 
+LOCK_WAIT_S = 180.0
+
+
 def run_federation(grid: Grid, context: Context) -> None:
     """The ServerApp's main: every round, then the final evaluation and the exported model.
 
@@ -451,7 +454,9 @@ def run_federation(grid: Grid, context: Context) -> None:
         federate(grid, context, cfg, Path(str(work)), final)
         return
     force, resume = bool(context.run_config.get("force", False)), bool(context.run_config.get("resume", False))
-    with output_folder(final, force=force, resume=resume, resumable=True) as output:
+    # a coordinator restarted mid-run: the stopped run's ServerApp may still be ending (Flower starts it in
+    # a session of its own) and hold the folder; it lets go once the new SuperLink tells it its run is over
+    with output_folder(final, force=force, resume=resume, resumable=True, wait=LOCK_WAIT_S) as output:
         federate(grid, context, cfg, output.work, output.final)
 
 

@@ -21,6 +21,7 @@ from fedfreeze.flower.server import run_federation
 from fedfreeze.model_io import load_model
 from tests.federation.conftest import fast_config, read_metrics
 from tests.federation.test_federation_inprocess import node_configs
+from tests.shipped import beside
 
 
 class ScriptedGrid(LocalGrid):
@@ -177,10 +178,11 @@ def bad_folder(root: Path, site_folder: Path, kind: str) -> Path:
     rows = list(csv.DictReader((site_folder / "manifest.csv").open()))
     folder = root / kind
     folder.mkdir(parents=True)
+    beside(folder, "images")  # the rows name the shipped images through a link, as the site's own folder does
     if kind == "unreadable":
         broken = folder / "broken.png"
         broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-        rows[0]["path"] = str(broken)
+        rows[0]["path"] = broken.name
     elif kind == "wrong-label":
         rows[1]["label"] = "7"
     elif kind == "one-class":

@@ -162,3 +162,23 @@ def test_crash_points_kill_only_when_named(tmp_path: Path) -> None:
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "alive\n"
     env["FEDFREEZE_CRASH_AT"] = "staged"
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == -9
+
+
+def test_a_run_told_to_wait_gets_the_folder_when_the_holder_ends(tmp_path: Path) -> None:
+    """A restarted coordinator waits for the stopped run's ServerApp, which still holds the folder."""
+    out = tmp_path / "run"
+    code = f"""
+import time
+from fedfreeze.outputs import output_folder
+with output_folder({str(out)!r}, resumable=True) as o:
+    (o.work / "round-1").write_text("kept")
+    print("holding", flush=True)
+    time.sleep(1.5)
+    raise SystemExit(3)
+"""
+    first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert first.stdout is not None and first.stdout.readline().strip() == "holding"
+    with output_folder(out, resume=True, resumable=True, wait=60) as output:
+        assert first.wait(timeout=30) == 3  # it waited for the holder to let go (as it ends)
+        assert (output.work / "round-1").read_text() == "kept"  # and continues what it left
+    assert files(out) == {"round-1": "kept"}
