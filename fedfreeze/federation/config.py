@@ -219,8 +219,21 @@ def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
 
 
 CONFIG_KEY = "config"  # run-config key naming the TOML file
-# run-config keys about this run rather than the federation's settings
-RUN_KEYS = {CONFIG_KEY, "sites-dir", "resume", "out-dir", "share-operating-points"}  # the run's, not the config's
+# run-config keys about this run rather than the federation's settings: out-dir is the output folder
+# (what records name); work-dir, where a caller that holds that folder (simulate, in process) has the
+# run write until it publishes it; force and resume say what to do with an existing out-dir;
+# held-out-check names the file saying how the caller compared the evaluation-only sites' data with the
+# training sites'
+RUN_KEYS = {
+    CONFIG_KEY,
+    "sites-dir",
+    "resume",
+    "out-dir",
+    "work-dir",
+    "force",
+    "held-out-check",
+    "share-operating-points",
+}
 
 
 def load_fed_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> FedConfig:

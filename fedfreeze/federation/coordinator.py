@@ -51,7 +51,7 @@ from fedfreeze.models.registry import build_model
 from fedfreeze.operating_point import OperatingPoint, ScoreCalibration
 from fedfreeze.provenance import data_summary, federation_provenance, federation_threshold, summary_row
 from fedfreeze.reference_scores import ReferenceScores, reference_from_histograms
-from fedfreeze.training.schedule import adapter_groups, check_groups
+from fedfreeze.training.schedule import adapter_groups, check_groups, check_rate_groups
 
 log = logging.getLogger("fedfreeze.coordinator")
 
@@ -78,6 +78,7 @@ class Coordinator:
         torch.manual_seed(self.fed.seed)
         self.model, _ = build_model(cfg.model, self.adapter_groups, cfg.train.adapter_rank)
         check_groups(self.fed.unfreeze, list(self.model.groups))
+        check_rate_groups(cfg.train, list(self.model.groups))
         # train.recipe = "dual": the first rounds train the dual model, whose state is the global
         # state until the merge (dual_stage.py explains the design); the recipe object hides which
         self.recipe = recipe_for(self.model, cfg.model, cfg.train.recipe, self.fed.dual_rounds, self.fed.seed)
@@ -102,6 +103,8 @@ class Coordinator:
         self.node_names: dict[int, str] = {}
         # node id -> the site's own validation figures of the last pooled round (from its cells)
         self.site_figures: dict[int, dict[str, Any]] = {}
+        # how the evaluation-only sites' data was checked to be held out (data/overlap.py), for the report
+        self.held_out_check: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ schedule
     def round_plan(self, rnd: int) -> RoundPlan:

@@ -77,6 +77,7 @@ def write_report(
         "threshold_rule": str(coord.fed.threshold),
         "model": str(model_dir) if model_dir else None,
         "exported": exported,
+        "held_out_check": coord.held_out_check,
         "privacy": next((r.privacy for r in reversed(coord.history) if r.privacy), None),
         "totals": {
             "bytes_down": sum(r.bytes_down for r in records),
