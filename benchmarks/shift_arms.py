@@ -297,7 +297,7 @@ def run_probe_lr(
     model, _ = build_model(ModelConfig(input_size=sizes.input_size), [], 8)
     feats, labels = [], []
     for folder in sites.values():
-        data = load_image_set(folder, image_size=sizes.input_size, channels=3, progress=False)
+        data = load_image_set(folder, image_size=sizes.input_size, channels=3, progress=False, outside_paths=True)
         feats.append(extract_features(model, data.images, device).numpy())
         labels.append(data.labels.numpy())
     x, y = np.concatenate(feats), np.concatenate(labels)

@@ -119,7 +119,9 @@ def _suggest(args: argparse.Namespace) -> int:
 
     if args.out.exists() and not args.force:
         raise FedfreezeError(f"--out {args.out} exists; choose another file or --force to replace it")
-    picked, data = suggest_for_site(args.model, args.data, args.n, seed=args.seed, device=args.device)
+    picked, data = suggest_for_site(
+        args.model, args.data, args.n, seed=args.seed, device=args.device, outside_paths=args.allow_outside_paths
+    )
     written = write_suggestions(args.out, picked, data)
     images = sum(len(s.images) for s in picked)
     print(
@@ -651,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--seed", type=int, default=0, help="which patient of each stratum (the list is fixed per seed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.set_defaults(func=_suggest)
 
     p = sub.add_parser(
