@@ -23,3 +23,7 @@ class ProtocolError(FedfreezeError, ValueError):
 
 class OutputError(FedfreezeError, ValueError):
     """An output folder cannot be written as asked: it exists, another run holds it, it is an input."""
+
+
+class MissingExtraError(FedfreezeError):
+    """A setting needs optional packages this installation lacks; the message names the pip extra."""
