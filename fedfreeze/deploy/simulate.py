@@ -34,6 +34,7 @@ from fedfreeze.deploy.launch import (
 from fedfreeze.errors import FedfreezeError
 from fedfreeze.federation.config import FedConfig, load_fed_config, resolve_config_path
 from fedfreeze.federation.report import METRICS_FILE
+from fedfreeze.federation.tracking import require as require_trackers
 from fedfreeze.outputs import Output, output_folder
 from fedfreeze.sample_data import kermany_mini
 
@@ -140,6 +141,7 @@ def simulate(
     its own in ``sites/site-N/state`` anyway)."""
     config_path = resolve_config_path(config)
     cfg = load_fed_config(config_path, {"federation.out-dir": str(Path(out).resolve())})
+    require_trackers(cfg.federation.tracking)  # here, not after the SuperLink has started and the sites are written
     data_path = Path(data) if data is not None else kermany_mini("train")
     evaluation = parse_evaluation_sites(evaluation_sites, cfg.federation.evaluation_sites)
     inputs = {"--data": data_path, **{f"--evaluation-site {name}": path for name, path in evaluation.items()}}

@@ -45,6 +45,7 @@ from fedfreeze.federation.exchange import (
 from fedfreeze.federation.protocol import DUAL, EVALUATE_ROLE, RoundOrders
 from fedfreeze.federation.records import Reply, RoundRecord, json_default
 from fedfreeze.federation.rounds import RoundPlan, plan_round
+from fedfreeze.federation.tracking import Tracking
 from fedfreeze.model_io import make_card, model_sha256, save_model
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import build_model
@@ -71,6 +72,9 @@ class Coordinator:
         self.cfg = cfg
         self.fed = cfg.federation
         self.out = Path(out_dir)
+        # federation.tracking: the report's figures also go to TensorBoard / MLflow (report.py writes them);
+        # a missing package stops the run here, before any round
+        self.tracking = Tracking(cfg, self.out) if self.fed.tracking else None
         # the hash of the Flower app bundle (FAB) this run executes, as the transport reports it
         # (None: no FAB, e.g. in process); recorded in the exported model's provenance
         self.app_hash = app_hash
