@@ -33,6 +33,7 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedfreeze.data.overlap import NOT_CHECKED
 from fedfreeze.deploy import runstate, sitebook
+from fedfreeze.errors import FedfreezeError
 from fedfreeze.federation.config import FedConfig, from_run_config
 from fedfreeze.federation.coordinator import Coordinator, FederationFailed
 from fedfreeze.federation.exchange import ExchangePlan, key_groups
@@ -602,12 +603,13 @@ def show_logs_with_flower() -> None:
 
 class OneLineFailure(logging.Filter):
     """Flower logs "ServerApp raised an exception" with the traceback (~30 lines of the round loop's
-    frames) for any exception; for ``FederationFailed``, whose message says what failed and why, the
-    message alone is the line (``metrics.json`` holds the details)."""
+    frames) for any exception; for ``FederationFailed`` and every other ``FedfreezeError`` (a bad
+    configuration, a missing extra), whose message says what failed and why, the message alone is the
+    line (``metrics.json`` holds the details where there is one)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         failure = record.exc_info[1] if record.exc_info else None
-        if isinstance(failure, FederationFailed):
+        if isinstance(failure, (FederationFailed, FedfreezeError)):
             record.msg, record.args = "the federation failed: %s", (str(failure),)
             record.exc_info, record.exc_text = None, None
         return True
