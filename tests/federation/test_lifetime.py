@@ -32,6 +32,7 @@ import pytest
 
 from fedfreeze.deploy import launch
 from fedfreeze.flower.approval import app_hash
+from fedfreeze.outputs import partial_path
 from tests.federation.processes import (
     Tracker,
     age_seconds,
@@ -105,8 +106,9 @@ def submit(tracker: Tracker, tmp_path: Path, address: str, config: Path, out: Pa
 
 
 def completed_rounds(out: Path) -> int:
+    """Rounds done, from the run's folder while it works (written aside until published, ``outputs.py``)."""
     try:
-        return int(json.loads((out / "metrics.json").read_text()).get("completed_rounds", 0))
+        return int(json.loads((partial_path(out) / "metrics.json").read_text()).get("completed_rounds", 0))
     except (OSError, ValueError):
         return 0
 
@@ -171,7 +173,8 @@ def test_a_site_killed_mid_round_then_the_coordinator_stopped_leave_nothing_runn
         said = [line for line in log if line.startswith("stopped (signal 15) in")]
         assert len(said) == 1, log[-20:]
 
-        metrics = json.loads((out / "metrics.json").read_text())
+        assert not out.exists()  # an interrupted run is not published; its folder is kept aside for --resume
+        metrics = json.loads((partial_path(out) / "metrics.json").read_text())
         assert metrics["status"] == "interrupted" and metrics["completed_rounds"] == 1, metrics["reason"]
         info = metrics["interrupted"]
         assert info["completed_rounds"] == 1 and info["last_round_at"] and info["at"]
