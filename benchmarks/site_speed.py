@@ -16,7 +16,8 @@ Torch today against the inference engine (``site_speed_engine.py``), Lite0 only:
 
 ``--engine``: images/s of feature extraction, scoring (``evaluate``) and a fine-tuning epoch (layer4;
 the top group), each path side by side in one process, with the machine's measured GEMM peak and the
-fraction of it reached (``benchmarks/results/site-speed/engine/``). ``--federation``: the same 224 px
+fraction of it reached (``benchmarks/results/site-speed/engine/``); ``--profile``: where a layer4 step's
+time goes once the prefix runs in the engine (``benchmarks/results/site-speed/profile/``). ``--federation``: the same 224 px
 federation with forward-only work in torch, then through the engine: wall time, where the sites' time
 went, held-out AUROC with its interval (``benchmarks/results/site-speed/federation/``).
 """
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--engine", action="store_true", help="torch against the inference engine, side by side")
     parser.add_argument("--repeats", type=int, default=3, help="--engine: alternating repeats per task")
     parser.add_argument("--federation", action="store_true", help="a federation's wall time, torch vs the engine")
+    parser.add_argument("--profile", action="store_true", help="where a layer4 step's time goes with the engine")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--per-site", type=int, default=200)
     parser.add_argument("--test", type=int, default=200, help="--federation: held-out images of other patients")
@@ -120,7 +122,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.engine or args.federation:
+    if args.engine or args.federation or args.profile:
         import site_speed_engine as speed
 
         work = Path(tempfile.mkdtemp(prefix="site-speed-"))
@@ -129,6 +131,11 @@ def main() -> None:
             figures = speed.compare(manifest, args.size, args.repeats, args.epochs)
             speed.print_table(figures)
             folder = "engine"
+        elif args.profile:
+            figures = speed.step_profile(kermany_subset(args.images, work / "bench.csv"), args.size, args.repeats)
+            for key, value in figures["seconds_per_step"].items():
+                print(f"  {key:<36} {value:6.3f} s")
+            folder = "profile"
         else:
             figures = speed.federation(
                 work, args.sites, args.per_site, args.test, args.size, args.rounds, args.probe_rounds

@@ -14,7 +14,8 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -248,4 +249,77 @@ def federation(root: Path, sites: int, per_site: int, test: int, size: int, roun
         "rounds": rounds,
         "probe_rounds": probe,
         "arms": out,
+    }
+
+
+def step_profile(manifest: Path, size: int, repeats: int, batch: int = 32) -> dict[str, Any]:
+    """Where a layer4 fine-tuning step's time goes once the frozen prefix runs in the engine: seconds per
+    batch of each piece (median of ``repeats`` steps), the prefix in torch measured beside it."""
+    from fedfreeze.config import ModelConfig, TrainConfig
+    from fedfreeze.data import load_image_set
+    from fedfreeze.inference.engine import InferenceSettings, compile_frozen
+    from fedfreeze.models.registry import build_model
+    from fedfreeze.training.augment import augment_batch
+    from fedfreeze.training.engine import loss_fn, targets_for, to_unit
+    from fedfreeze.training.freezing import apply_parts
+    from fedfreeze.training.optim import make_optimizer
+
+    data = load_image_set(manifest, image_size=size, channels=3, progress=False)
+    model, _ = build_model(ModelConfig(input_size=size))
+    parts = frozenset({"layer4", "head"})
+    apply_parts(model, parts)
+    model.train()
+    cpu = torch.device("cpu")
+    cfg = TrainConfig(batch_size=batch, lr={"head": 1e-3, "layer4": 5e-4})
+    optimizer, _ = make_optimizer(model, parts, cfg, 100)
+    cache = Path(tempfile.mkdtemp(prefix="engine-cache-"))
+    runner = compile_frozen(
+        model, model.frozen_prefix(), to_unit(data.images[:2], cpu), InferenceSettings("openvino", cache_dir=cache)
+    )
+    if runner is None:
+        raise SystemExit("the engine failed: nothing to profile")
+    rng = np.random.default_rng(0)
+    pieces: dict[str, list[float]] = {
+        k: [] for k in ("decode to float + augment", "frozen prefix, engine", "frozen prefix, torch (before)",
+                        "trainable forward (layer4 + head)", "backward", "optimizer step")
+    }  # fmt: skip
+
+    @contextmanager
+    def timed(key: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        pieces[key].append(time.perf_counter() - start)
+
+    targets = targets_for(data.labels, model.num_classes)
+    for step in range(repeats + 1):
+        idx = torch.from_numpy(rng.choice(len(data), batch, replace=False))
+        with timed("decode to float + augment"):
+            x = augment_batch(to_unit(data.images[idx], cpu), rng)
+        with timed("frozen prefix, engine"):
+            h = runner(x)
+        with torch.no_grad(), timed("frozen prefix, torch (before)"):
+            model.forward_groups(model.normalize(x), runner.groups)
+        with timed("trainable forward (layer4 + head)"):
+            logits = model.head(model.pooled_after(h, runner.groups))
+        loss = loss_fn(logits, targets[idx])
+        optimizer.zero_grad(set_to_none=True)
+        with timed("backward"):
+            loss.backward()
+        with timed("optimizer step"):
+            optimizer.step()
+        if step == 0:  # the first step warms every kernel up: not counted
+            for values in pieces.values():
+                values.clear()
+    medians = {k: statistics.median(v) for k, v in pieces.items()}
+    engine_step = sum(v for k, v in medians.items() if k != "frozen prefix, torch (before)")
+    return {
+        "size": size,
+        "batch": batch,
+        "steps": repeats,
+        "threads": torch.get_num_threads(),
+        "seconds_per_step": medians,
+        "share_of_engine_step": {
+            k: v / engine_step for k, v in medians.items() if k != "frozen prefix, torch (before)"
+        },
+        "load_average_after": os.getloadavg()[0],
     }
