@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,13 +90,6 @@ def wants_engine(
         return True
     pixels = len(images) * passes * images.shape[-1] * images.shape[-2]
     return pixels >= MIN_WORK_PIXELS and engine_installed()
-
-
-def autocast(precision: Precision, device: torch.device) -> AbstractContextManager[object]:
-    """torch's own bf16 (the trainable groups, and forward passes that stay in torch)."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 class _Leading(nn.Module):

@@ -6,6 +6,7 @@ One rule: ``auto`` means bf16 only where the processor computes bf16 natively (x
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -45,3 +46,10 @@ def resolve_precision(setting: PrecisionSetting, device: torch.device | None = N
         where = "this GPU" if on_cuda else f"this CPU (none of {sorted(BF16_FLAGS)} in its flags)"
         raise ConfigError(f"train.precision: 'bf16' is not computed natively on {where}; use 'auto' or 'fp32'")
     return setting
+
+
+def autocast(precision: Precision, device: torch.device) -> AbstractContextManager[object]:
+    """torch's own bf16 (the trainable groups, and forward passes that stay in torch)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()

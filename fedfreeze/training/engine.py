@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from fedfreeze.config import TrainConfig, resolve_bn_stats
-from fedfreeze.inference.engine import InferenceSettings, autocast, compile_frozen, engine_features, wants_engine
-from fedfreeze.inference.precision import resolve_precision
+from fedfreeze.inference.engine import InferenceSettings, compile_frozen, engine_features, wants_engine
+from fedfreeze.inference.precision import autocast, resolve_precision
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.training.augment import augment_batch
 from fedfreeze.training.cutmix import apply_cutmix, sample_box, sample_lambda
