@@ -37,7 +37,9 @@ MIN_WORK_PIXELS = 128 * 224 * 224
 # outputs on the check images: max |engine - torch| <= tolerance * max(1, max |torch|); fp32 measured ~3e-6
 # (Lite0 features at 224 px); bf16 rounds every product to 8 bits of mantissa (measured ~0.1 on features)
 TOLERANCE: dict[Precision, float] = {"fp32": 1e-4, "bf16": 0.25}
-GRAPH_FORMAT = 1  # part of every cache key: raise it when what is exported changes
+GRAPH_FORMAT = 2  # part of every cache key: raise it when what is exported changes
+REFERENCE_FILE = "reference.npy"  # torch's output on the probe input, saved at export (no pickle)
+PROBE_SEED = 0
 CACHE_ENV = "FEDFREEZE_CACHE_DIR"
 
 
@@ -139,9 +141,12 @@ def compile_frozen(
     model: GroupedNet, groups: Sequence[str], example: torch.Tensor, settings: InferenceSettings
 ) -> FrozenRunner | None:
     """The leading ``groups`` of ``model`` (eval mode, weights as they are) through the engine, exported on
-    first use and cached under ``graph_key``; checked on ``example`` (inputs in [0, 1]) against torch.
+    first use and cached under ``graph_key``.
 
-    None, with one line in the log, when anything fails: the caller runs torch instead.
+    Checked before use: a new graph on ``example`` (inputs in [0, 1], the real images at hand) against
+    torch; a cached one on a fixed probe input against torch's output kept beside it at export (no torch
+    pass: its first run at a batch shape costs seconds on a CPU). None, with one line in the log, when
+    anything fails: the caller runs torch instead.
     """
     precision = resolve_precision(settings.precision)
     groups = tuple(groups)
@@ -154,12 +159,25 @@ def compile_frozen(
         module = _Leading(model, groups, pooled)
         with torch.no_grad():
             normalised = model.normalize(example).contiguous()
-            expected = module(normalised)
         folder = settings.folder() / graph_key(model, groups, pooled, example.shape[1:])
-        if not (folder / GRAPH_FILE).is_file():
-            _write_atomically(folder, lambda tmp: export_graph(module, normalised, tmp))
-        runner = FrozenRunner(model, groups, pooled, CompiledGraph(folder, precision))
-        error = float((runner(example) - expected).abs().max()) / max(1.0, float(expected.abs().max()))
+        probe = probe_input(normalised.shape[1:])
+        if (folder / GRAPH_FILE).is_file():
+            expected = torch.from_numpy(np.load(folder / REFERENCE_FILE, allow_pickle=False))
+            runner = FrozenRunner(model, groups, pooled, CompiledGraph(folder, precision))
+            got = torch.from_numpy(runner.graph(probe.numpy()))
+        else:
+            with torch.no_grad():
+                expected = module(normalised)
+                reference = module(probe).numpy()
+
+            def write(tmp: Path) -> None:
+                export_graph(module, normalised, tmp)
+                np.save(tmp / REFERENCE_FILE, reference, allow_pickle=False)
+
+            _write_atomically(folder, write)
+            runner = FrozenRunner(model, groups, pooled, CompiledGraph(folder, precision))
+            got = runner(example)
+        error = float((got - expected).abs().max()) / max(1.0, float(expected.abs().max()))
         if not error <= TOLERANCE[precision]:
             raise RuntimeError(f"its outputs differ from torch's by {error:.2g} (tolerance {TOLERANCE[precision]})")
         return runner
@@ -171,6 +189,11 @@ def compile_frozen(
         return None
     finally:
         model.train(was_training)
+
+
+def probe_input(shape: Sequence[int]) -> torch.Tensor:
+    """Two fixed pseudo-random inputs of ``shape`` (normalised scale): what a cached graph is checked on."""
+    return torch.randn((2, *shape), generator=torch.Generator().manual_seed(PROBE_SEED))
 
 
 def _write_atomically(folder: Path, write: Callable[[Path], None]) -> None:

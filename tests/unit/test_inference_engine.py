@@ -6,6 +6,7 @@ and torch, with one line in the log, when the export fails or a cached graph was
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +21,13 @@ from fedfreeze.data import load_image_set
 from fedfreeze.inference import engine as engine_module
 from fedfreeze.inference.engine import (
     MIN_WORK_PIXELS,
+    REFERENCE_FILE,
     TOLERANCE,
     InferenceSettings,
     compile_frozen,
     wants_engine,
 )
-from fedfreeze.inference.openvino_graph import GRAPH_FILE
+from fedfreeze.inference.openvino_graph import COMPILED_DIR, GRAPH_FILE
 from fedfreeze.models.registry import build_model
 from fedfreeze.training.engine import extract_features, predict_scores, train_phase
 from fedfreeze.training.freezing import apply_parts
@@ -90,8 +92,10 @@ def test_graph_is_cached_by_weights_and_stored_without_pickles(xrays, tmp_path: 
     model = lite0()
     first = extract_features(model, images, CPU, inference=engine)
     [folder] = graphs(tmp_path)
-    assert sorted(p.name for p in folder.iterdir()) == ["model.bin", "model.xml"]
+    files = sorted(p.relative_to(folder).parts[0] for p in folder.rglob("*") if p.is_file())
+    assert set(files) == {"model.bin", "model.xml", REFERENCE_FILE, COMPILED_DIR}
     assert (folder / GRAPH_FILE).read_bytes().lstrip().startswith(b"<?xml")
+    assert np.load(folder / REFERENCE_FILE, allow_pickle=False).shape == (2, 1280)  # a plain array
 
     def no_export(*args: object) -> None:
         raise AssertionError("exported again")
@@ -132,6 +136,7 @@ def test_foreign_cached_graph_is_refused_and_removed(xrays, tmp_path: Path, capl
     extract_features(other, images[:2], CPU, inference=InferenceSettings("openvino", cache_dir=tmp_path / "b"))
     [folder], [foreign] = graphs(tmp_path / "a"), graphs(tmp_path / "b")
     (folder / "model.bin").write_bytes((foreign / "model.bin").read_bytes())
+    shutil.rmtree(folder / COMPILED_DIR)  # else OpenVINO runs its compiled copy of the true graph (also checked)
     with caplog.at_level(logging.WARNING, logger="fedfreeze.engine"):
         got = extract_features(model, images, CPU, inference=engine)
     assert torch.equal(got, extract_features(model, images, CPU, inference=InferenceSettings("torch")))
