@@ -46,25 +46,29 @@ def gemm_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
 
 
 def flops_per_image(model: torch.nn.Module, task: str, size: int, parts: frozenset[str]) -> float:
-    """FLOPs of one image's forward (and, for an epoch, the backward of the trainable groups), counted on
-    the real modules at batch 2."""
+    """FLOPs of one image, counted by ``torch.utils.flop_counter`` on the real modules at batch 2: the whole
+    forward, and for an epoch twice the trainable groups' forward again (their backward: gradients of the
+    inputs and of the weights; the counter's own backward figures for depthwise convolutions are not usable)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fedfreeze.training.freezing import apply_parts
 
     x = torch.rand(2, 3, size, size)
+    model.eval()
     counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    total = counter.get_total_flops()
     if task.startswith("epoch"):
         apply_parts(model, parts)
-        model.train()
-        with counter:
-            model(x).sum().backward()
-        model.zero_grad(set_to_none=True)
-    else:
-        model.eval()
-        with counter, torch.no_grad():
-            model(x)
-    return counter.get_total_flops() / 2
+        prefix = model.frozen_prefix()
+        with torch.no_grad():
+            h = model.forward_groups(model.normalize(x), prefix)
+            trainable = FlopCounterMode(display=False)
+            with trainable:
+                model.head(model.pooled_after(h, prefix))
+        total += 2 * trainable.get_total_flops()
+    return total / 2
 
 
 def compare(manifest: Path, size: int, repeats: int, epochs: int) -> dict[str, Any]:
