@@ -115,12 +115,17 @@ def main() -> None:
             "seconds": times[name],
         }
         print(f"{name:<30} {rate:>7.1f} {rate / before:>8.2f}x {differences[name]:>11.2e}")
-    versions = {}
-    for package in ("onnxruntime", "onnx", "openvino"):
+    versions: dict[str, str | None] = {}
+    installed_mb: dict[str, float] = {}
+    for package in ("onnxruntime", "onnx", "openvino", "openvino-telemetry", "torch"):
         try:
-            versions[package] = importlib.metadata.version(package)
+            dist = importlib.metadata.distribution(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
+            continue
+        versions[package] = dist.version
+        files = [dist.locate_file(f) for f in dist.files or []]
+        installed_mb[package] = sum(Path(f).stat().st_size for f in files if Path(f).is_file()) / 1e6
     figures = {
         "images": args.images,
         "size": args.size,
@@ -129,6 +134,7 @@ def main() -> None:
         "feature_scale": scale,
         "seconds_to_ready": seconds_to_ready,
         "versions": versions,
+        "installed_mb": installed_mb,
         "load_average_during": loads,
         "results": results,
     }
