@@ -24,7 +24,15 @@ def _site_train(args: argparse.Namespace) -> int:
 
     cfg = load_site_config(args.config)
     report = site_train(
-        cfg, args.data, args.out, split=args.split, device=args.device, progress=not args.quiet, init=args.init
+        cfg,
+        args.data,
+        args.out,
+        split=args.split,
+        device=args.device,
+        progress=not args.quiet,
+        init=args.init,
+        force=args.force,
+        outside_paths=args.allow_outside_paths,
     )
     folds = len(report["folds"])
     print(
@@ -44,24 +52,32 @@ def _site_train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from fedfreeze.evaluate import evaluate_model, format_text, require_binary_model, single_class_message
+    from fedfreeze.outputs import output_folder
 
-    if args.report is not None:
-        require_binary_model(args.model, "--report")
-    result = evaluate_model(
-        args.model,
-        args.data,
-        split=args.split,
-        device=args.device,
-        bootstrap=args.bootstrap,
-        seed=args.seed,
-        allow_single_class=True,
-        site=args.site,
-    )
-    written = []
-    if args.report is not None:
+    def score() -> dict:
+        return evaluate_model(
+            args.model,
+            args.data,
+            split=args.split,
+            device=args.device,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+            allow_single_class=True,
+            outside_paths=args.allow_outside_paths,
+            site=args.site,
+        )
+
+    written: list[Path] = []
+    if args.report is None:
+        result = score()
+    else:
         from fedfreeze.evaluation.external_report import write_external_report
 
-        written = write_external_report(args.report, result)
+        require_binary_model(args.model, "--report")
+        inputs = {"--model": args.model, "--data": args.data}
+        with output_folder(args.report, "--report", force=args.force, inputs=inputs) as report:
+            result = score()
+            written = [report.final / path.name for path in write_external_report(report.work, result)]
     print(json.dumps(result) if args.json else format_text(result))
     if written and not args.json:
         print(f"report: {', '.join(str(path) for path in written)}")
@@ -91,8 +107,9 @@ def _adapt(args: argparse.Namespace) -> int:
         seed=args.seed,
         split=args.split,
         device=args.device,
+        outside_paths=args.allow_outside_paths,
     )
-    result = adapt_model(args.model, args.data, args.out, options, progress=not args.quiet)
+    result = adapt_model(args.model, args.data, args.out, options, progress=not args.quiet, force=args.force)
     print("\n".join(result.lines))
     return 0
 
@@ -102,7 +119,9 @@ def _suggest(args: argparse.Namespace) -> int:
 
     if args.out.exists() and not args.force:
         raise FedfreezeError(f"--out {args.out} exists; choose another file or --force to replace it")
-    picked, data = suggest_for_site(args.model, args.data, args.n, seed=args.seed, device=args.device)
+    picked, data = suggest_for_site(
+        args.model, args.data, args.n, seed=args.seed, device=args.device, outside_paths=args.allow_outside_paths
+    )
     written = write_suggestions(args.out, picked, data)
     images = sum(len(s.images) for s in picked)
     print(
@@ -185,9 +204,14 @@ def _print_federation(metrics: dict, out: Path) -> None:
     evaluators = (metrics.get("final") or {}).get("evaluation_sites") or {}
     ext = evaluators.get("at_threshold_next") or evaluators.get("at_threshold_used")
     if ext and "auroc" in ext:
+        check = metrics.get("held_out_check") or {}
+        held = (
+            f"held out: {check['how']}"
+            if check.get("checked")
+            else "not checked to be held out from the training sites' data"
+        )
         print(
-            f"evaluation-only sites ({', '.join(evaluators['sites'])}: data no site trained on), the final global "
-            f"model, n={ext['n']}:"
+            f"evaluation-only sites ({', '.join(evaluators['sites'])}; {held}), the final global model, n={ext['n']}:"
         )
         for key in ("auroc", "balanced_accuracy", "sensitivity", "specificity"):
             where = "(over all thresholds)" if key == "auroc" else f"at threshold {ext['threshold']:.3f}"
@@ -226,8 +250,10 @@ def _simulate(args: argparse.Namespace) -> int:
         sites=args.sites,
         alpha=args.alpha,
         resume=args.resume,
+        force=args.force,
         cpus_per_site=args.cpus_per_site,
         evaluation_sites=args.evaluation_site,
+        outside_paths=args.allow_outside_paths,
         share_operating_points=args.share_operating_points,
     )
     _print_federation(metrics, Path(args.out))
@@ -269,27 +295,34 @@ def _server(args: argparse.Namespace) -> int:
         supernode_auth=tls is not None and args.auth is not False,
         insecure=args.insecure,
     )
+    from fedfreeze.deploy import serve
+
+    sink = serve.sink_for(args, "coordinator")
     if args.insecure:
         who = (
             "only processes on this machine"
             if host in ("127.0.0.1", "localhost", "::1")
             else f"anyone who reaches {host}:{args.port}"
         )
-        print(
+        sink.note(
             f"fedfreeze server: --insecure: no TLS (weights and metrics travel in clear text) and no site "
             f"authentication ({who} can join as a site or submit a federation); listening on {host}:{args.port}",
-            flush=True,
+            "WARNING",
         )
     elif args.auth is False:
-        print(
+        sink.note(
             f"fedfreeze server: --no-auth: TLS on, but no site authentication (any site that trusts the CA and "
             f"reaches {host}:{args.port} can join)",
-            flush=True,
+            "WARNING",
         )
-    launch.show(cmd, sys.stdout)
-    env = launch.flower_env(launch.flwr_home_in(state))  # Flower's installed apps go in the state folder
-    os.execvpe(cmd[0], cmd, env)
-    return 0  # not reached
+    watch = serve.Watch(
+        address=serve.loopback(host, args.port),
+        ca=tls.ca if tls else None,
+        certificates={"server.pem": tls.cert, "ca.pem": tls.ca} if tls and tls.cert else {},
+        metrics_port=args.metrics_port,
+        metrics_file=args.metrics_file,
+    )
+    return serve.run_coordinator(cmd, state, sink, watch)
 
 
 SITE_HINTS = {  # what the SuperNode's own output says -> why a site with exit code 305 could not join
@@ -341,6 +374,8 @@ def _site(args: argparse.Namespace) -> int:
     node = {"data-path": str(Path(args.data).resolve()), "site-name": args.name, "state-dir": str(state)}
     if args.weights:
         node["weights"] = str(Path(args.weights).resolve())
+    if args.allow_outside_paths:
+        node["allow-outside-paths"] = True
     if args.threads:
         node["threads"] = args.threads
     if args.share_operating_point:
@@ -353,44 +388,51 @@ def _site(args: argparse.Namespace) -> int:
         auth_key=args.auth_key,
         insecure=args.insecure,
     )
+    from fedfreeze.deploy import serve
+
+    sink = serve.sink_for(args, f"site {args.name}")
     if args.insecure:
-        print(
+        sink.note(
             f"fedfreeze site: --insecure: no TLS (this site's model weights and metrics travel to "
             f"{args.superlink} in clear text) and no site key (the coordinator cannot tell this site from any "
             "other)",
-            flush=True,
+            "WARNING",
         )
     state.mkdir(parents=True, exist_ok=True)
-    env = launch.flower_env(launch.flwr_home_in(state))  # Flower's installed apps go in the state folder
+    env = serve.guarded_env(state)  # FLWR_HOME in the state folder; Flower's children end with their parent
     if approved is None:
-        print(
+        sink.note(
             "fedfreeze site: warning: no --approved-apps: this site runs whatever app a job submitted to the "
             "coordinator brings (give --approved-apps FILE, the hashes `fedfreeze app-hash` prints, to run "
             "approved releases only)",
-            flush=True,
+            "WARNING",
         )
     else:
-        print(_approve_apps_only(args, approved, state, env), flush=True)
-    launch.show(cmd, sys.stdout)
-    code, seen = launch.run_supervised(cmd, env, markers=[SUPERNODE_CONNECTION_ERROR, *SITE_HINTS])
+        sink.note(_approve_apps_only(args, approved, state, env))
+    watch = serve.Watch(
+        address=f"127.0.0.1:{args.port}",
+        ca=None,
+        certificates={"ca.pem": args.root_cert} if args.root_cert else {},
+        metrics_port=args.metrics_port,
+    )
+    outcome = serve.run_site(cmd, env, sink, [SUPERNODE_CONNECTION_ERROR, *SITE_HINTS], watch)
+    code, seen = outcome.code, outcome.seen
+    error = None
     if code != 0 and SUPERNODE_CONNECTION_ERROR in seen:
         hint = next(
             (SITE_HINTS[m] for m in SITE_HINTS if m in seen),
             "the coordinator at --superlink {superlink} did not answer: is it running, is the address "
             "right, does the firewall let this machine reach it?",
         )
-        print(
-            f"fedfreeze site: error: site {args.name} could not join (Flower exit code 305): "
-            + hint.format(name=args.name, superlink=args.superlink, root_cert=args.root_cert),
-            file=sys.stderr,
-            flush=True,
+        error = f"site {args.name} could not join (Flower exit code 305): " + hint.format(
+            name=args.name, superlink=args.superlink, root_cert=args.root_cert
         )
-    elif code < 0:
-        print(
-            f"fedfreeze site: error: site {args.name}'s SuperNode ended by signal {-code}", file=sys.stderr, flush=True
-        )
-        return 128 - code  # the shell's convention
-    return code
+    elif code < 0 and outcome.stop_signal is None:
+        error = f"site {args.name}'s SuperNode ended by signal {-code}"
+    if error is not None:
+        sink.note(f"fedfreeze site: error: {error}", "ERROR", console=False)
+        print(f"fedfreeze site: error: {error}", file=sys.stderr, flush=True)
+    return outcome.exit_code()
 
 
 def _approve_apps_only(args: argparse.Namespace, approved: ApprovedApps, state: Path, env: dict[str, str]) -> str:
@@ -421,24 +463,43 @@ SUPERNODE_CONNECTION_ERROR = "Exit Code: 305"
 
 def _run(args: argparse.Namespace) -> int:
     import json as _json
+    import tempfile
 
     from fedfreeze.deploy import launch
     from fedfreeze.federation.config import resolve_config_path
+    from fedfreeze.outputs import check_output, partial_path
 
     _check_client_tls(args)
-    out = Path(args.out).resolve()
-    home = launch.write_flwr_home(
-        Path(args.flwr_home or out / ".flwr-cli"), [launch.Connection("fedfreeze", args.superlink, args.root_cert)]
-    )
-    env = launch.flower_env(home)
-    run_config = {"out-dir": str(out), "resume": args.resume}
-    config = resolve_config_path(args.config)
-    if config is not None:
-        run_config["config"] = str(config.resolve())
-    code, run_id = launch.submit(
-        launch.run_command(connection="fedfreeze", run_config=run_config, app_dir=args.app or launch.APP_DIR), env
-    )
-    launch.require_completed("fedfreeze", run_id, env)
+    # the coordinator's ServerApp holds --out and refuses it as this does; checked here first, in case
+    # this machine sees the folder too
+    out = check_output(args.out, force=args.force, resume=args.resume, resumable=True)
+    with tempfile.TemporaryDirectory(prefix="fedfreeze-flwr-") as tmp:
+        home = launch.write_flwr_home(
+            Path(args.flwr_home or tmp), [launch.Connection("fedfreeze", args.superlink, args.root_cert)]
+        )
+        env = launch.flower_env(home)
+        run_config = {"out-dir": str(out), "resume": args.resume, "force": args.force}
+        config = resolve_config_path(args.config)
+        if config is not None:
+            run_config["config"] = str(config.resolve())
+        code, run_id = launch.submit(
+            launch.run_command(connection="fedfreeze", run_config=run_config, app_dir=args.app or launch.APP_DIR),
+            env,
+        )
+        try:
+            launch.require_completed("fedfreeze", run_id, env, args.superlink)
+        except launch.LaunchError as err:
+            from fedfreeze.deploy.operator import not_completed
+
+            stopped = partial_path(out) / "metrics.json"
+            interrupted = not_completed(partial_path(out), err)
+            if interrupted is not err:  # metrics.json says how the coordinator's stop cut it short
+                raise launch.LaunchError(f"{interrupted} ({stopped}; --resume continues it)") from None
+            if stopped.is_file():
+                report = _json.loads(stopped.read_text())
+                why = report.get("reason") or f"{report.get('status')} after round {report.get('completed_rounds')}"
+                raise launch.LaunchError(f"{err}; {stopped}: {why} (--resume continues it)") from None
+            raise
     metrics_path = out / "metrics.json"
     if metrics_path.is_file():
         metrics = _json.loads(metrics_path.read_text())
@@ -496,69 +557,26 @@ def _tls_or_insecure(insecure: bool, given: object, option: str, missing: str) -
         raise ConfigError(missing)
 
 
-def _flwr_listing(args: argparse.Namespace, flwr_args: list[str]) -> dict:
-    """``flwr ARGS fedfreeze --format json`` with a private FLWR_HOME holding only this connection."""
-    import tempfile
-
-    from fedfreeze.deploy import launch
+def _sites(args: argparse.Namespace) -> int:
+    from fedfreeze.deploy.operator import sites_command
 
     _check_client_tls(args)
-    with tempfile.TemporaryDirectory(prefix="fedfreeze-flwr-") as tmp:
-        home = launch.write_flwr_home(Path(tmp), [launch.Connection("fedfreeze", args.superlink, args.root_cert)])
-        answer = launch.flwr_json([*flwr_args, "fedfreeze"], launch.flower_env(home))
-    if not answer.get("success", False):
-        message = str(answer.get("error-message", answer)).strip().splitlines()
-        raise launch.LaunchError(
-            f"`flwr {' '.join(flwr_args)}` at {args.superlink} failed: {message[-1] if message else answer}"
-        )
-    return answer
-
-
-def _sites(args: argparse.Namespace) -> int:
-    answer = _flwr_listing(args, ["supernode", "ls"])
-    if args.json:
-        print(json.dumps(answer, indent=1))
-        return 0
-    nodes = answer.get("nodes", [])
-    print(f"{'node id':<22} {'status':<12} since (UTC)")
-    for node in nodes:
-        status = str(node.get("status", ""))
-        since = {
-            "online": node.get("online-at"),
-            "offline": node.get("offline-at"),
-            "unregistered": node.get("deleted-at"),
-        }.get(status) or node.get("created-at")
-        print(f"{node.get('node-id', ''):<22} {status:<12} {since}")
-    online = sum(n.get("status") == "online" for n in nodes)
-    registered = sum(n.get("status") != "unregistered" for n in nodes)
-    print(
-        f"{online} of {registered} registered sites online (Flower's `flwr supernode ls`; Flower 1.42 does not "
-        "list the names given at registration: `fedfreeze register` printed each site's node id)"
-    )
-    return 0
+    return sites_command(args)
 
 
 def _runs(args: argparse.Namespace) -> int:
-    flwr_args = ["ls"] + (["--run-id", str(args.run_id)] if args.run_id is not None else [])
-    answer = _flwr_listing(args, flwr_args)
-    if args.json:
-        print(json.dumps(answer, indent=1))
-        return 0
-    runs = sorted(answer.get("runs", []), key=lambda r: str(r.get("pending-at", "")))
-    print(f"{'run id':<22} {'status':<22} {'submitted (UTC)':<22} {'elapsed':>9}  details")
-    for run in runs:
-        elapsed = run.get("elapsed")
-        seconds = f"{float(elapsed):.0f} s" if isinstance(elapsed, (int, float)) else str(elapsed or "")
-        details = run.get("status-details") or ""
-        print(
-            f"{run.get('run-id', ''):<22} {run.get('status', ''):<22} {run.get('pending-at', ''):<22} "
-            f"{seconds:>9}  {'' if details == 'N/A' else details}"
-        )
-    print(
-        f"{len(runs)} run(s) (Flower's `flwr ls`); finished:failed is a federation that did not complete "
-        "(its metrics.json says why)"
-    )
-    return 0
+    from fedfreeze.deploy.operator import runs_command
+
+    _check_client_tls(args)
+    return runs_command(args)
+
+
+FORCE_HELP = "replace an existing non-empty --out (the new folder takes its place only when the run has finished)"
+
+
+OUTSIDE_HELP = (
+    "let a manifest name images outside its own folder (absolute paths, ../); by default such a row is refused"
+)
 
 
 class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -579,7 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("site-train", help="cross-validate and fine-tune a pretrained CNN on one site's data")
     p.add_argument("--config", type=Path, default=None, help="site.toml (defaults when omitted)")
     p.add_argument("--data", required=True, help="manifest .csv, MedMNIST .npz, or a folder of MNIST IDX files")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--out", required=True, type=Path, help="run folder for metrics.json and the model")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--split", default=None, help="split inside an .npz/IDX source (default: train)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -596,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a saved model on labelled data it never saw")
     p.add_argument("--model", required=True, type=Path, help="a model folder (model.json + weights.pt)")
     p.add_argument("--data", required=True, help="manifest .csv, MedMNIST .npz, or IDX folder")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--split", default=None, help="split inside an .npz/IDX source")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -605,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="folder for evaluation.json, reliability.png and scores.png (binary models)",
     )
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --report folder")
     p.add_argument(
         "--bootstrap",
         type=int,
@@ -631,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--seed", type=int, default=0, help="which patient of each stratum (the list is fixed per seed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.set_defaults(func=_suggest)
 
     p = sub.add_parser(
@@ -644,7 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="the site's images: a manifest .csv (path[,patient_id], label optional), .npz or IDX folder",
     )
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--out", required=True, type=Path, help="the new model folder")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument(
         "--site",
         default=None,
@@ -729,10 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="fed-demo.toml", help="fed.toml (a path, or a config shipped with fedfreeze)")
     p.add_argument("--out", required=True, type=Path, help="output folder: metrics, report, model, site data")
     p.add_argument("--data", default=None, help="dataset to split (default: the shipped Kermany subset)")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--sites", type=int, default=None, help="number of sites (default: the manifest's site column)")
     p.add_argument("--alpha", type=float, default=None, help="Dirichlet label skew (default: IID split)")
     p.add_argument("--cpus-per-site", type=int, default=1, help="CPUs Ray gives each simulated site")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument(
         "--share-operating-points",
         action="store_true",
@@ -795,6 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
         "training processes): several sites on one machine need one port each.",
     )
     p.add_argument("--data", required=True, help="the site's data: a folder with manifest.csv, a manifest, .npz")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--name", required=True, help="the site's name in reports")
     p.add_argument("--superlink", default="127.0.0.1:9093", help="the coordinator's address, HOST:PORT")
     p.add_argument(
@@ -809,7 +837,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the site's caches and its FLWR_HOME (STATE_DIR/flwr-home: the apps Flower installs; "
         "nothing goes to ~/.flwr) (default: ~/.cache/fedfreeze/NAME)",
     )
-    p.add_argument("--weights", default=None, help="the site's own copy of the pretrained checkpoint")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="the site's own copy of the pretrained checkpoint: the only checkpoint file the site opens (a job "
+        "whose model.weights names a file is refused without it)",
+    )
     p.add_argument(
         "--share-operating-point",
         action="store_true",
@@ -889,10 +922,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--flwr-home",
         default=None,
-        help="the Flower CLI's config for this connection (default: OUT/.flwr-cli, inside the output "
-        "folder; nothing goes to ~/.flwr)",
+        help="the Flower CLI's config for this connection (default: a temporary folder; nothing goes to ~/.flwr)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument(
         "--app",
         type=Path,
@@ -924,8 +957,7 @@ def build_parser() -> argparse.ArgumentParser:
             command,
             formatter_class=ShowDefaults,
             help=what,
-            description=f"{what[0].upper()}{what[1:]} (`{flwr}` with a temporary Flower config "
-            "holding this one connection).",
+            description=f"{what[0].upper()}{what[1:]} (Flower's Control API, as `{flwr}` asks it).",
         )
         p.add_argument("--superlink", default="127.0.0.1:9093", help="the coordinator's address, HOST:PORT")
         p.add_argument(
@@ -937,7 +969,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--insecure", action="store_true", help="for a coordinator started with --insecure")
         if command == "runs":
             p.add_argument("--run-id", type=int, default=None, help="only this run")
-        p.add_argument("--json", action="store_true", help="print Flower's JSON answer")
+        p.add_argument("--json", action="store_true", help="print the list as JSON")
         p.set_defaults(func=func)
 
     p = sub.add_parser("models", help="list the backbones with parameters, groups and input size")
@@ -948,8 +980,15 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment", help="compare named arms on the same repeated patient-level CV folds; paired tests and a report"
     )
     p.add_argument("--config", required=True, type=Path, help="exp.toml: [experiment], shared tables, [arms.NAME]")
-    p.add_argument("--out", required=True, type=Path, help="run folder (run again to continue a stopped experiment)")
+    p.add_argument("--out", required=True, type=Path, help="run folder (written aside, published when the report is)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a stopped experiment (its finished folds are kept), or add to a finished one",
+    )
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--data", default=None, help="overrides experiment.data")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the finished folds only")
     p.add_argument(
@@ -957,6 +996,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_experiment)
+
+    # running a federation as a service (fedfreeze/deploy/commands.py): log and metrics options of
+    # server and site, runs --state-dir, and the subcommands unregister, service, backup, restore
+    from fedfreeze.deploy.commands import add_operations
+
+    add_operations(sub, ShowDefaults, _check_client_tls)
     return parser
 
 
@@ -978,6 +1023,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except FedfreezeError as err:
         print(f"fedfreeze {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file the run writes or reads that the system refuses: full disk, permissions
+        where = f": {err.filename}" if err.filename else ""
+        print(f"fedfreeze {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

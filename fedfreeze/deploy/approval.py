@@ -99,7 +99,10 @@ RUNNER = """#!/bin/sh
 # Flower's flower-superexec starts this file, by its name {command}, for every task of this site.
 import sys
 
-from fedfreeze.flower.approval import {function}
+from fedfreeze.deploy.guard import arm_from_arguments
+
+arm_from_arguments()  # SIGKILLed with the superexec that starts it (fedfreeze/deploy/guard.py)
+from fedfreeze.flower.approval import {function}  # noqa: E402
 
 sys.exit({function}({arguments}))
 """

@@ -9,7 +9,6 @@ dependencies at run time, and a run counts as done only when ``flwr ls`` says
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -17,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from fedfreeze.deploy.logs import LogSink
 from fedfreeze.errors import FedfreezeError
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the project folder: pyproject.toml, server/, client/
@@ -33,6 +32,20 @@ APP_DIR = Path(__file__).resolve().parents[2]  # the project folder: pyproject.t
 
 class LaunchError(FedfreezeError):
     """A Flower process could not be started, or a run did not complete."""
+
+
+class CoordinatorUnreachable(LaunchError):
+    """The coordinator did not answer: it is down, restarting, or not reachable from here."""
+
+
+UNAVAILABLE = "Connection to the SuperLink is unavailable"  # what every flwr command says then
+
+
+def unreachable(address: str, detail: str) -> CoordinatorUnreachable:
+    return CoordinatorUnreachable(
+        f"the coordinator at {address} does not answer ({detail}): it is down, restarting, or not reachable "
+        "from here (address, firewall, TLS); what became of the run is unknown until it answers"
+    )
 
 
 @dataclass(frozen=True)
@@ -72,7 +85,7 @@ TAG_VARIABLE = "FEDFREEZE_LAUNCH_TAG"
 def flower_env(
     flwr_home: Path | None = None, extra: Mapping[str, str] | None = None, tag: str | None = None
 ) -> dict[str, str]:
-    """The environment for Flower processes: this venv first on PATH, no update check.
+    """The environment for Flower processes: this venv first on PATH, no update check, no telemetry.
 
     ``tag`` marks every process started with this environment, and their children (Flower starts
     the SuperLink's ServerApp executor and Ray's workers in sessions of their own, out of reach of
@@ -83,6 +96,9 @@ def flower_env(
         env[TAG_VARIABLE] = tag
     env["PATH"] = f"{bin_dir()}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    # Flower sends usage events to its own server from every process, and each exit waits up to 4 s for
+    # that send: a site or coordinator talks to nothing but each other, and stops without the wait
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
@@ -258,76 +274,6 @@ def _orphaned(parent: int) -> bool:
     except OSError:
         return False
     return b"flower-superexec" not in init and b"flwr" not in init
-
-
-def run_supervised(
-    cmd: Sequence[str], env: Mapping[str, str], out: IO[str] | None = None, markers: Sequence[str] = ()
-) -> tuple[int, set[str]]:
-    """Run a Flower process as a child, echoing its output; return its exit code and which of
-    ``markers`` its output held.
-
-    Unlike ``exec``, the caller can explain the exit code afterwards. SIGTERM, SIGINT and SIGHUP
-    are passed on to the child (which runs in a session of its own, so a terminal's Ctrl-C reaches
-    it once, through us); if this process is killed outright, Linux sends the child SIGTERM. The
-    child's own children (Flower's superexec, ClientApps) write to the same pipe: once the child
-    has ended we read on for a moment only, so none of them can keep us waiting.
-    """
-    out = out or sys.stdout
-    proc = subprocess.Popen(
-        list(cmd),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=dict(env),
-        start_new_session=True,
-        preexec_fn=_child_dies_with_us,
-    )
-    seen: set[str] = set()
-
-    def echo() -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace")
-            out.write(line)
-            out.flush()
-            seen.update(m for m in markers if m in line)
-
-    def forward(signum: int, frame: object) -> None:
-        # to the child's whole process group: the SuperNode and the ClientApps it started, as when the
-        # SuperNode itself is stopped by its group (a ClientApp that has not loaded our app yet has no
-        # parent-death signal of its own)
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    reader = threading.Thread(target=echo, daemon=True)
-    reader.start()
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    try:
-        code = proc.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if proc.poll() is None:  # we are leaving early (an exception): do not leave the child behind
-            forward(signal.SIGTERM, None)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-    reader.join(timeout=5.0)
-    return code, set(seen)
-
-
-def _child_dies_with_us() -> None:
-    """In the child, before exec: SIGTERM when the parent (this fedfreeze process) dies."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
 
 
 def register_command(*, public_key: Path, connection: str, name: str | None = None) -> list[str]:
@@ -507,14 +453,25 @@ def flwr_json(args: Sequence[str], env: Mapping[str, str]) -> dict[str, Any]:
         raise LaunchError(f"`flwr {' '.join(args)}` gave no JSON: {proc.stdout[-500:]} {proc.stderr[-500:]}") from err
 
 
-def run_status(connection: str, run_id: str | None, env: Mapping[str, str]) -> dict[str, Any]:
-    """The ``flwr ls`` entry of a run (the newest run when ``run_id`` is None)."""
+def run_status(
+    connection: str, run_id: str | None, env: Mapping[str, str], address: str | None = None
+) -> dict[str, Any]:
+    """The ``flwr ls`` entry of a run (the newest run when ``run_id`` is None). A coordinator that does
+    not answer is ``CoordinatorUnreachable``; one that answers without the run, a ``LaunchError``."""
     answer = flwr_json(["ls", connection], env)
+    if not answer.get("success", True):
+        message = str(answer.get("error-message", ""))
+        if UNAVAILABLE in message:
+            raise unreachable(address or connection, f"Flower: {UNAVAILABLE}")
+        raise LaunchError(
+            f"`flwr ls {connection}` failed: {message.strip().splitlines()[-1] if message.strip() else answer}"
+        )
     runs = answer.get("runs", [])
     if run_id is not None:
         runs = [r for r in runs if str(r.get("run-id")) == str(run_id)]
     if not runs:
-        raise LaunchError(f"`flwr ls {connection}` lists no run {run_id or ''}".strip())
+        where = f"the coordinator at {address}" if address else f"`flwr ls {connection}`"
+        raise LaunchError(f"{where} answers but lists no run {run_id or ''}".strip())
     return max(runs, key=lambda r: r.get("pending-at", ""))
 
 
@@ -541,27 +498,31 @@ def wait_sites_online(
 
 
 def submit(cmd: Sequence[str], env: Mapping[str, str], log: IO[str] | None = None) -> tuple[int, str | None]:
-    """Run ``flwr run`` to the end of its log stream; return its exit code and the run id it printed."""
+    """Run ``flwr run`` to the end of its log stream; return its exit code and the run id it printed.
+    The stream's lines get a timestamp, and lose Flower's colour codes off a terminal (``logs.LogSink``)."""
     show(cmd)
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(env))
     run_id = None
+    sink = LogSink("run", console=log)
     assert proc.stdout is not None
     for line in proc.stdout:
-        (log or sys.stdout).write(line)
+        sink.write(line)
         if "Successfully started run" in line:
             run_id = line.strip().split()[-1]
     return proc.wait(), run_id
 
 
-def require_completed(connection: str, run_id: str | None, env: Mapping[str, str]) -> dict[str, Any]:
+def require_completed(
+    connection: str, run_id: str | None, env: Mapping[str, str], address: str | None = None
+) -> dict[str, Any]:
     """Raise unless ``flwr ls`` reports the run ``finished:completed``."""
     if run_id is None:
         raise LaunchError("`flwr run` did not start a run (see its output above)")
     deadline = time.monotonic() + 30
-    entry = run_status(connection, run_id, env)
+    entry = run_status(connection, run_id, env, address)
     while not str(entry.get("status", "")).startswith("finished") and time.monotonic() < deadline:
         time.sleep(1.0)
-        entry = run_status(connection, run_id, env)
+        entry = run_status(connection, run_id, env, address)
     if entry.get("status") != "finished:completed":
         raise LaunchError(f"run {entry.get('run-id')} ended {entry.get('status')}: {entry.get('status-details')}")
     return entry

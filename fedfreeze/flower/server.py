@@ -8,10 +8,12 @@ strategies (FedAvg, FedProx, FedAvgM, FedTrimmedAvg, FedMedian), called through 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -29,6 +31,9 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from fedfreeze.data.overlap import NOT_CHECKED
+from fedfreeze.deploy import runstate, sitebook
+from fedfreeze.errors import FedfreezeError
 from fedfreeze.federation.config import FedConfig, from_run_config
 from fedfreeze.federation.coordinator import Coordinator, FederationFailed
 from fedfreeze.federation.exchange import ExchangePlan, key_groups
@@ -46,6 +51,7 @@ from fedfreeze.federation.records import Reply, RoundRecord
 from fedfreeze.federation.report import write_report
 from fedfreeze.flower.approval import refusal_in
 from fedfreeze.flower.fedavgm import KeyedFedAvgM
+from fedfreeze.outputs import output_folder
 
 log = logging.getLogger("fedfreeze.server")
 
@@ -147,11 +153,17 @@ def wait_for_sites(grid: Grid, coord: Coordinator) -> int:
                 f"{listing(nodes, coord.node_names)})"
             )
         if now >= next_note:
+            registered = sitebook.read_sites()  # the coordinator's registered sites, when it keeps them
+            coord.node_names.update(
+                {n: name for n, name in sitebook.names(registered).items() if n not in coord.node_names}
+            )
+            missing = sitebook.not_connected(registered, set(nodes))
             log.info(
-                "waiting for sites: %d connected (%s), min-sites is %d; giving up in %.0f s",
+                "waiting for sites: %d connected (%s), min-sites is %d%s; giving up in %.0f s",
                 len(nodes),
                 listing(nodes, coord.node_names),
                 coord.fed.min_sites,
+                f"; not connected: {', '.join(missing)}" if missing else "",
                 deadline - now,
             )
             next_note = now + PROGRESS_SECONDS
@@ -444,20 +456,67 @@ def final_evaluation(grid: Grid, coord: Coordinator, strategy: Strategy) -> Roun
     return record
 
 
+LOCK_WAIT_S = 180.0
+
+
 def run_federation(grid: Grid, context: Context) -> None:
-    """The ServerApp's main: every round, then the final evaluation and the exported model."""
+    """The ServerApp's main: every round, then the final evaluation and the exported model.
+
+    The output folder is written aside and published when the run completes (``outputs.py``),
+    unless the run config names a ``work-dir``: then the caller (``simulate``, an in-process run)
+    holds the folder and publishes it, and the run writes there. The run's status is written to
+    ``metrics.json`` (and noted in the coordinator's state folder, ``deploy/runstate.py``) at every
+    turn: running, completed, failed with its reason, or interrupted when the coordinator stops it (a
+    signal ends the ServerApp with ``SystemExit``).
+    """
     show_logs_with_flower()
     cfg = from_run_config(context.run_config)
-    coord = Coordinator(cfg, cfg.federation.out_dir, app_hash=run_fab_hash(grid))
+    final = Path(cfg.federation.out_dir)
+    work = context.run_config.get("work-dir")
+    if work:
+        federate(grid, context, cfg, Path(str(work)), final)
+        return
+    force, resume = bool(context.run_config.get("force", False)), bool(context.run_config.get("resume", False))
+    # a coordinator restarted mid-run: the stopped run's ServerApp may still be ending (Flower starts it in
+    # a session of its own) and hold the folder; it lets go once the new SuperLink tells it its run is over
+    with output_folder(final, force=force, resume=resume, resumable=True, wait=LOCK_WAIT_S) as output:
+        federate(grid, context, cfg, output.work, output.final)
+
+
+def federate(grid: Grid, context: Context, cfg: FedConfig, work: Path, final: Path) -> None:
+    """The rounds, written into ``work``; records name ``final``, the folder ``work`` becomes."""
+    coord = Coordinator(cfg, work, app_hash=run_fab_hash(grid))
     if bool(context.run_config.get("resume", False)):
         coord.resume()
+    if cfg.federation.evaluation_sites:
+        check = context.run_config.get("held-out-check")  # the file simulate wrote, if any
+        coord.held_out_check = json.loads(Path(str(check)).read_text()) if check else dict(NOT_CHECKED)
+    coord.node_names.update(sitebook.names(sitebook.read_sites()))  # registered names, before any reply
+    run_id = getattr(context, "run_id", None)
+    last_round_at: str | None = None
+
+    def note(
+        status: str, reason: str | None = None, interrupted: dict[str, Any] | None = None, *, out: Path | None = None
+    ) -> None:
+        # the folder the run writes in (its metrics.json says how it stands), the published one once completed
+        runstate.note_run(
+            run_id,
+            out or coord.out,
+            status,
+            completed_rounds=coord.completed,
+            rounds_planned=cfg.federation.rounds,
+            reason=reason,
+            interrupted=interrupted,
+        )
+
+    note(runstate.RUNNING)
     strategy = make_strategy(cfg, sites=_sampled_sites(grid, coord) if cfg.federation.dp != "off" else None)
     log.info(
         "fedfreeze: %d rounds (%d probe), strategy %s, out %s",
         cfg.federation.rounds,
         cfg.federation.probe_rounds,
         cfg.federation.strategy,
-        coord.out,
+        final,
     )
     try:
         for rnd in range(coord.completed + 1, cfg.federation.rounds + 1):
@@ -477,12 +536,14 @@ def run_federation(grid: Grid, context: Context) -> None:
             coord.accumulate_swa(rnd)
             coord.checkpoint()
             write_report(coord, status="running")
+            last_round_at = runstate.utc_now()
+            note(runstate.RUNNING)
             log_round(record)
         coord.apply_swa()
         coord.apply_wise()
-        final = final_evaluation(grid, coord, strategy)
-        log_round(final, final=True)
-        model_dir, exported = coord.export_model(final)
+        final_record = final_evaluation(grid, coord, strategy)
+        log_round(final_record, final=True)
+        model_dir, exported = coord.export_model(final_record)
         log.info(
             "exported the global model after round %d (%s) with threshold %.3f",
             exported["round"],
@@ -490,9 +551,28 @@ def run_federation(grid: Grid, context: Context) -> None:
             exported["threshold"],
         )
         log.info("%s", coord.operating_points_line(exported))
-        write_report(coord, status="completed", final=final, model_dir=model_dir, exported=exported)
+        write_report(
+            coord,
+            status="completed",
+            final=final_record,
+            model_dir=final / model_dir.relative_to(work),
+            exported=exported,
+        )
+        note(runstate.COMPLETED, out=final)
     except Exception as err:
-        write_report(coord, status="failed", reason=f"{type(err).__name__}: {err}")
+        reason = f"{type(err).__name__}: {err}"
+        write_report(coord, status="failed", reason=reason)
+        note(runstate.FAILED, reason)
+        raise
+    except BaseException as err:  # SystemExit, KeyboardInterrupt: Flower's handler of SIGTERM or SIGINT
+        how = "SIGINT" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}, after a stop signal"
+        info = runstate.interruption(
+            f"the coordinator was stopped while it ran ({how})", coord.completed, last_round_at
+        )
+        reason = runstate.reason_for(info)
+        write_report(coord, status=runstate.INTERRUPTED, reason=reason, interrupted=info)
+        note(runstate.INTERRUPTED, reason, info)
+        log.warning("fedfreeze: %s", reason)
         raise
 
 
@@ -508,13 +588,31 @@ def run_fab_hash(grid: Grid) -> str | None:
 
 
 def show_logs_with_flower() -> None:
-    """Send fedfreeze's log lines through Flower's handlers, so ``flwr run --stream`` shows them."""
+    """Send fedfreeze's log lines through Flower's handlers, so ``flwr run --stream`` shows them; a
+    failed federation is one line there, not Flower's traceback of the ServerApp."""
     ours = logging.getLogger("fedfreeze")
+    flower = logging.getLogger("flwr")
     if not ours.handlers:
-        for handler in logging.getLogger("flwr").handlers:
+        for handler in flower.handlers:
             ours.addHandler(handler)
         ours.setLevel(logging.INFO)
         ours.propagate = False
+    if not any(isinstance(f, OneLineFailure) for f in flower.filters):
+        flower.addFilter(OneLineFailure())
+
+
+class OneLineFailure(logging.Filter):
+    """Flower logs "ServerApp raised an exception" with the traceback (~30 lines of the round loop's
+    frames) for any exception; for ``FederationFailed`` and every other ``FedfreezeError`` (a bad
+    configuration, a missing extra), whose message says what failed and why, the message alone is the
+    line (``metrics.json`` holds the details where there is one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failure = record.exc_info[1] if record.exc_info else None
+        if isinstance(failure, (FederationFailed, FedfreezeError)):
+            record.msg, record.args = "the federation failed: %s", (str(failure),)
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _sampled_sites(grid: Grid, coord: Coordinator) -> int:

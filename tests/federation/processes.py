@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -145,6 +146,56 @@ def run_cli(args: Sequence[str], track: Tracker, log: Path, timeout: float = RUN
             track.running()
             time.sleep(0.5)
     return proc.returncode, log.read_text(errors="replace")
+
+
+STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z [A-Z]+\s+")  # fedfreeze.deploy.logs' text lines
+
+
+def messages(text: str) -> list[str]:
+    """The lines of a coordinator's or site's output without the time and level in front."""
+    return [STAMP.sub("", line) for line in text.splitlines()]
+
+
+def marked(var: str, value: str) -> dict[int, str]:
+    """Running (not zombie) processes whose environment holds ``var=value``: pid -> command line."""
+    needle = f"{var}={value}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        info = _process(int(entry.name))
+        if info is not None and info[0] not in ("Z", "X") and needle in info[2].split(b"\0"):
+            found[int(entry.name)] = info[3]
+    return found
+
+
+def gone_within(var: str, value: str, timeout: float) -> tuple[float, dict[int, str]]:
+    """Seconds until no process marked ``var=value`` runs (polled every 0.05 s), and what is left after ``timeout``."""
+    started = time.monotonic()
+    while (left := marked(var, value)) and time.monotonic() - started < timeout:
+        time.sleep(0.05)
+    return time.monotonic() - started, left
+
+
+def age_seconds(pid: int) -> float:
+    """Seconds since the process started (Linux /proc)."""
+    started = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - started / os.sysconf("SC_CLK_TCK")
+
+
+TIMINGS_VAR = "FEDFREEZE_FAULT_TIMINGS"  # benchmarks/fault_table.py: a JSON file the fault tests add their timings to
+
+
+def record_timing(fault: str, **figures: object) -> None:
+    """Add a fault's measured figures to the file ``TIMINGS_VAR`` names (nothing when unset)."""
+    path = os.environ.get(TIMINGS_VAR)
+    if not path:
+        return
+    target = Path(path)
+    known = json.loads(target.read_text()) if target.is_file() else {}
+    known[fault] = figures
+    target.write_text(json.dumps(known, indent=1) + "\n")
 
 
 def names(processes: Mapping[int, str]) -> set[str]:

@@ -32,11 +32,20 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fedfreeze.cli import main
-from fedfreeze.deploy import approval, launch
+from fedfreeze.deploy import approval, launch, serve
 from fedfreeze.flower import approval as runner
 from fedfreeze.flower import server as flower_server
 from fedfreeze.flower.local_grid import LocalGrid
-from tests.federation.processes import Tracker, check_completed, run_cli, site_folder, tracked, wait_online
+from tests.federation.conftest import read_metrics
+from tests.federation.processes import (
+    Tracker,
+    check_completed,
+    messages,
+    run_cli,
+    site_folder,
+    tracked,
+    wait_online,
+)
 
 HASH_A = "b0be482c70e9f87d04a33faf5246f39e03bea3c2b93ca7b49bf7e65f9a99e98a"
 HASH_B = "0123456789abcdef" * 4
@@ -111,35 +120,38 @@ def test_the_site_says_at_start_up_whether_it_checks_apps(tmp_path: Path, monkey
     """One line either way; with a list, fedfreeze's runner is the flwr-clientapp first on Flower's PATH."""
     started: list[dict[str, str]] = []
 
-    def supervised(cmd: list[str], env: dict[str, str], markers: tuple[str, ...] = ()) -> tuple[int, set[str]]:
+    def supervised(cmd: list[str], env: dict[str, str], sink: object, markers: object, watch: object) -> serve.Outcome:
         started.append(env)  # the environment the SuperNode would get
-        return 0, set()
+        return serve.Outcome(0, set(), None, None)
 
-    monkeypatch.setattr(launch, "run_supervised", supervised)
+    monkeypatch.setattr(serve, "run_site", supervised)
     listed = tmp_path / "approved-apps.txt"
     listed.write_text(f"{HASH_A}\n")
     base = ["site", "--insecure", "--data", str(tmp_path), "--name", "site-a", "--port", str(launch.free_port())]
 
     assert main([*base, "--state-dir", str(tmp_path / "open")]) == 0
-    out = capsys.readouterr().out.splitlines()
+    out = messages(capsys.readouterr().out)
     warnings = [line for line in out if "approved" in line]
     assert warnings == [
         "fedfreeze site: warning: no --approved-apps: this site runs whatever app a job submitted to the "
         "coordinator brings (give --approved-apps FILE, the hashes `fedfreeze app-hash` prints, to run "
         "approved releases only)"
     ]
-    assert not started[0]["PATH"].startswith(str(tmp_path))
+    first = started[0]["PATH"].split(":")[0]  # the guards (children end with their parent); no approval runner
+    assert (
+        first == str(tmp_path / "open" / "guard" / "bin") and not (tmp_path / "open" / approval.RUNNER_FOLDER).exists()
+    )
 
     state = tmp_path / "checked"
     assert main([*base, "--state-dir", str(state), "--approved-apps", str(listed)]) == 0
-    out = capsys.readouterr().out.splitlines()
+    out = messages(capsys.readouterr().out)
     bin_dir = state / approval.RUNNER_FOLDER / "bin"
     assert [line for line in out if "approved" in line] == [
         f"fedfreeze site: approved apps only: 1 app hash(es) in {listed} (read again for every job); Flower "
         f"starts each ClientApp through {bin_dir / 'flwr-clientapp'}, which checks the app's hash before any "
         "of its code is unpacked"
     ]
-    assert started[1]["PATH"].split(":")[0] == str(bin_dir)
+    assert started[1]["PATH"].split(":")[:2] == [str(bin_dir), str(state / "guard" / "bin")]
     assert sorted(p.name for p in bin_dir.iterdir()) == [
         "flwr-agentapp",
         "flwr-clientapp",
@@ -309,7 +321,7 @@ def test_an_approved_app_runs_and_a_changed_one_is_refused_at_every_site(tracker
 
         code, log = run(tmp_path / "refused", "--app", str(changed))
         assert code == 2, log[-3000:]
-        metrics = json.loads((tmp_path / "refused" / "metrics.json").read_text())
+        metrics = read_metrics(tmp_path / "refused")  # in the partial folder: a failed run publishes nothing
         assert metrics["status"] == "failed" and metrics["completed_rounds"] == 0
         failures = metrics["failed_round"]["failures"]
         assert sorted(f["site"] for f in failures) == ["site-a", "site-b"], failures
@@ -322,6 +334,7 @@ def test_an_approved_app_runs_and_a_changed_one_is_refused_at_every_site(tracker
         assert "fewer than min-sites = 2 (2 failed, 0 rejected): site-" in metrics["reason"]
         assert "site-a: site-a" not in metrics["reason"]  # a refusal names its site once
         assert f"site-a refused to run app {changed_hash}" in log  # the submitter sees it in the stream
+        assert "Traceback" not in log and "the federation failed: round 1: 0 valid replies" in log  # one line
 
         # Flower's own record of the two runs: the hashes fedfreeze app-hash printed
         runs = launch.flwr_json(["ls", CONNECTION], tracker.env)["runs"]

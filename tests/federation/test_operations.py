@@ -26,7 +26,9 @@ import pytest
 
 from fedfreeze.cli import build_parser, main
 from fedfreeze.deploy import launch
-from tests.federation.processes import Tracker, run_cli, site_folder, tracked, wait_online
+from fedfreeze.outputs import partial_path
+from tests.federation.conftest import read_metrics
+from tests.federation.processes import Tracker, messages, record_timing, run_cli, site_folder, tracked, wait_online
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 SITE_VAR = "FEDFREEZE_TEST_SITE"  # marks every process of one site (the SuperNode's children inherit it)
@@ -84,7 +86,7 @@ def test_no_tls_and_no_insecure_is_refused_in_one_line(tmp_path: Path, capsys):
     [
         ("server", ["(default: 9093)", "(default: coordinator-state)", "127.0.0.1 with --insecure"]),
         ("site", ["(default: 9094)", "(default: 127.0.0.1:9093)", "(default: ~/.cache/fedfreeze/NAME)"]),
-        ("run", ["(default: fed-demo.toml)", "(default: OUT/.flwr-cli, inside the output folder"]),
+        ("run", ["(default: fed-demo.toml)", "(default: a temporary folder; nothing goes to ~/.flwr)"]),
     ],
 )
 def test_help_shows_the_defaults(command: str, defaults: list[str]):
@@ -131,7 +133,7 @@ def test_insecure_coordinator_is_loopback_only_and_a_busy_site_port_is_refused(t
         launch.wait_healthy(f"127.0.0.1:{port}", link)
         assert listening(port) == ["0100007F"]  # 127.0.0.1 only: no 0.0.0.0, no ::
         log = link.log_path.read_text()
-        said = [line for line in log.splitlines() if line.startswith("fedfreeze server: --insecure")]
+        said = [line for line in messages(log) if line.startswith("fedfreeze server: --insecure")]
         assert len(said) == 1 and "no TLS" in said[0] and "no site authentication" in said[0]
         assert "only processes on this machine" in said[0] and f"127.0.0.1:{port}" in said[0]
         assert f"--host 127.0.0.1 --port {port}" in log  # the printed Flower command
@@ -358,7 +360,7 @@ def test_tls_deployment_kill_a_site_mid_round(tracker: Tracker, tmp_path: Path, 
             assert time.monotonic() < deadline, "round 2 never reached site-b's training"
             assert run.poll() is None, run_log.read_text()[-3000:]
             tracker.running()
-            metrics = out / "metrics.json"
+            metrics = partial_path(out) / "metrics.json"  # the run writes aside until it completes
             done = json.loads(metrics.read_text()).get("completed_rounds", 0) if metrics.is_file() else 0
             if done >= 1 and earlier is None:
                 earlier = set(site_processes("site-b"))
@@ -386,7 +388,7 @@ def test_tls_deployment_kill_a_site_mid_round(tracker: Tracker, tmp_path: Path, 
 
         assert run.wait(timeout=300) == 2  # 1 site left, min-sites = 2: the run fails, and says so
         log = run_log.read_text()
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = read_metrics(out)
         assert metrics["status"] == "failed" and metrics["completed_rounds"] == 1
         failed = metrics["failed_round"]
         assert failed["round"] == 2 and failed["rejected"] == []
@@ -410,6 +412,12 @@ def test_tls_deployment_kill_a_site_mid_round(tracker: Tracker, tmp_path: Path, 
             assert ("site-b" in who) != bool(failed), waiting
         assert "round 2: site-b failed after" in log
 
+        record_timing(
+            "site SIGKILL mid-round (its SuperNode, ClientApp training)",
+            processes_before=len(before),
+            all_gone_seconds=round(gone_after, 2),
+            failure_recorded_after_seconds=failure["seconds"],
+        )
         with capsys.disabled():
             print(
                 f"\nsite-b's SuperNode killed: all its processes gone after {gone_after:.1f} s; its one failure "
@@ -556,3 +564,30 @@ def test_printed_metrics_from_cells_show_the_range_the_cells_allow(capsys):
     assert next(line for line in lines if line.startswith("  auroc")).endswith("[cells allow 0.860-0.980]")
     assert next(line for line in lines if line.startswith("  f1")).endswith("at threshold 0.500")
     assert any("cells of at least 5 validation cases" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("check", "said"),
+    [
+        (
+            {
+                "checked": True,
+                "how": "100 evaluation-only image(s) compared with 300 training image(s) ...; none shared",
+            },
+            "evaluation-only sites (held-out; held out: 100 evaluation-only image(s) compared with 300",
+        ),
+        (None, "evaluation-only sites (held-out; not checked to be held out from the training sites' data)"),
+    ],
+)
+def test_the_summary_calls_evaluation_sites_held_out_only_when_it_was_checked(check, said, capsys):
+    """A deployment's coordinator cannot compare the sites' data: its summary must not claim it did."""
+    from fedfreeze.cli import _print_federation
+    from fedfreeze.data.overlap import NOT_CHECKED
+
+    metrics = final_metrics("0.5", 0.5)
+    at = metrics["exported"]["pooled"]["at_threshold_next"]
+    metrics["final"]["evaluation_sites"] = {"sites": ["held-out"], "at_threshold_next": {**at, "n": 100}}
+    metrics["held_out_check"] = check or NOT_CHECKED
+    _print_federation(metrics, Path("runs/quick"))
+    out = capsys.readouterr().out
+    assert said in out and "data no site trained on" not in out

@@ -173,3 +173,57 @@ def test_enough_sites_start_at_once_and_quietly(progress):
     grid = ScriptedGrid({1: "reply", 2: "reply"})
     assert flower_server.wait_for_sites(grid, coordinator(min_sites=2)) == 2
     assert not [m for m in progress.messages if m.startswith("waiting for sites")]
+
+
+def test_waiting_for_sites_names_the_registered_sites_that_are_not_connected(progress, monkeypatch, tmp_path):
+    """The coordinator's registered sites (written by ``fedfreeze server``) name every node, connected or not."""
+    from fedfreeze.deploy import runstate, sitebook
+
+    sitebook.write_sites(
+        tmp_path,
+        [
+            {"node_id": 1, "name": "site-a", "status": "online", "last_seen": "2026-12-01T10:00:00Z"},
+            {"node_id": 2, "name": "site-b", "status": "online", "last_seen": "2026-12-01T10:00:00Z"},
+            {"node_id": 3, "name": "site-c", "status": "offline", "last_seen": "2026-12-01T09:12:00Z"},
+            {"node_id": 4, "name": "old", "status": "unregistered", "last_seen": None},
+        ],
+    )
+    monkeypatch.setenv(runstate.STATE_VARIABLE, str(tmp_path))
+    grid = ScriptedGrid({1: "reply", 2: "reply", 3: "reply"}, connected=[1, 2])
+    coord = coordinator(min_sites=3, site_wait=0.3)
+    with pytest.raises(FederationFailed, match=r"\(connected: site-a, site-b\)$"):
+        flower_server.wait_for_sites(grid, coord)
+    lines = [m for m in progress.messages if m.startswith("waiting for sites")]
+    assert lines and all(
+        re.fullmatch(
+            r"waiting for sites: 2 connected \(site-a, site-b\), min-sites is 3; not connected: site-c "
+            r"\(offline, last seen 2026-12-01T09:12:00Z\); giving up in \d+ s",
+            line,
+        )
+        for line in lines
+    ), lines
+    assert coord.node_names == {1: "site-a", 2: "site-b", 3: "site-c"}  # before any reply
+
+
+def test_a_failed_federation_is_one_line_in_flowers_log_not_a_traceback():
+    """Flower logs "ServerApp raised an exception" with the traceback; for a FederationFailed only its reason."""
+    record = logging.LogRecord("flwr", logging.ERROR, "", 0, "%s raised an exception", ("ServerApp",), None)
+    try:
+        raise FederationFailed("round 1: 0 valid replies of training sites, fewer than min-sites = 2")
+    except FederationFailed:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    assert flower_server.OneLineFailure().filter(record)
+    text = logging.Formatter("%(levelname)s : %(message)s").format(record)
+    assert text == "ERROR : the federation failed: round 1: 0 valid replies of training sites, fewer than min-sites = 2"
+
+    other = logging.LogRecord("flwr", logging.ERROR, "", 0, "%s raised an exception", ("ServerApp",), None)
+    try:
+        raise ValueError("a bug")
+    except ValueError:
+        import sys
+
+        other.exc_info = sys.exc_info()
+    flower_server.OneLineFailure().filter(other)
+    assert "Traceback" in logging.Formatter().format(other)  # anything else keeps its traceback

@@ -11,7 +11,9 @@ here with processes on every test run:
 - two SuperNodes through ``fedfreeze site --root-cert --auth-key`` (the site image's entry point)
   and ``fedfreeze run --root-cert`` run a federation to completion with pooled metrics;
 - a site whose key was never registered is refused, and a registered site that trusts another CA
-  cannot connect: both exit with Flower's connection error, and neither is ever online.
+  cannot connect: both exit with Flower's connection error, and neither is ever online;
+- ``fedfreeze sites`` lists the sites by their registered names with their keys' fingerprints;
+  ``fedfreeze unregister site-b`` revokes site-b's key, and site-b, started again, is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pytest
 
 from fedfreeze.cli import main
 from fedfreeze.deploy import launch
+from fedfreeze.deploy.keys import fingerprint
 from tests.federation.processes import TAG_VAR, Tracker, check_completed, run_cli, site_folder, tracked, wait_online
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
@@ -182,6 +185,32 @@ def test_tls_and_site_authentication_on_loopback(tracker: Tracker, tmp_path: Pat
         assert sorted(s["site"] for s in metrics["final"]["sites"]) == ["site-a", "site-b"]
         status = launch.run_status(CONNECTION, None, tracker.env)
         assert status["status"] == "finished:completed", status
+
+        # the sites by the names they were registered with, and their keys' fingerprints as ssh-keygen prints them
+        tls = ["--superlink", address, "--root-cert", str(ca)]
+        capsys.readouterr()
+        assert main(["sites", *tls]) == 0
+        rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+        for name in ("site-a", "site-b"):
+            assert (
+                rows[name].split()[1] == "online" and fingerprint((public / f"{name}.pub").read_bytes()) in rows[name]
+            )
+        assert rows["site-d"].split()[1] == "registered"  # its key is registered; it never got in
+        assert "2 of 3 registered sites online; offline: site-d (last seen never)" in rows["2"]
+
+        # unregistering a site's key locks it out: started again, it is refused
+        assert main(["unregister", "site-b", *tls]) == 0
+        said = capsys.readouterr().out
+        assert said.startswith("site-b: unregistered (node id ") and "can no longer join" in said, said
+        assert main(["unregister", "site-b", *tls]) == 2
+        assert "SITE 'site-b': no registered site of that name or node id" in capsys.readouterr().err
+        members[1].stop()
+        again = site("site-b", ca, "site-b")
+        assert again.process is not None and again.process.wait(timeout=90) != 0, again.tail(30)
+        assert "Failed to activate SuperNode" in again.log_path.read_text(), again.tail(30)
+        assert main(["sites", *tls, "--json"]) == 0
+        listed = {s["name"]: s for s in json.loads(capsys.readouterr().out)}
+        assert listed["site-b"]["status"] == "unregistered" and listed["site-a"]["status"] == "online"
     finally:
         tracker.running()  # remember every process, to wait until each has ended and been reaped
         for proc in reversed(sites):
