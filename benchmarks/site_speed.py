@@ -8,6 +8,18 @@ Each mode runs in its own fresh process (so one mode's memory cannot hide anothe
 Figures: ``benchmarks/results/site-speed/`` (``site-speed-<backbone>`` for another backbone):
 ``results.json`` (each mode, and its speed-up and memory ratio against full fine-tuning) and
 ``run.json`` (command, commit, machine, wall time).
+
+Torch today against the inference engine (``site_speed_engine.py``), Lite0 only:
+
+    .venv/bin/python benchmarks/site_speed.py --engine [--images 192] [--repeats 3]
+    .venv/bin/python benchmarks/site_speed.py --federation [--sites 3] [--per-site 200] [--rounds 4]
+
+``--engine``: images/s of feature extraction, scoring (``evaluate``) and a fine-tuning epoch (layer4;
+the top group), each path side by side in one process, with the machine's measured GEMM peak and the
+fraction of it reached (``benchmarks/results/site-speed/engine/``); ``--profile``: where a layer4 step's
+time goes once the prefix runs in the engine (``benchmarks/results/site-speed/profile/``). ``--federation``: the same 224 px
+federation with forward-only work in torch, then through the engine: wall time, where the sites' time
+went, held-out AUROC with its interval (``benchmarks/results/site-speed/federation/``).
 """
 
 from __future__ import annotations
@@ -92,11 +104,47 @@ def main() -> None:
         default=None,
         help="results folder (default benchmarks/results/site-speed[-BACKBONE]; '' : not written)",
     )
+    parser.add_argument("--engine", action="store_true", help="torch against the inference engine, side by side")
+    parser.add_argument("--repeats", type=int, default=3, help="--engine: alternating repeats per task")
+    parser.add_argument("--federation", action="store_true", help="a federation's wall time, torch vs the engine")
+    parser.add_argument("--profile", action="store_true", help="where a layer4 step's time goes with the engine")
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--per-site", type=int, default=200)
+    parser.add_argument("--test", type=int, default=200, help="--federation: held-out images of other patients")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--probe-rounds", type=int, default=2)
     args = parser.parse_args()
 
     from common import RESULTS, kermany_subset, write_run
 
     started = time.perf_counter()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.engine or args.federation or args.profile:
+        import site_speed_engine as speed
+
+        work = Path(tempfile.mkdtemp(prefix="site-speed-"))
+        if args.engine:
+            manifest = kermany_subset(args.images, work / "bench.csv")
+            figures = speed.compare(manifest, args.size, args.repeats, args.epochs)
+            speed.print_table(figures)
+            folder = "engine"
+        elif args.profile:
+            figures = speed.step_profile(kermany_subset(args.images, work / "bench.csv"), args.size, args.repeats)
+            for key, value in figures["seconds_per_step"].items():
+                print(f"  {key:<36} {value:6.3f} s")
+            folder = "profile"
+        else:
+            figures = speed.federation(
+                work, args.sites, args.per_site, args.test, args.size, args.rounds, args.probe_rounds
+            )
+            folder = "federation"
+        if args.results != "":
+            out = write_run(Path(args.results) if args.results else RESULTS / "site-speed" / folder, figures, started)
+            print(f"results: {out}/results.json, run.json")
+        return
     manifest = kermany_subset(args.images, Path(tempfile.mkdtemp()) / "bench.csv")
     ctx = mp.get_context("spawn")
     results = {}

@@ -22,6 +22,8 @@ DEFAULT_GROUP_LR = {"head": 2e-4, "layer4": 1e-4, "layer3": 5e-5, "layer2": 2e-5
 # a federation's default: after the probe rounds only layer4 joins, from the first fine-tuning round (LP-FT);
 # layer3 and layer2 joining as well raised internal figures and lowered shifted balanced accuracy
 DEFAULT_FED_UNFREEZE = {"layer4": 0.0}
+PrecisionSetting = Literal["auto", "fp32", "bf16"]  # resolved by fedfreeze.inference.precision
+EngineSetting = Literal["auto", "torch", "openvino"]  # chosen by fedfreeze.inference.engine.wants_engine
 
 
 def _kebab(name: str) -> str:
@@ -133,6 +135,17 @@ class TrainConfig(Section):
     augment: bool = True
     probe_augment: bool = Field(False, description="augment during the probe (disables the feature cache)")
     seed: int = 0
+    # speed (fedfreeze/inference/): the frozen layers through an inference engine, the number format
+    engine: EngineSetting = Field(
+        "auto",
+        description="forward-only work (feature cache, frozen prefix while fine-tuning, scoring): openvino, "
+        "torch, or auto (openvino on the CPU for passes of at least 128 images at 224 px, when installed)",
+    )
+    precision: PrecisionSetting = Field(
+        "fp32",
+        description="number format of the trainable groups and the engine: fp32, bf16 (refused where the "
+        "processor lacks it), or auto (bf16 only where the processor computes it natively)",
+    )
     # memory-efficient fine-tuning (training/dynamic_freeze.py, saved_activations.py, memory_budget.py)
     freezing: Literal["schedule", "dynamic"] = Field(
         "schedule", description="schedule: whole groups; dynamic: per step, only the layers changing most train"

@@ -25,6 +25,7 @@ from fedfreeze.data.dataset import ImageSet, load_image_set
 from fedfreeze.data.splits import patient_folds
 from fedfreeze.errors import ConfigError
 from fedfreeze.evaluation.delong import FoldScores, delong_test_over_folds
+from fedfreeze.inference.engine import InferenceSettings
 from fedfreeze.metrics import METRIC_KEYS, classification_metrics, summarize, youden_threshold
 from fedfreeze.model_io import ModelCard, make_card, model_scores, save_model
 from fedfreeze.models.grouped import GroupedNet
@@ -198,7 +199,8 @@ def _site_train(
     folds = patient_folds(
         data.labels.numpy(), data.patient_ids, folds=cfg.cv.folds, repeats=cfg.cv.repeats, seed=cfg.cv.seed
     )
-    cache = FeatureCache()
+    inference = InferenceSettings.of(cfg.train)  # the engine and precision of every forward-only pass
+    cache = FeatureCache(inference=inference)
     fold_results: list[dict[str, Any]] = []
     oof_rows: list[tuple[int, int, str, int, Any]] = []
     memory: dict[str, Any] = {}
@@ -219,7 +221,7 @@ def _site_train(
             progress=progress,
             init=start,
         )
-        scores = predict_scores(model, data.images[fold.test], dev)
+        scores = predict_scores(model, data.images[fold.test], dev, inference=inference)
         metrics = classification_metrics(data.labels[fold.test].numpy(), scores, cfg.cv.threshold)
         fold_results.append(
             {

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,21 @@ from fedfreeze.config import ModelConfig, TrainConfig
 from fedfreeze.models.registry import build_model
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def engine_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Graphs the inference engine exports go to a folder of the test session, never the user's cache
+    (processes the tests start inherit it)."""
+    from fedfreeze.inference.engine import CACHE_ENV
+
+    saved = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("fedfreeze-cache"))
+    yield
+    if saved is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = saved
 
 
 @pytest.fixture

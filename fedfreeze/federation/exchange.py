@@ -20,7 +20,7 @@ from torch import nn
 
 from fedfreeze.errors import ProtocolError
 from fedfreeze.models.grouped import GroupedNet
-from fedfreeze.training.features import tensors_hash
+from fedfreeze.tensor_hash import tensors_hash
 
 if TYPE_CHECKING:
     from fedfreeze.federation.protocol import RoundOrders

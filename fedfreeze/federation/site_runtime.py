@@ -46,6 +46,7 @@ from fedfreeze.federation.exchange import (
 )
 from fedfreeze.federation.protocol import EVALUATE_ROLE, TRAIN_ROLE, RoundOrders
 from fedfreeze.federation.site_stages import stage_for
+from fedfreeze.inference.engine import InferenceSettings
 from fedfreeze.model_io import read_weights
 from fedfreeze.models.checkpoints import names_a_file
 from fedfreeze.models.grouped import GroupedNet
@@ -54,6 +55,7 @@ from fedfreeze.provenance import now_utc, site_data_metrics
 from fedfreeze.training.dynamic_freeze import updated_keys
 from fedfreeze.training.engine import predict_scores, resolve_device
 from fedfreeze.training.features import FeatureCache
+from fedfreeze.training.freezing import apply_parts
 
 log = logging.getLogger("fedfreeze.site")
 
@@ -233,7 +235,7 @@ class SiteRuntime:
 
         features = None
         if orders.is_probe and not orders.train.probe_augment:
-            features = self._cache().features(model, train_set.images, self.device)
+            features = self._cache(orders).features(model, train_set.images, self.device)
         regularizer = proximal_term(model, orders.proximal_mu) if orders.proximal_mu > 0 else None
         rng = np.random.default_rng([orders.seed, orders.round, _stable_int(self.site)])
         torch.manual_seed(int(rng.integers(2**31)))
@@ -246,7 +248,15 @@ class SiteRuntime:
             train_cfg = train_cfg.model_copy(update={"max_train_memory_mb": self.max_train_memory_mb})
         started = time.perf_counter()
         logs = stage.train(
-            model, train_set, orders, train_cfg, rng=rng, device=self.device, features=features, regularizer=regularizer
+            model,
+            train_set,
+            orders,
+            train_cfg,
+            rng=rng,
+            device=self.device,
+            features=features,
+            regularizer=regularizer,
+            engine_cache=self.state_dir / ENGINE_DIR,
         )
         train_seconds = time.perf_counter() - started
         self._save_local_bn(model, plan)
@@ -283,7 +293,7 @@ class SiteRuntime:
         val_set = splits[-1]
         model, plan = self.model(orders, arrays, base)
         scored = stage_for(orders).scored(model)
-        scores = self._scores(scored, val_set)
+        scores = self._scores(scored, val_set, orders)
         metrics = validation_release(val_set.labels.numpy(), scores, orders)
         metrics.update(site_data_metrics(self.data_path, splits))  # totals for the model card (provenance.py)
         reply = SiteReply({}, frozen_hash(model.state_dict(), plan), metrics, role=role)
@@ -319,25 +329,31 @@ class SiteRuntime:
         data.require_classes(2, why=f"evaluation-only site {self.site!r} needs both classes for AUROC")
         return data
 
-    def _cache(self) -> FeatureCache:
-        return FeatureCache(self.state_dir / "features")
+    def _cache(self, orders: RoundOrders) -> FeatureCache:
+        return FeatureCache(self.state_dir / "features", self._inference(orders))
+
+    def _inference(self, orders: RoundOrders) -> InferenceSettings:
+        """The round's engine and precision; exported graphs stay in this site's state folder."""
+        return InferenceSettings.of(orders.train, self.state_dir / ENGINE_DIR)
 
     def _evaluate(
         self, model: GroupedNet, orders: RoundOrders, val_set: ImageSet, *, head_only: bool
     ) -> dict[str, Any]:
         """Score the validation split; what is released about it is :func:`validation_release`'s."""
         if head_only:
-            feats = self._cache().features(model, val_set.images, self.device)
+            feats = self._cache(orders).features(model, val_set.images, self.device)
             with torch.no_grad():
                 model.eval()
                 logits = model.head(feats)
             scores = torch.sigmoid(logits[:, 0]).numpy() if logits.shape[1] == 1 else torch.softmax(logits, 1).numpy()
         else:
-            scores = self._scores(model, val_set)
+            scores = self._scores(model, val_set, orders)
         return validation_release(val_set.labels.numpy(), scores, orders)
 
-    def _scores(self, model: GroupedNet, data: ImageSet) -> np.ndarray:
-        return predict_scores(model, data.images, self.device)
+    def _scores(self, model: GroupedNet, data: ImageSet, orders: RoundOrders) -> np.ndarray:
+        if orders.parts <= set(model.parts):  # the groups frozen this round are the engine's (one graph, every round)
+            apply_parts(model, orders.parts)
+        return predict_scores(model, data.images, self.device, inference=self._inference(orders))
 
 
 def read_cached_images(path: Path) -> ImageSet | None:
@@ -380,6 +396,7 @@ def validation_release(labels: np.ndarray, scores: np.ndarray, orders: RoundOrde
 
 
 OPERATING_POINTS_DIR = "operating-points"
+ENGINE_DIR = "engine"  # exported graphs of the frozen layers (fedfreeze.inference), by weights hash
 SITE_RULE: Rule = "binormal"
 
 

@@ -6,6 +6,7 @@ from scratch and scores its merge. ``stage_for(orders)`` picks one; ``SiteRuntim
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -44,6 +45,7 @@ class StandardStage:
         device: torch.device,
         features: torch.Tensor | None,
         regularizer: Regularizer,
+        engine_cache: Path | None = None,
     ) -> list[EpochLog]:
         return train_phase(
             model,
@@ -56,6 +58,7 @@ class StandardStage:
             device=device,
             features=features,
             regularizer=regularizer,
+            engine_cache=engine_cache,
         )
 
 
@@ -80,6 +83,7 @@ class DualStage(StandardStage):
         device: torch.device,
         features: torch.Tensor | None,
         regularizer: Regularizer,
+        engine_cache: Path | None = None,  # the dual model trains every layer: no frozen prefix to run elsewhere
     ) -> list[EpochLog]:
         dual_cfg = train_cfg.dual.model_copy(update={"lr": train_cfg.dual.lr * orders.lr_scale})
         return list(

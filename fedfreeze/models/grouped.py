@@ -9,7 +9,7 @@ these group names, so one schedule language serves every backbone.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -184,8 +184,16 @@ class GroupedNet(nn.Module):
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features of an already normalised input."""
-        prefix = self.frozen_prefix()
-        rest = [name for name in self.groups if name not in prefix]
+        return self.pooled_after(x, ())
+
+    def pooled_after(self, x: torch.Tensor, done: Sequence[str]) -> torch.Tensor:
+        """Pooled features from ``x``, the output of the leading groups ``done`` (run elsewhere, e.g. by an
+        inference engine; ``()``: ``x`` is the normalised input)."""
+        names = list(self.groups)
+        if list(done) != names[: len(done)]:
+            raise ValueError(f"pooled_after: {list(done)} are not the leading groups of {names}")
+        prefix = [name for name in self.frozen_prefix() if name not in done]
+        rest = [name for name in names[len(done) :] if name not in prefix]
         if prefix:
             with torch.no_grad():
                 x = self.forward_groups(x, prefix)

@@ -4,7 +4,8 @@ One function, ``train_phase``, trains a model for some epochs with a fixed set o
 a site runs the whole schedule with ``fit``, a federated client runs one round's phase. Two
 shortcuts follow from freezing:
 
-* the frozen prefix of the backbone runs without autograd (see ``GroupedNet.features``);
+* the frozen prefix of the backbone runs without autograd (see ``GroupedNet.features``), and through
+  an inference engine where the pass is large enough to repay its export (``fedfreeze.inference.engine``);
 * during linear probing with deterministic inputs, backbone features are computed once
   (``extract_features``) and the head trains on them, so a probe epoch costs almost nothing.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,8 @@ import torch.nn.functional as F
 
 from fedfreeze.config import TrainConfig, resolve_bn_stats
 from fedfreeze.errors import ConfigError
+from fedfreeze.inference.engine import InferenceSettings, compile_frozen, engine_features, wants_engine
+from fedfreeze.inference.precision import autocast, resolve_precision
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.training.augment import augment_batch
 from fedfreeze.training.cutmix import apply_cutmix, sample_box, sample_lambda
@@ -33,6 +37,7 @@ from fedfreeze.training.sampling import epoch_order
 from fedfreeze.training.schedule import Phase, adapter_groups, is_probe, phases
 
 EVAL_BATCH = 64
+DEFAULT_INFERENCE = InferenceSettings()
 
 
 @dataclass
@@ -100,30 +105,46 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(
-    model: GroupedNet, images: torch.Tensor, device: torch.device, batch_size: int = EVAL_BATCH
+    model: GroupedNet,
+    images: torch.Tensor,
+    device: torch.device,
+    batch_size: int = EVAL_BATCH,
+    *,
+    inference: InferenceSettings = DEFAULT_INFERENCE,
 ) -> torch.Tensor:
-    """Pooled backbone features of every image, computed in eval mode without autograd."""
+    """Pooled backbone features of every image, computed in eval mode without autograd (through the
+    inference engine where ``inference`` and the size of the pass call for it)."""
     was_training = model.training
     model.eval()
-    feats = [
-        model.features(to_unit(images[i : i + batch_size], device)).float().cpu()
-        for i in range(0, len(images), batch_size)
-    ]
+    features = engine_features(model, images, device, inference) or model.features
+    with autocast(resolve_precision(inference.precision, device), device):
+        feats = [
+            features(to_unit(images[i : i + batch_size], device)).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
     model.train(was_training)
     return torch.cat(feats) if feats else torch.empty(0, model.feature_dim)
 
 
 @torch.no_grad()
 def predict_scores(
-    model: GroupedNet, images: torch.Tensor, device: torch.device, batch_size: int = EVAL_BATCH
+    model: GroupedNet,
+    images: torch.Tensor,
+    device: torch.device,
+    batch_size: int = EVAL_BATCH,
+    *,
+    inference: InferenceSettings = DEFAULT_INFERENCE,
 ) -> np.ndarray:
     """Positive-class probabilities ``[N]`` (binary) or class probabilities ``[N, K]``."""
     was_training = model.training
     model.eval()
+    features = engine_features(model, images, device, inference)
     out = []
-    for i in range(0, len(images), batch_size):
-        logits = model(to_unit(images[i : i + batch_size], device)).float().cpu()
-        out.append(torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1))
+    with autocast(resolve_precision(inference.precision, device), device):
+        for i in range(0, len(images), batch_size):
+            x = to_unit(images[i : i + batch_size], device)
+            logits = (model(x) if features is None else model.head(features(x))).float().cpu()
+            out.append(torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, 1))
     model.train(was_training)
     if not out:
         return np.empty(0)
@@ -200,6 +221,7 @@ def train_phase(
     on_epoch: Callable[[EpochLog], None] | None = None,
     regularizer: Callable[[], torch.Tensor] | None = None,
     freeze_scores: dict[str, float] | None = None,
+    engine_cache: Path | None = None,
 ) -> list[EpochLog]:
     """Train ``parts`` for ``epochs`` epochs with one AdamW + one-cycle schedule.
 
@@ -211,6 +233,8 @@ def train_phase(
     batch size, freezing rate and activation storage are fitted to the budget. Every ``EpochLog``
     names the parameters that were updated. When BatchNorm learns its statistics (``bn-stats =
     "update"``, or ``"auto"`` from random weights) they are re-estimated over ``images`` at the end.
+    The frozen prefix runs through the inference engine where ``wants_engine`` says so (its graphs kept
+    in ``engine_cache``, default ``default_cache_dir()``), the trainable groups in torch at ``cfg.precision``.
     """
     model.update_bn_stats = resolve_bn_stats(cfg, model.pretrained) == "update"
     apply_parts(model, parts)
@@ -238,6 +262,12 @@ def train_phase(
         )
     lean = activation_context(plan.choice.storage)
     all_targets = targets_for(labels, model.num_classes, cfg.label_smoothing)
+    inference = InferenceSettings.of(cfg, engine_cache)
+    precision = resolve_precision(cfg.precision, device)
+    prefix = model.frozen_prefix()
+    runner = None
+    if prefix and not use_features and wants_engine(inference, model, device, images, passes=epochs):
+        runner = compile_frozen(model, prefix, trace, inference)
 
     def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, float | None]:
         targets = all_targets[idx].to(device)
@@ -250,9 +280,9 @@ def train_phase(
             box = sample_box(x.shape[-2], x.shape[-1], sample_lambda(cfg.cutmix_alpha, rng), rng)
             perm = torch.from_numpy(rng.permutation(len(idx))).to(device)
             x, targets, _ = apply_cutmix(x, targets, box, perm)
-        with lean():
-            logits = model(x)
-        return loss_fn(logits, targets), None
+        with lean(), autocast(precision, device):
+            logits = model(x) if runner is None else model.head(runner.features(x))
+        return loss_fn(logits.float(), targets), None
 
     logs = []
     epochs_run = run_epochs(

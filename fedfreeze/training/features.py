@@ -8,24 +8,15 @@ for every round).
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
+from fedfreeze.inference.engine import InferenceSettings
+from fedfreeze.inference.precision import resolve_precision
 from fedfreeze.models.grouped import HEAD, GroupedNet
-from fedfreeze.training.engine import extract_features
-
-
-def tensors_hash(items: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """SHA-256 of named tensors (name, dtype, shape and bytes), independent of memory layout."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(items, key=lambda kv: kv[0]):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+from fedfreeze.tensor_hash import tensors_hash
+from fedfreeze.training.engine import DEFAULT_INFERENCE, extract_features
 
 
 def backbone_hash(model: GroupedNet) -> str:
@@ -60,14 +51,17 @@ def read_cached_features(path: Path, count: int) -> torch.Tensor | None:
 class FeatureCache:
     """Features per (backbone, images) pair, in memory and optionally in a folder."""
 
-    def __init__(self, folder: str | Path | None = None) -> None:
+    def __init__(self, folder: str | Path | None = None, inference: InferenceSettings = DEFAULT_INFERENCE) -> None:
         self.folder = Path(folder) if folder is not None else None
+        self.inference = inference  # engine and precision of the extraction (bf16 features are keyed apart)
         self._memory: dict[str, torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
 
     def features(self, model: GroupedNet, images: torch.Tensor, device: torch.device) -> torch.Tensor:
         key = f"{backbone_hash(model)[:24]}-{images_hash(images)[:24]}"
+        if resolve_precision(self.inference.precision, device) == "bf16":
+            key += "-bf16"
         if key in self._memory:
             self.hits += 1
             return self._memory[key]
@@ -76,7 +70,7 @@ class FeatureCache:
         if feats is not None:
             self.hits += 1
         else:
-            feats = extract_features(model, images, device)
+            feats = extract_features(model, images, device, inference=self.inference)
             self.misses += 1
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
