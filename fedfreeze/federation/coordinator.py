@@ -191,10 +191,9 @@ class Coordinator:
         except (ValueError, KeyError) as err:
             problems.append(f"validation statistics: {err}")
         problems += [
-            f"{wire} {reply.metrics[wire]!r} is not a figure in [0, 1]"
-            for wire in OWN_FIGURES.values()
-            if wire in reply.metrics
-            and not (isinstance(reply.metrics[wire], float) and 0.0 <= reply.metrics[wire] <= 1.0)
+            f"site figures: {key} {value!r} is not one of {sorted(OWN_FIGURES.values())} with a value in [0, 1]"
+            for key, value in reply.own_figures.items()
+            if key not in OWN_FIGURES.values() or not (isinstance(value, float) and 0.0 <= value <= 1.0)
         ]
         try:
             data_summary(reply.metrics, self.cfg.model.num_classes)
@@ -367,7 +366,7 @@ class Coordinator:
         per_site = len(cells) == len(replies) and not any(r.release == SECURE for r in replies)
         out: dict[int, dict[str, Any]] = {}
         for i, reply in enumerate(replies):
-            shared = {key: reply.metrics[wire] for key, wire in OWN_FIGURES.items() if wire in reply.metrics}
+            shared = {key: reply.own_figures[wire] for key, wire in OWN_FIGURES.items() if wire in reply.own_figures}
             if shared:
                 out[reply.node] = {"n": reply.metrics["val-n"], **shared, "figures_from": "site"}
             elif per_site:

@@ -28,7 +28,9 @@ CONFIG = "config"  # ConfigRecord: the coordinator's orders for the round
 PROOF = "proof"  # ConfigRecord: the site's name, its role and the hash of its frozen weights
 OPERATING_POINT = "operating-point"  # in PROOF, final evaluation only: a site's own operating point (JSON), if shared
 BASE = "base"  # ArrayRecord, down only: frozen arrays a site cannot rebuild (merged rounds of train.recipe = "dual")
-# in METRICS, only from a site that shares them (node config share-site-figures): its own exact validation figures
+# ConfigRecord, only from a site that shares them (node config share-site-figures): its own exact validation
+# figures, under these keys (not in METRICS: Flower's strategies need the same metric keys in every reply)
+SITE_FIGURES = "site-figures"
 OWN_FIGURES = {"auroc": "own-auroc", "balanced_accuracy": "own-balanced-accuracy", "f1": "own-f1"}
 SECURE_SUM = "secure-sum"  # ConfigRecord: secure aggregation's part of a message (fedfreeze/flower/secagg.py)
 

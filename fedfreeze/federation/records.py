@@ -26,6 +26,7 @@ class Reply:
     bytes_up: int = 0
     role: str = "train"  # protocol.TRAIN_ROLE, or EVALUATE_ROLE for a site that only scores the global model
     operating_point: str | None = None  # final evaluation: the site's own operating point (JSON), if it shares it
+    own_figures: dict[str, float] = field(default_factory=dict)  # protocol.SITE_FIGURES: only from a site sharing them
     release: str = "cells"  # secure_stats.CELLS, or SECURE: the coordinator put its statistics into a secure sum
 
 

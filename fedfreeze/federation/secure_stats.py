@@ -113,4 +113,3 @@ def reconstruction_threshold(sites: int) -> int:
     if sites < 2:
         raise ValueError(f"secure aggregation needs at least 2 sites in a group, got {sites}")
     return max(2, sites // 2 + 1)
-

@@ -60,6 +60,7 @@ class SiteReply:
     note: str | None = None  # for the site's own log (e.g. why it has no operating point): never sent
     # secure aggregation: the exact validation statistics, which leave the site only masked (flower/secagg_site.py)
     secure_vector: np.ndarray | None = None
+    own_figures: dict[str, float] = field(default_factory=dict)  # only when the site shares them
 
 
 class SiteRuntime:
@@ -207,7 +208,7 @@ class SiteRuntime:
         stage = stage_for(orders)
         started = time.perf_counter()
         labels, scores = self._evaluate(stage.scored(model), val_set, head_only=orders.is_probe)
-        metrics, vector = self._release(labels, scores, orders, secure)
+        metrics, vector, own = self._release(labels, scores, orders, secure)
         eval_seconds = time.perf_counter() - started
 
         features = None
@@ -242,7 +243,7 @@ class SiteRuntime:
         keys: Sequence[str] = plan.sent
         if orders.partial_replies:  # only what changed travels back
             keys = changed_keys(plan.sent, (k for k, _ in model.named_parameters()), updated_keys(logs))
-        return SiteReply(subset(model.state_dict(), keys), proof, metrics, secure_vector=vector)
+        return SiteReply(subset(model.state_dict(), keys), proof, metrics, secure_vector=vector, own_figures=own)
 
     def evaluate(
         self,
@@ -264,9 +265,11 @@ class SiteRuntime:
         model, plan = self.model(orders, arrays, base)
         scored = stage_for(orders).scored(model)
         scores = self._scores(scored, val_set)
-        metrics, vector = self._release(val_set.labels.numpy(), scores, orders, secure)
+        metrics, vector, own = self._release(val_set.labels.numpy(), scores, orders, secure)
         metrics.update(site_data_metrics(self.data_path, splits))  # totals for the model card (provenance.py)
-        reply = SiteReply({}, frozen_hash(model.state_dict(), plan), metrics, role=role, secure_vector=vector)
+        reply = SiteReply(
+            {}, frozen_hash(model.state_dict(), plan), metrics, role=role, secure_vector=vector, own_figures=own
+        )
         if final and scores.ndim == 1:
             point, reply.note = self._operating_point(scored, val_set, scores, role)
             reply.operating_point = point if self.share_operating_point else None
@@ -304,18 +307,16 @@ class SiteRuntime:
 
     def _release(
         self, labels: np.ndarray, scores: np.ndarray, orders: RoundOrders, secure: bool
-    ) -> tuple[dict[str, Any], np.ndarray | None]:
+    ) -> tuple[dict[str, Any], np.ndarray | None, dict[str, float]]:
         """What leaves the site about its validation scores: cells (:func:`validation_release`), or for a
-        secure sum its case count in clear and its exact statistics for masking; with
-        ``share_site_figures``, its own exact figures too."""
+        secure sum its case count in clear and its exact statistics for masking; and with
+        ``share_site_figures`` its own exact figures."""
         if secure:
             metrics: dict[str, Any] = {"val-n": int(len(labels))}
             vector: np.ndarray | None = statistics_vector(labels, scores, orders)
         else:
             metrics, vector = validation_release(labels, scores, orders), None
-        if self.share_site_figures:
-            metrics.update(own_figures(labels, scores, orders))
-        return metrics, vector
+        return metrics, vector, own_figures(labels, scores, orders) if self.share_site_figures else {}
 
     def _evaluate(self, model: GroupedNet, val_set: ImageSet, *, head_only: bool) -> tuple[np.ndarray, np.ndarray]:
         """The validation split's labels and scores (they stay here; ``_release`` says what leaves)."""

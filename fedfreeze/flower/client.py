@@ -30,6 +30,7 @@ from fedfreeze.federation.protocol import (
     OPERATING_POINT,
     PROOF,
     SECURE_SUM,
+    SITE_FIGURES,
     RoundOrders,
 )
 from fedfreeze.federation.secure_stats import SECURE
@@ -153,6 +154,8 @@ def to_reply(message: Message, result: SiteReply, site: str, *, with_arrays: boo
     if result.operating_point is not None:  # final evaluation, and only when the site shares it
         proof[OPERATING_POINT] = result.operating_point.model_dump_json(by_alias=True)
     content = RecordDict({METRICS: MetricRecord(metrics), PROOF: ConfigRecord(proof)})
+    if result.own_figures:  # only when the site shares them
+        content[SITE_FIGURES] = ConfigRecord(dict(result.own_figures))
     if with_arrays:
         content[ARRAYS] = ArrayRecord(result.arrays)
     return Message(content=content, reply_to=message)

@@ -19,8 +19,8 @@ from typing import Any, cast
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
-from flwr.common.serde import recorddict_to_proto
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 

@@ -41,6 +41,7 @@ from fedfreeze.federation.protocol import (
     METRICS,
     OPERATING_POINT,
     PROOF,
+    SITE_FIGURES,
     TRAIN_ROLE,
     RoundOrders,
 )
@@ -202,6 +203,7 @@ def unpack(message: Message, bytes_down: int, node: int | None = None) -> Reply 
         bytes_up=bytes_up,
         role=str(proof.get("role", TRAIN_ROLE)),
         operating_point=str(proof[OPERATING_POINT]) if OPERATING_POINT in proof else None,
+        own_figures=dict(content[SITE_FIGURES]) if SITE_FIGURES in content else {},  # type: ignore[arg-type]
     )
 
 
