@@ -118,11 +118,13 @@ def simulate(
     cpus_per_site: int = 1,
     evaluation_sites: list[str] | None = None,
     share_operating_points: bool = False,
+    share_site_figures: bool = False,
 ) -> dict[str, Any]:
     """Partition, run every round in Flower's simulation runtime, and return ``metrics.json``.
 
     ``share_operating_points``: every simulated site sends the operating point it fits at the final
-    evaluation, so the model folder holds them (each site keeps its own in ``sites/site-N/state`` anyway)."""
+    evaluation, so the model folder holds them (each site keeps its own in ``sites/site-N/state`` anyway).
+    ``share_site_figures``: every simulated site sends its own exact validation figures every round."""
     out = Path(out).resolve()
     config_path = resolve_config_path(config)
     cfg = load_fed_config(config_path, {"federation.out-dir": str(out)})
@@ -162,6 +164,7 @@ def simulate(
         "out-dir": str(out),
         "resume": resume,
         "share-operating-points": share_operating_points,
+        "share-site-figures": share_site_figures,
     }
     if config_path is not None:
         run_config["config"] = str(config_path.resolve())

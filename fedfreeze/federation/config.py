@@ -241,7 +241,7 @@ def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
 
 CONFIG_KEY = "config"  # run-config key naming the TOML file
 # run-config keys about this run rather than the federation's settings
-RUN_KEYS = {CONFIG_KEY, "sites-dir", "resume", "out-dir", "share-operating-points"}  # the run's, not the config's
+RUN_KEYS = {CONFIG_KEY, "sites-dir", "resume", "out-dir", "share-operating-points", "share-site-figures"}
 
 
 def load_fed_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> FedConfig:
