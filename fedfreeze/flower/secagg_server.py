@@ -88,8 +88,10 @@ class SecureRound:
     release: dict[int, str] = field(default_factory=dict)  # node -> SECURE or CELLS, as ordered
     masked: dict[int, np.ndarray] = field(default_factory=dict)
     seconds: float = 0.0
-    bytes_down: int = 0
-    bytes_up: int = 0
+    bytes_down: int = 0  # the stages' own messages (setup, key exchange, unmask), to the sites
+    bytes_up: int = 0  # ... and back
+    mask_bytes_down: int = 0  # the parts riding on the round's messages (forwarded shares): in the round's bytes
+    mask_bytes_up: int = 0  # ... and the masked statistics in the replies
     outcome: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ stages 1 and 2
@@ -147,7 +149,7 @@ class SecureRound:
             else:
                 continue  # failed setup or the key exchange (its failure is recorded)
             record = ConfigRecord(part)  # type: ignore[arg-type]
-            self.bytes_down += content_bytes(RecordDict({SECURE_SUM: record}))
+            self.mask_bytes_down += content_bytes(RecordDict({SECURE_SUM: record}))
             out.append(with_part(message, record))
         self.seconds += time.monotonic() - started
         return out
@@ -167,7 +169,7 @@ class SecureRound:
             self.masked[node] = from_wire(cast(bytes, part["masked"]), vector_length(self.orders))
         except ValueError as err:
             return [f"secure sum: {err}"]
-        self.bytes_up += content_bytes(RecordDict({SECURE_SUM: part}))
+        self.mask_bytes_up += content_bytes(RecordDict({SECURE_SUM: part}))
         return []
 
     # ------------------------------------------------------------------ stage 4
@@ -236,13 +238,17 @@ class SecureRound:
         return sums
 
     def summary(self) -> dict[str, Any]:
-        """What ``RoundRecord.secure_sum`` keeps: the groups, dropouts, seconds and bytes of the protocol."""
+        """What ``RoundRecord.secure_sum`` keeps: the groups, dropouts, the coordinator's seconds in the
+        protocol's own stages, their bytes (``bytes_down``/``bytes_up``, on top of the round's) and the bytes
+        of its parts inside the round's own messages (``mask_bytes_*``, already in the round's)."""
         return {
             "groups": self.outcome,
             "cells": sorted(self.names.get(n, str(n)) for n, r in self.release.items() if r == CELLS),
             "seconds": round(self.seconds, 3),
             "bytes_down": self.bytes_down,
             "bytes_up": self.bytes_up,
+            "mask_bytes_down": self.mask_bytes_down,
+            "mask_bytes_up": self.mask_bytes_up,
         }
 
     # ------------------------------------------------------------------ helpers
