@@ -186,7 +186,25 @@ def accuracy(work: Path, threads: int) -> dict[str, Any]:
                 series = replay(case, mode, k, grid, Path(tmp))
             rows[label] = {"summary": summarise(series), "series": [{**s, "pooled": None} for s in series]}
             log(f"{name} {label}: {json.dumps(rows[label]['summary'])}")
-        results[name] = {"capture_seconds": case["seconds"], "sites": list(case["sites"]), "modes": rows}
+        first = next(iter(rows.values()))["series"]
+        federation, model = case["config"]["federation"], case["config"]["model"]
+        setup = {
+            "input_size": model["input-size"],
+            "backbone": model["backbone"],
+            "rounds": federation["rounds"],
+            "probe_rounds": federation["probe-rounds"],
+            "score_bins": federation["score-bins"],
+            "sessions": len(first),
+            "validation_images": first[-1]["exact"]["n"],
+            "held_out_images": (first[-1]["held_out"] or {}).get("n"),
+            "training_sites": len([s for s in case["sites"] if s not in case["evaluation_sites"]]),
+        }
+        results[name] = {
+            "capture_seconds": case["seconds"],
+            "sites": list(case["sites"]),
+            "setup": setup,
+            "modes": rows,
+        }
     return results
 
 
@@ -346,8 +364,13 @@ def table(results: dict[str, Any]) -> str:
     ]
     for name, case in results["accuracy"].items():
         best = next(iter(case["modes"].values()))["summary"]
+        setup = case["setup"]
         lines += [
             f"## {name} (exact best session {best['exact_best_session']}, AUROC {best['exact_best_auroc']:.4f})",
+            "",
+            f"{setup['training_sites']} training sites, {setup['validation_images']} validation images in all, "
+            f"{setup['backbone']} at {setup['input_size']} px, {setup['rounds']} rounds ({setup['probe_rounds']} "
+            f"probe), {setup['sessions']} sessions, {setup['score_bins']} score bins.",
             "",
             "| release | AUROC error, mean (max) | balanced accuracy error, mean (max) | AUROC range width, mean | "
             "largest swing (exact's) | pick at 0.05 | pick ignoring ranges |",
