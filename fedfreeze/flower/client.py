@@ -264,8 +264,9 @@ def handle_secagg_unmask(message: Message, context: Context) -> Message:
 
 def client_app() -> ClientApp:
     """The site's ClientApp: the train handler behind Flower's client-side DP clipping mod (a
-    pass-through unless the coordinator asks for it), and the evaluate handler. ``client/app.py``
-    (what ``flwr run .`` deploys) and the in-process federation both use this one definition."""
+    pass-through unless the coordinator asks for it), the evaluate handler, and secure aggregation's
+    own stages as ``query`` actions. ``client/app.py`` (what ``flwr run .`` deploys) and the in-process
+    federation both use this one definition."""
     app = ClientApp()
     app.train(mods=[dp_clipping_mod])(handle_train)
     app.evaluate()(handle_evaluate)
