@@ -200,9 +200,13 @@ def _print_federation(metrics: dict, out: Path) -> None:
             f"evaluation-only sites ({', '.join(evaluators['sites'])}: data no site trained on), the final global "
             f"model, n={ext['n']}:"
         )
+        about = evaluators.get("cells") or {}
+        spans = ext.get("ranges") or {} if about.get("min_cell_count", 1) > 1 else {}
         for key in ("auroc", "balanced_accuracy", "sensitivity", "specificity"):
             where = "(over all thresholds)" if key == "auroc" else f"at threshold {ext['threshold']:.3f}"
-            print(f"  {key:<18} {ext[key]:.4f}  {where}")
+            span = f"  [cells allow {spans[key][0]:.3f}-{spans[key][1]:.3f}]" if key in spans else ""
+            digits = decimals_for(spans[key][1] - spans[key][0] if key in spans else None)
+            print(f"  {key:<18} {ext[key]:.{digits}f}  {where}{span}")
     if at and "threshold" in at:
         shared = exported.get("operating_points") or []
         print(

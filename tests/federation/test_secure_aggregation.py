@@ -285,3 +285,26 @@ def test_export_best_refuses_to_choose_on_estimates_wider_than_best_max_range(tm
     assert refused["completed_rounds"] == 2  # patience counted no round: it did not stop early
     assert refused["exported"]["round"] == 2
     assert refused["exported"]["rule"].startswith("last round: no round's pooled validation AUROC was known")
+
+
+def test_printed_figures_are_exact_from_a_sum_and_estimates_beside_their_ranges(capsys):
+    """``fedfreeze simulate`` / ``run`` print: a secure sum's figures to four decimals, named exact;
+    evaluation-only sites' figures from cells to two, beside the ranges their cells allow."""
+    from fedfreeze.cli import _print_federation
+    from tests.federation.test_operations import final_metrics
+
+    metrics = final_metrics("0.5", 0.5)
+    metrics["exported"]["pooled"]["cells"] = {"min_cell_count": 1, "secure_sum": {"sites": ["a", "b", "c"]}}
+    ext = {"threshold": 0.5, "n": 100, "auroc": 0.9959, "balanced_accuracy": 0.92, "sensitivity": 0.84}
+    ext |= {"specificity": 1.0, "ranges": {"auroc": [0.9, 1.0], "balanced_accuracy": [0.85, 0.95]}}
+    metrics["final"]["evaluation_sites"] = {
+        "sites": ["held-out"],
+        "at_threshold_used": ext,
+        "cells": {"min_cell_count": 5},
+    }
+    _print_federation(metrics, Path("runs/quick"))
+    lines = capsys.readouterr().out.splitlines()
+    aurocs = [line for line in lines if line.startswith("  auroc")]
+    assert aurocs[0].split()[1] == "0.9600" and "cells allow" not in aurocs[0]
+    assert any("exact: the coordinator learnt only the sum of the 3 training sites" in line for line in lines)
+    assert aurocs[1].split()[1] == "1.00" and aurocs[1].endswith("[cells allow 0.900-1.000]")
