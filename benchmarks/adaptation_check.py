@@ -46,7 +46,7 @@ SUBSAMPLE = 100
 SUBSAMPLES = 5
 
 
-def sites(sets: list[Any], seed: int) -> list[dict[str, Any]]:
+def sites(sets: list[Any], seed: int, subsamples: int = SUBSAMPLES) -> list[dict[str, Any]]:
     """Every benchmark set whole, Kermany held-out at other prevalences, and subsamples of each."""
     out = []
     rng = np.random.default_rng(seed)
@@ -61,7 +61,7 @@ def sites(sets: list[Any], seed: int) -> list[dict[str, Any]]:
                 else:
                     keep = np.r_[pos, rng.choice(neg, int((1 - share) * len(pos) / share), replace=False)]
                 out.append({"name": f"{s.name}@{share:g}", "group": "prevalence", "set": s, "idx": np.sort(keep)})
-        for k in range(SUBSAMPLES):
+        for k in range(subsamples):
             idx = np.sort(rng.choice(len(labels), min(SUBSAMPLE, len(labels)), replace=False))
             out.append({"name": f"{s.name}/n{SUBSAMPLE}#{k}", "group": s.group + "-small", "set": s, "idx": idx})
     return out
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--subsamples", type=int, default=SUBSAMPLES, help="random 100-image sites drawn per set")
     args = parser.parse_args(argv)
     import torch
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
     t = card.threshold
     rows = []
-    for site in sites(sets, args.seed):
+    for site in sites(sets, args.seed, args.subsamples):
         s, idx = site["set"], site["idx"]
         images, labels = s.images[idx], np.asarray(s.labels)[idx]
         pids = [s.patient_ids[i] for i in idx]

@@ -89,7 +89,9 @@ def main() -> None:
     exp = load_experiment(args.config, data_override=manifest)
     command = "python benchmarks/experiment_kermany.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     started = time.perf_counter()
-    summary = run_experiment(exp, args.out / "run", progress=True, command=command.strip())
+    summary = run_experiment(
+        exp, args.out / "run", progress=True, command=command.strip(), resume=True, outside_paths=True
+    )  # the manifest names the shared data set; a stopped run continues
     wall = time.perf_counter() - started
     print_summary(summary, args.out / "run")
     print(

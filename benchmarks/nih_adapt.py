@@ -115,7 +115,10 @@ def run(args: list[str], log_file: Path) -> subprocess.CompletedProcess[str]:
 
 
 def evaluate(model: Path, data: str, log_file: Path) -> dict[str, Any]:
-    done = run(["evaluate", "--model", str(model), "--data", data, "--json", "--bootstrap", "1000"], log_file)
+    done = run(
+        ["evaluate", "--model", str(model), "--data", data, "--json", "--bootstrap", "1000", "--allow-outside-paths"],
+        log_file,
+    )
     if done.returncode != 0:
         raise SystemExit(f"evaluate {model} failed: {done.stderr.strip()}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -172,7 +175,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def adapt(name: str, source: Path, data: str, extra: list[str], uses: str) -> Path | None:
         target = work / name
-        done = run(["adapt", "--model", str(source), "--data", data, "--out", str(target), "--quiet", *extra], commands)
+        adapt = [
+            "adapt",
+            "--model",
+            str(source),
+            "--data",
+            data,
+            "--out",
+            str(target),
+            "--quiet",
+            "--allow-outside-paths",
+        ]
+        done = run([*adapt, *extra], commands)
         if done.returncode != 0:
             arm(
                 name,
@@ -219,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--init", str(init)] if init else []
         log(f"{name}: cross-validating on the labelled pool ...")
         done = run(
-            ["site-train", "--config", str(config), "--data", files["pool"], "--out", str(target), "--quiet", *extra],
+            ["site-train", "--config", str(config), "--data", files["pool"], "--out", str(target), "--quiet"]
+            + ["--allow-outside-paths", *extra],
             commands,
         )
         if done.returncode != 0:

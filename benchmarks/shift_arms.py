@@ -151,6 +151,20 @@ def fingerprint(payload: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# settings that change what a run reports, not what it trains or scores: left out of an arm's fingerprint, so a
+# cached arm stays valid when such a setting is added to the configuration
+REPORTING_ONLY = {"federation": ("tracking", "tracking-dir")}
+
+
+def trained_config(cfg: Any) -> dict[str, Any]:
+    """The configuration an arm's fingerprint covers: everything but ``REPORTING_ONLY``."""
+    dump = cfg.model_dump(mode="json", by_alias=True)
+    for table, keys in REPORTING_ONLY.items():
+        for key in keys:
+            dump.get(table, {}).pop(key, None)
+    return dump
+
+
 def sets_signature(sets: list[EvalSet]) -> list[Any]:
     return [
         [s.name, len(s.labels), int(s.labels.sum()), hashlib.sha256(s.images.numpy().tobytes()).hexdigest()[:12]]
@@ -297,7 +311,7 @@ def run_probe_lr(
     model, _ = build_model(ModelConfig(input_size=sizes.input_size), [], 8)
     feats, labels = [], []
     for folder in sites.values():
-        data = load_image_set(folder, image_size=sizes.input_size, channels=3, progress=False)
+        data = load_image_set(folder, image_size=sizes.input_size, channels=3, progress=False, outside_paths=True)
         feats.append(extract_features(model, data.images, device).numpy())
         labels.append(data.labels.numpy())
     x, y = np.concatenate(feats), np.concatenate(labels)
@@ -410,7 +424,7 @@ def run_arm(
             "kind": arm.kind,
             "sizes": sizes.describe(),
             "seed": seed,
-            "config": cfg.model_dump(mode="json", by_alias=True) if cfg is not None else None,
+            "config": trained_config(cfg) if cfg is not None else None,
             "sites": {name: (Path(p) / "manifest.csv").read_text() for name, p in sites.items()},
             "sets": sets_signature(sets),
         }

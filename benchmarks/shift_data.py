@@ -176,7 +176,7 @@ def load_sets(work: Path, input_size: int, seed: int) -> list[EvalSet]:
     """The held-out set as is, under each shift (applied at the stored 224 px), and NIH."""
     from fedfreeze.data.dataset import load_image_set
 
-    held = load_image_set(work / "held_out.csv", image_size=224, channels=1, progress=False)
+    held = load_image_set(work / "held_out.csv", image_size=224, channels=1, progress=False, outside_paths=True)
     grey = held.images[:, 0].numpy()
     labels = held.labels.numpy()
     sets = [
@@ -200,7 +200,7 @@ def load_sets(work: Path, input_size: int, seed: int) -> list[EvalSet]:
                 shift.description,
             )
         )
-    nih = load_image_set(work / "nih.csv", image_size=input_size, channels=3, progress=False)
+    nih = load_image_set(work / "nih.csv", image_size=input_size, channels=3, progress=False, outside_paths=True)
     sets.append(
         EvalSet(
             NIH_SET,

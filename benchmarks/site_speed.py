@@ -42,7 +42,7 @@ def run_mode(mode: str, manifest: str, backbone: str, epochs: int, size: int, th
 
     if threads:
         torch.set_num_threads(threads)
-    data = load_image_set(manifest, image_size=size, channels=3, progress=False)
+    data = load_image_set(manifest, image_size=size, channels=3, progress=False, outside_paths=True)
     weights = "package" if backbone == "efficientnet_lite0" else "none"
     model, _ = build_model(ModelConfig(backbone=backbone, weights=weights, input_size=size))
     lr = {"head": 1e-3, "layer4": 5e-4, "layer3": 2.5e-4, "layer2": 1e-4, "layer1": 1e-4, "stem": 1e-4}

@@ -122,8 +122,8 @@ def run_arm(arm: str, train_csv: str, test_csv: str, args: argparse.Namespace, q
 
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    train = load_image_set(train_csv, image_size=args.size, channels=3, progress=False)
-    test = load_image_set(test_csv, image_size=args.size, channels=3, progress=False)
+    train = load_image_set(train_csv, image_size=args.size, channels=3, progress=False, outside_paths=True)
+    test = load_image_set(test_csv, image_size=args.size, channels=3, progress=False, outside_paths=True)
     weights = "package" if args.backbone == "efficientnet_lite0" else "none"
     torch.manual_seed(0)
     model, _ = build_model(ModelConfig(backbone=args.backbone, weights=weights, input_size=args.size))

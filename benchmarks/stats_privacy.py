@@ -162,7 +162,7 @@ def score_kermany(args: argparse.Namespace) -> tuple[np.ndarray, list[str], dict
                 for r in by_patient[pid]:
                     writer.writerow([str(KERMANY / r["path"]), r["label"], pid])
         t = time.perf_counter()
-        data = load_image_set(path, image_size=args.input_size, channels=3, progress=False)
+        data = load_image_set(path, image_size=args.input_size, channels=3, progress=False, outside_paths=True)
         feats = cache.features(model, data.images, device).numpy()
         log(f"{name}: {len(data)} images, features in {time.perf_counter() - t:.0f} s")
         return feats, data.labels.numpy(), list(data.patient_ids)

@@ -24,7 +24,15 @@ def _site_train(args: argparse.Namespace) -> int:
 
     cfg = load_site_config(args.config)
     report = site_train(
-        cfg, args.data, args.out, split=args.split, device=args.device, progress=not args.quiet, init=args.init
+        cfg,
+        args.data,
+        args.out,
+        split=args.split,
+        device=args.device,
+        progress=not args.quiet,
+        init=args.init,
+        force=args.force,
+        outside_paths=args.allow_outside_paths,
     )
     folds = len(report["folds"])
     print(
@@ -44,24 +52,32 @@ def _site_train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from fedfreeze.evaluate import evaluate_model, format_text, require_binary_model, single_class_message
+    from fedfreeze.outputs import output_folder
 
-    if args.report is not None:
-        require_binary_model(args.model, "--report")
-    result = evaluate_model(
-        args.model,
-        args.data,
-        split=args.split,
-        device=args.device,
-        bootstrap=args.bootstrap,
-        seed=args.seed,
-        allow_single_class=True,
-        site=args.site,
-    )
-    written = []
-    if args.report is not None:
+    def score() -> dict:
+        return evaluate_model(
+            args.model,
+            args.data,
+            split=args.split,
+            device=args.device,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+            allow_single_class=True,
+            outside_paths=args.allow_outside_paths,
+            site=args.site,
+        )
+
+    written: list[Path] = []
+    if args.report is None:
+        result = score()
+    else:
         from fedfreeze.evaluation.external_report import write_external_report
 
-        written = write_external_report(args.report, result)
+        require_binary_model(args.model, "--report")
+        inputs = {"--model": args.model, "--data": args.data}
+        with output_folder(args.report, "--report", force=args.force, inputs=inputs) as report:
+            result = score()
+            written = [report.final / path.name for path in write_external_report(report.work, result)]
     print(json.dumps(result) if args.json else format_text(result))
     if written and not args.json:
         print(f"report: {', '.join(str(path) for path in written)}")
@@ -91,8 +107,9 @@ def _adapt(args: argparse.Namespace) -> int:
         seed=args.seed,
         split=args.split,
         device=args.device,
+        outside_paths=args.allow_outside_paths,
     )
-    result = adapt_model(args.model, args.data, args.out, options, progress=not args.quiet)
+    result = adapt_model(args.model, args.data, args.out, options, progress=not args.quiet, force=args.force)
     print("\n".join(result.lines))
     return 0
 
@@ -102,7 +119,9 @@ def _suggest(args: argparse.Namespace) -> int:
 
     if args.out.exists() and not args.force:
         raise FedfreezeError(f"--out {args.out} exists; choose another file or --force to replace it")
-    picked, data = suggest_for_site(args.model, args.data, args.n, seed=args.seed, device=args.device)
+    picked, data = suggest_for_site(
+        args.model, args.data, args.n, seed=args.seed, device=args.device, outside_paths=args.allow_outside_paths
+    )
     written = write_suggestions(args.out, picked, data)
     images = sum(len(s.images) for s in picked)
     print(
@@ -196,9 +215,14 @@ def _print_federation(metrics: dict, out: Path) -> None:
     evaluators = (metrics.get("final") or {}).get("evaluation_sites") or {}
     ext = evaluators.get("at_threshold_next") or evaluators.get("at_threshold_used")
     if ext and "auroc" in ext:
+        check = metrics.get("held_out_check") or {}
+        held = (
+            f"held out: {check['how']}"
+            if check.get("checked")
+            else "not checked to be held out from the training sites' data"
+        )
         print(
-            f"evaluation-only sites ({', '.join(evaluators['sites'])}: data no site trained on), the final global "
-            f"model, n={ext['n']}:"
+            f"evaluation-only sites ({', '.join(evaluators['sites'])}; {held}), the final global model, n={ext['n']}:"
         )
         about = evaluators.get("cells") or {}
         spans = ext.get("ranges") or {} if about.get("min_cell_count", 1) > 1 else {}
@@ -241,8 +265,10 @@ def _simulate(args: argparse.Namespace) -> int:
         sites=args.sites,
         alpha=args.alpha,
         resume=args.resume,
+        force=args.force,
         cpus_per_site=args.cpus_per_site,
         evaluation_sites=args.evaluation_site,
+        outside_paths=args.allow_outside_paths,
         share_operating_points=args.share_operating_points,
         share_site_figures=args.share_site_figures,
     )
@@ -364,6 +390,8 @@ def _site(args: argparse.Namespace) -> int:
     node = {"data-path": str(Path(args.data).resolve()), "site-name": args.name, "state-dir": str(state)}
     if args.weights:
         node["weights"] = str(Path(args.weights).resolve())
+    if args.allow_outside_paths:
+        node["allow-outside-paths"] = True
     if args.threads:
         node["threads"] = args.threads
     if args.share_operating_point:
@@ -453,29 +481,43 @@ SUPERNODE_CONNECTION_ERROR = "Exit Code: 305"
 
 def _run(args: argparse.Namespace) -> int:
     import json as _json
+    import tempfile
 
     from fedfreeze.deploy import launch
     from fedfreeze.federation.config import resolve_config_path
+    from fedfreeze.outputs import check_output, partial_path
 
     _check_client_tls(args)
-    out = Path(args.out).resolve()
-    home = launch.write_flwr_home(
-        Path(args.flwr_home or out / ".flwr-cli"), [launch.Connection("fedfreeze", args.superlink, args.root_cert)]
-    )
-    env = launch.flower_env(home)
-    run_config = {"out-dir": str(out), "resume": args.resume}
-    config = resolve_config_path(args.config)
-    if config is not None:
-        run_config["config"] = str(config.resolve())
-    code, run_id = launch.submit(
-        launch.run_command(connection="fedfreeze", run_config=run_config, app_dir=args.app or launch.APP_DIR), env
-    )
-    try:
-        launch.require_completed("fedfreeze", run_id, env, args.superlink)
-    except launch.LaunchError as err:
-        from fedfreeze.deploy.operator import not_completed
+    # the coordinator's ServerApp holds --out and refuses it as this does; checked here first, in case
+    # this machine sees the folder too
+    out = check_output(args.out, force=args.force, resume=args.resume, resumable=True)
+    with tempfile.TemporaryDirectory(prefix="fedfreeze-flwr-") as tmp:
+        home = launch.write_flwr_home(
+            Path(args.flwr_home or tmp), [launch.Connection("fedfreeze", args.superlink, args.root_cert)]
+        )
+        env = launch.flower_env(home)
+        run_config = {"out-dir": str(out), "resume": args.resume, "force": args.force}
+        config = resolve_config_path(args.config)
+        if config is not None:
+            run_config["config"] = str(config.resolve())
+        code, run_id = launch.submit(
+            launch.run_command(connection="fedfreeze", run_config=run_config, app_dir=args.app or launch.APP_DIR),
+            env,
+        )
+        try:
+            launch.require_completed("fedfreeze", run_id, env, args.superlink)
+        except launch.LaunchError as err:
+            from fedfreeze.deploy.operator import not_completed
 
-        raise not_completed(out, err) from None
+            stopped = partial_path(out) / "metrics.json"
+            interrupted = not_completed(partial_path(out), err)
+            if interrupted is not err:  # metrics.json says how the coordinator's stop cut it short
+                raise launch.LaunchError(f"{interrupted} ({stopped}; --resume continues it)") from None
+            if stopped.is_file():
+                report = _json.loads(stopped.read_text())
+                why = report.get("reason") or f"{report.get('status')} after round {report.get('completed_rounds')}"
+                raise launch.LaunchError(f"{err}; {stopped}: {why} (--resume continues it)") from None
+            raise
     metrics_path = out / "metrics.json"
     if metrics_path.is_file():
         metrics = _json.loads(metrics_path.read_text())
@@ -547,6 +589,14 @@ def _runs(args: argparse.Namespace) -> int:
     return runs_command(args)
 
 
+FORCE_HELP = "replace an existing non-empty --out (the new folder takes its place only when the run has finished)"
+
+
+OUTSIDE_HELP = (
+    "let a manifest name images outside its own folder (absolute paths, ../); by default such a row is refused"
+)
+
+
 class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` shows each option's default, except where there is none to show (None, off flags)."""
 
@@ -565,7 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("site-train", help="cross-validate and fine-tune a pretrained CNN on one site's data")
     p.add_argument("--config", type=Path, default=None, help="site.toml (defaults when omitted)")
     p.add_argument("--data", required=True, help="manifest .csv, MedMNIST .npz, or a folder of MNIST IDX files")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--out", required=True, type=Path, help="run folder for metrics.json and the model")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--split", default=None, help="split inside an .npz/IDX source (default: train)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -582,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a saved model on labelled data it never saw")
     p.add_argument("--model", required=True, type=Path, help="a model folder (model.json + weights.pt)")
     p.add_argument("--data", required=True, help="manifest .csv, MedMNIST .npz, or IDX folder")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--split", default=None, help="split inside an .npz/IDX source")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -591,6 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="folder for evaluation.json, reliability.png and scores.png (binary models)",
     )
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --report folder")
     p.add_argument(
         "--bootstrap",
         type=int,
@@ -617,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--seed", type=int, default=0, help="which patient of each stratum (the list is fixed per seed)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.set_defaults(func=_suggest)
 
     p = sub.add_parser(
@@ -630,7 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="the site's images: a manifest .csv (path[,patient_id], label optional), .npz or IDX folder",
     )
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--out", required=True, type=Path, help="the new model folder")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument(
         "--site",
         default=None,
@@ -715,10 +772,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="fed-demo.toml", help="fed.toml (a path, or a config shipped with fedfreeze)")
     p.add_argument("--out", required=True, type=Path, help="output folder: metrics, report, model, site data")
     p.add_argument("--data", default=None, help="dataset to split (default: the shipped Kermany subset)")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--sites", type=int, default=None, help="number of sites (default: the manifest's site column)")
     p.add_argument("--alpha", type=float, default=None, help="Dirichlet label skew (default: IID split)")
     p.add_argument("--cpus-per-site", type=int, default=1, help="CPUs Ray gives each simulated site")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument(
         "--share-operating-points",
         action="store_true",
@@ -786,6 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
         "training processes): several sites on one machine need one port each.",
     )
     p.add_argument("--data", required=True, help="the site's data: a folder with manifest.csv, a manifest, .npz")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--name", required=True, help="the site's name in reports")
     p.add_argument("--superlink", default="127.0.0.1:9093", help="the coordinator's address, HOST:PORT")
     p.add_argument(
@@ -800,7 +860,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the site's caches and its FLWR_HOME (STATE_DIR/flwr-home: the apps Flower installs; "
         "nothing goes to ~/.flwr) (default: ~/.cache/fedfreeze/NAME)",
     )
-    p.add_argument("--weights", default=None, help="the site's own copy of the pretrained checkpoint")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="the site's own copy of the pretrained checkpoint: the only checkpoint file the site opens (a job "
+        "whose model.weights names a file is refused without it)",
+    )
     p.add_argument(
         "--share-operating-point",
         action="store_true",
@@ -886,10 +951,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--flwr-home",
         default=None,
-        help="the Flower CLI's config for this connection (default: OUT/.flwr-cli, inside the output "
-        "folder; nothing goes to ~/.flwr)",
+        help="the Flower CLI's config for this connection (default: a temporary folder; nothing goes to ~/.flwr)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument(
         "--app",
         type=Path,
@@ -944,8 +1009,15 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment", help="compare named arms on the same repeated patient-level CV folds; paired tests and a report"
     )
     p.add_argument("--config", required=True, type=Path, help="exp.toml: [experiment], shared tables, [arms.NAME]")
-    p.add_argument("--out", required=True, type=Path, help="run folder (run again to continue a stopped experiment)")
+    p.add_argument("--out", required=True, type=Path, help="run folder (written aside, published when the report is)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a stopped experiment (its finished folds are kept), or add to a finished one",
+    )
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--data", default=None, help="overrides experiment.data")
+    p.add_argument("--allow-outside-paths", action="store_true", help=OUTSIDE_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--report-only", action="store_true", help="rewrite the report from the finished folds only")
     p.add_argument(
@@ -980,6 +1052,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except FedfreezeError as err:
         print(f"fedfreeze {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file the run writes or reads that the system refuses: full disk, permissions
+        where = f": {err.filename}" if err.filename else ""
+        print(f"fedfreeze {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -29,9 +29,12 @@ def _kebab(name: str) -> str:
 
 
 class Section(BaseModel):
-    """Base of every table: kebab-case keys, no unknown keys, assignments validated."""
+    """Base of every table: kebab-case keys, no unknown keys, assignments validated, no infinite or NaN
+    number (``probe-lr = inf`` would train to NaN and fail only at the end)."""
 
-    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(
+        alias_generator=_kebab, populate_by_name=True, extra="forbid", validate_assignment=True, allow_inf_nan=False
+    )
 
 
 class ModelConfig(Section):
@@ -206,8 +209,16 @@ class CVConfig(Section):
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="decision threshold of the fold metrics")
     model_threshold: float | Literal["youden-oof"] = Field(
         "youden-oof",
-        description="threshold stored with the refit model: a number, or Youden's J on the out-of-fold scores",
+        description="threshold stored with the refit model: a number in (0, 1), or Youden's J on the "
+        "out-of-fold scores",
     )
+
+    @field_validator("model_threshold")
+    @classmethod
+    def _threshold_range(cls, value: float | str) -> float | str:
+        if isinstance(value, float) and not 0.0 < value < 1.0:
+            raise ValueError(f"should be a number in (0, 1) or 'youden-oof', got {value}")
+        return value
 
 
 class SiteConfig(Section):
@@ -236,6 +247,16 @@ def parse_config(data: dict[str, Any], schema: type[Section], source: str) -> An
     """Validate a dict against ``schema``; a ``ConfigError`` lists every bad field."""
     try:
         return schema.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def parse_json_strictly(text: str, schema: type[Section], source: str) -> Any:
+    """Validate JSON text against ``schema`` in pydantic's strict JSON mode: no conversion between
+    types (a string is never read as a number), for files fedfreeze writes itself; JSON's own forms
+    (a list for a tuple, a string for a date) are still read."""
+    try:
+        return schema.model_validate_json(text, strict=True)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
 

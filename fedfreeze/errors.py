@@ -19,3 +19,11 @@ class CheckpointError(FedfreezeError, ValueError):
 
 class ProtocolError(FedfreezeError, ValueError):
     """A message between coordinator and site does not follow the round contract (federation/protocol.py)."""
+
+
+class OutputError(FedfreezeError, ValueError):
+    """An output folder cannot be written as asked: it exists, another run holds it, it is an input."""
+
+
+class MissingExtraError(FedfreezeError):
+    """A setting needs optional packages this installation lacks; the message names the pip extra."""

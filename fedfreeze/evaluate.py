@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from fedfreeze.data.dataset import load_image_set
-from fedfreeze.errors import ConfigError, DataError
+from fedfreeze.errors import CheckpointError, ConfigError, DataError
 from fedfreeze.evaluation.external import external_validation
 from fedfreeze.metrics import classification_metrics
 from fedfreeze.model_io import load_model, model_scores, model_sha256, read_card
 from fedfreeze.operating_point import in_use
+from fedfreeze.outputs import is_partial
 from fedfreeze.provenance import provenance_line
 from fedfreeze.training.engine import resolve_device
 
@@ -31,6 +32,7 @@ def evaluate_model(
     bootstrap: int = 1000,
     seed: int = 0,
     allow_single_class: bool = False,
+    outside_paths: bool = False,
     site: str | None = None,
 ) -> dict[str, Any]:
     """Metrics of the model in ``model_dir`` on ``data_path`` at the threshold in use at ``site``.
@@ -51,6 +53,11 @@ def evaluate_model(
     """
     if bootstrap < 0:
         raise ConfigError(f"bootstrap (--bootstrap) should be 0 (no intervals) or a positive count, got {bootstrap}")
+    dev = resolve_device(device)
+    if is_partial(model_dir):
+        raise CheckpointError(
+            f"{model_dir} is in an unfinished run's partial folder (.NAME.partial): evaluate the finished folder"
+        )
     model, card = load_model(model_dir)
     cfg = card.model
     data = load_image_set(
@@ -61,13 +68,14 @@ def evaluate_model(
         class_names=card.class_names,
         num_classes=cfg.num_classes,
         progress=progress,
+        outside_paths=outside_paths,
     )
     data.require_nonempty()
     binary = cfg.num_classes == 2
     if not (binary and allow_single_class):
         data.require_classes(2, why="AUROC needs both classes in the evaluation data")
     use = in_use(card.threshold, card.operating_points, card.local_site, site, model_sha256(model), binary=binary)
-    scores = use.apply(model_scores(model, card, data.images, resolve_device(device)))
+    scores = use.apply(model_scores(model, card, data.images, dev))
     about = {
         "model": str(model_dir),
         "data": str(data_path),

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +24,21 @@ import torch
 from pydantic import Field
 
 from fedfreeze import __version__
-from fedfreeze.config import ModelConfig, Section, parse_config
+from fedfreeze.config import ModelConfig, Section, parse_json_strictly
 from fedfreeze.errors import CheckpointError
 from fedfreeze.model_card import CARD_MARKDOWN, render_card
 from fedfreeze.models.adapters import adapter_rank
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import Normalize, build_model
 from fedfreeze.operating_point import OperatingPoint, ScoreCalibration, state_sha256
+from fedfreeze.outputs import crash_point
 from fedfreeze.provenance import Provenance
 from fedfreeze.reference_scores import ReferenceScores
 
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "weights.pt"
+
+log = logging.getLogger("fedfreeze.model_io")
 
 
 class ModelCard(Section):
@@ -66,6 +72,9 @@ class ModelCard(Section):
     reference_scores: ReferenceScores | None = Field(
         None, description="binary models: per-class validation scores of the training data, for label-free checks"
     )
+    weights_sha256: str | None = Field(
+        None, description="SHA-256 of weights.pt, set by save_model (None: a folder written before it was recorded)"
+    )
 
 
 def make_card(model: GroupedNet, cfg: ModelConfig, **fields: Any) -> ModelCard:
@@ -79,15 +88,41 @@ def make_card(model: GroupedNet, cfg: ModelConfig, **fields: Any) -> ModelCard:
     return ModelCard(model=resolved, adapter_groups=adapters, adapter_rank=rank, class_names=class_names, **fields)
 
 
-def save_model(folder: str | Path, model: GroupedNet, card: ModelCard) -> Path:
-    """Write ``model.json``, ``weights.pt`` and ``MODEL_CARD.md`` into ``folder`` (created if needed)."""
+def save_model(folder: str | Path, model: GroupedNet, card: ModelCard, *, weights_from: Path | None = None) -> Path:
+    """Write ``weights.pt``, ``MODEL_CARD.md`` and ``model.json`` (recording the weights' SHA-256)
+    into ``folder`` (created if needed).
+
+    Each file is written aside and renamed into place, ``model.json`` last: a folder interrupted
+    half-way holds either no ``model.json`` or one whose hash does not match the weights beside it,
+    and ``load_model`` refuses both (commands also write the whole folder aside, ``outputs.py``).
+    ``weights_from``: copy this weights file byte for byte instead (``model`` holds the same weights).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, folder / WEIGHTS_FILE)
-    (folder / CARD_FILE).write_text(card.model_dump_json(by_alias=True, indent=2) + "\n", encoding="utf-8")
+    weights_tmp = folder / f".{WEIGHTS_FILE}.tmp"
+    if weights_from is not None:
+        shutil.copyfile(weights_from, weights_tmp)
+    else:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        with weights_tmp.open("wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    card = card.model_copy(update={"weights_sha256": file_sha256(weights_tmp)})
+    weights_tmp.replace(folder / WEIGHTS_FILE)
+    crash_point("weights-written")
     write_model_card(folder, card)
+    _write_text_atomic(folder / CARD_FILE, card.model_dump_json(by_alias=True, indent=2) + "\n")
     return folder
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
 
 
 def write_model_card(folder: str | Path, card: ModelCard) -> Path:
@@ -95,20 +130,25 @@ def write_model_card(folder: str | Path, card: ModelCard) -> Path:
     folder = Path(folder)
     weights = folder / WEIGHTS_FILE
     text = render_card(card, weights_sha256=file_sha256(weights) if weights.is_file() else None)
-    (folder / CARD_MARKDOWN).write_text(text, encoding="utf-8")
+    _write_text_atomic(folder / CARD_MARKDOWN, text)
     return folder / CARD_MARKDOWN
 
 
 def read_card(folder: str | Path) -> ModelCard:
+    """``model.json``, validated strictly: a number written as a string (``"0.3"``) is refused, not
+    converted, so a hand-edited card cannot pass for a written one."""
     folder = Path(folder)
     path = folder / CARD_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a model folder: {CARD_FILE} is missing")
+    text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON: {err}") from None
-    return parse_config(data, ModelCard, str(path))
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return parse_json_strictly(text, ModelCard, str(path))
 
 
 def rebuild(card: ModelCard) -> GroupedNet:
@@ -158,6 +198,7 @@ def load_model(folder: str | Path) -> tuple[GroupedNet, ModelCard]:
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a model folder: {WEIGHTS_FILE} is missing")
+    check_weights_hash(folder, card)
     state = read_weights(path)
     try:
         result = model.load_state_dict(state, strict=False)
@@ -177,6 +218,24 @@ def load_model(folder: str | Path) -> tuple[GroupedNet, ModelCard]:
 def model_sha256(model: GroupedNet) -> str:
     """The content hash that site operating points name their model by (``operating_point.state_sha256``)."""
     return state_sha256(model.state_dict())
+
+
+def check_weights_hash(folder: Path, card: ModelCard) -> None:
+    """``weights.pt`` must be the file ``model.json`` was written with; a folder from before the hash
+    was recorded loads with a note."""
+    if card.weights_sha256 is None:
+        log.warning(
+            "note: %s/%s records no weights_sha256 (written by an earlier fedfreeze): its weights are not checked",
+            folder,
+            CARD_FILE,
+        )
+        return
+    actual = file_sha256(folder / WEIGHTS_FILE)
+    if actual != card.weights_sha256:
+        raise CheckpointError(
+            f"{folder / WEIGHTS_FILE} does not match {CARD_FILE}: its SHA-256 is {actual[:12]}..., the card "
+            f"records {card.weights_sha256[:12]}... (a partly written or altered folder)"
+        )
 
 
 def model_scores(model: GroupedNet, card: ModelCard, images: torch.Tensor, device: torch.device) -> np.ndarray:

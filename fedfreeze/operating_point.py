@@ -29,6 +29,7 @@ from pydantic import Field
 from fedfreeze.config import Section
 from fedfreeze.errors import CheckpointError
 
+CALIBRATION_LIMIT = 1e3  # |a|, |b| beyond this map every score to 0 or 1: a broken fit or a hand edit
 Evidence = Literal["labelled-patients", "local-validation", "label-free-prevalence"]
 EVIDENCE_TEXT = {
     "labelled-patients": "labelled patients of the site",
@@ -46,8 +47,8 @@ class ScoreCalibration(Section):
     """
 
     method: Literal["temperature", "platt"]
-    a: float = Field(gt=0.0, allow_inf_nan=False)
-    b: float = Field(0.0, allow_inf_nan=False)
+    a: float = Field(gt=0.0, le=CALIBRATION_LIMIT, allow_inf_nan=False)
+    b: float = Field(0.0, ge=-CALIBRATION_LIMIT, le=CALIBRATION_LIMIT, allow_inf_nan=False)
     fitted_on: str = Field("", description="the data it was fitted on, for the record")
 
     def apply(self, p_pos: np.ndarray) -> np.ndarray:

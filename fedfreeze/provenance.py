@@ -483,7 +483,11 @@ def provenance_line(provenance: Provenance | None, threshold: float, adaptations
         kinds = ", ".join(str(a.get("kind") or "?") for a in adaptations)
         adapted = f", then adapted {len(adaptations)}x ({kinds})"
     if provenance is None:
-        return f"model: provenance: not recorded (an earlier fedfreeze wrote it), threshold {threshold:.4g}{adapted}"
+        decided = recorded_threshold(None, adaptations)
+        hand = "" if decided is None or decided == threshold else f" (changed from {decided:.4g} without a record)"
+        return (
+            f"model: provenance: not recorded (an earlier fedfreeze wrote it), threshold {threshold:.4g}{hand}{adapted}"
+        )
     p = provenance
     code = f"fedfreeze {p.fedfreeze_version}"
     if p.git_commit:
@@ -497,5 +501,28 @@ def provenance_line(provenance: Provenance | None, threshold: float, adaptations
     else:
         app = "not a federation"
         where = f"1 site ({sum(s.images or 0 for s in p.sites)} images)"
-    rule = p.threshold.rule if threshold == p.threshold.value else f"{p.threshold.rule}, moved by adaptation"
+    decided = recorded_threshold(p, adaptations)
+    if threshold != decided:
+        rule = f"{p.threshold.rule} gave {decided:.4g}; changed since without a record"
+    elif threshold != p.threshold.value:
+        rule = f"{p.threshold.rule}, moved by adaptation"
+    else:
+        rule = p.threshold.rule
     return f"model: {p.source}, {code}, {app}, {where}, threshold {threshold:.4g} (rule: {rule}){adapted}"
+
+
+def recorded_threshold(provenance: Provenance | None, adaptations: Sequence[Mapping[str, Any]]) -> float | None:
+    """The threshold the model's records last set: the last adaptation that moved it (its
+    ``threshold.after``; an adaptation that made a site operating point leaves it), else training's (``provenance.threshold``); a retraining (``site-train
+    --init``) sets it anew through its own provenance, so adaptations before it no longer count. A card
+    whose threshold differs was edited by hand; None when nothing was recorded."""
+    decided = None if provenance is None else provenance.threshold.value
+    for record in adaptations:
+        moved = record.get("threshold")
+        if str(record.get("kind", "")).startswith("site-train"):
+            decided = None if provenance is None else provenance.threshold.value
+        elif "operating_point" in record:  # it set a site's operating point; the global threshold stayed
+            continue
+        elif isinstance(moved, Mapping) and isinstance(moved.get("after"), (int, float)):
+            decided = float(moved["after"])
+    return decided

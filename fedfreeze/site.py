@@ -30,6 +30,7 @@ from fedfreeze.model_io import ModelCard, make_card, model_scores, save_model
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.init_from import InitModel, data_class_names, load_init
 from fedfreeze.models.registry import build_model
+from fedfreeze.outputs import Output, output_folder
 from fedfreeze.provenance import Provenance, site_train_provenance
 from fedfreeze.reference_scores import ReferenceScores, reference_from_scores
 from fedfreeze.training.engine import (
@@ -40,17 +41,29 @@ from fedfreeze.training.engine import (
     resolve_device,
 )
 from fedfreeze.training.features import FeatureCache
-from fedfreeze.training.schedule import check_groups
+from fedfreeze.training.schedule import check_groups, check_rate_groups
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 
 
+def require_training(cfg: SiteConfig) -> None:
+    """A fresh model must train: with no epochs at all its head would stay random and be saved as a
+    model (with ``--init`` a start model is kept as it is, which is allowed)."""
+    if cfg.train.recipe == "standard" and cfg.train.probe_epochs == 0 and cfg.train.epochs == 0:
+        raise ConfigError(
+            "train.probe-epochs = 0 and train.epochs = 0: nothing would train, and the model would keep a "
+            "random head; give one of them at least 1 epoch (or start from a trained model with --init)"
+        )
+
+
 def new_model(cfg: SiteConfig, seed: int) -> GroupedNet:
     """A fresh pretrained model with the configured adapters; the seed fixes the head's init."""
+    require_training(cfg)
     torch.manual_seed(seed)
     model, _ = build_model(cfg.model, model_adapter_groups(cfg.train), cfg.train.adapter_rank)
     check_groups(cfg.train.unfreeze, list(model.groups))
+    check_rate_groups(cfg.train, list(model.groups))
     return model
 
 
@@ -86,6 +99,7 @@ def train_on(
             torch.manual_seed(seed)
             dual_model = build_dual(cfg.model)
             check_groups(cfg.train.unfreeze, list(dual_model.groups))
+            check_rate_groups(cfg.train, list(dual_model.groups))
             merged, dual_logs = fit_dual(
                 dual_model,
                 images,
@@ -126,19 +140,48 @@ def site_train(
     device: str = "auto",
     progress: bool = True,
     init: str | Path | None = None,
+    force: bool = False,
+    outside_paths: bool = False,
 ) -> dict[str, Any]:
     """Cross-validate, refit on all data, and write ``metrics.json`` and the model folder; with
-    ``init`` (a model folder) start from it and compare the adapted models with it."""
+    ``init`` (a model folder) start from it and compare the adapted models with it. The folder is
+    written all or nothing; an existing non-empty one is replaced only with ``force`` (``outputs.py``)."""
+    with output_folder(out_dir, force=force, inputs={"--init": init, "--data": data_path}) as output:
+        return _site_train(
+            cfg,
+            data_path,
+            output,
+            split=split,
+            device=device,
+            progress=progress,
+            init=init,
+            outside_paths=outside_paths,
+        )
+
+
+def _site_train(
+    cfg: SiteConfig,
+    data_path: str | Path,
+    output: Output,
+    *,
+    split: str | None,
+    device: str,
+    progress: bool,
+    init: str | Path | None,
+    outside_paths: bool,
+) -> dict[str, Any]:
+    """``site_train``'s work, written into ``output.work``."""
+    dev = resolve_device(device)
     start = None if init is None else load_init(init, cfg)  # a mismatch stops before any image loads
+    if start is None:
+        require_training(cfg)
     if start is not None and cfg.model.num_classes != 2:
         raise ConfigError(
             f"model.num-classes: --init compares the adapted models with {start.folder} by "
             f"DeLong's test on AUROC, which needs a binary task, got {cfg.model.num_classes}"
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output.work
     started = time.perf_counter()
-    dev = resolve_device(device)
     data = load_image_set(
         data_path,
         image_size=cfg.model.input_size,
@@ -147,9 +190,11 @@ def site_train(
         class_names=cfg.model.class_names if start is None else data_class_names(start, cfg),
         num_classes=cfg.model.num_classes,
         progress=progress,
+        outside_paths=outside_paths,
     )
     data.require_nonempty()
     data.require_classes(2, why="cross-validated AUROC needs both classes")
+    names = data.source_names()  # as predictions.csv records them
     folds = patient_folds(
         data.labels.numpy(), data.patient_ids, folds=cfg.cv.folds, repeats=cfg.cv.repeats, seed=cfg.cv.seed
     )
@@ -190,7 +235,7 @@ def site_train(
         if number == 0:
             memory = memory_plans(cfg, logs, progress=progress)
         for i, score in zip(fold.test, scores, strict=True):
-            oof_rows.append((fold.repeat, fold.fold, data.sources[i], int(data.labels[i]), score))
+            oof_rows.append((fold.repeat, fold.fold, names[i], int(data.labels[i]), score))
         if start is not None and init_scores is not None:  # (both or neither)
             y_test = data.labels[fold.test].numpy()
             base = classification_metrics(y_test, init_scores[fold.test], start.card.threshold)
@@ -277,7 +322,7 @@ def site_train(
             card = adapted_card(model, start, cfg, report, threshold["value"], data.class_names, provenance)
         card.reference_scores = out_of_fold_reference(oof_rows)
         save_model(out, model, card)
-        report["model"] = str(out)
+        report["model"] = str(output.final)
         report["refit_seconds"] = float(sum(log.seconds for log in logs))
     report["feature_cache"] = {"hits": cache.hits, "misses": cache.misses}
     report["seconds"] = time.perf_counter() - started

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 data=fedfreeze/sample_data/kermany_mini
 out=${1:-runs/fed-demo}
-.venv/bin/fedfreeze simulate --config fed-demo.toml --out "$out" --evaluation-site "held-out=$data/test.csv"
+# --force: a second run replaces the first run's folder (once the new one is complete)
+.venv/bin/fedfreeze simulate --config fed-demo.toml --out "$out" --force --evaluation-site "held-out=$data/test.csv"
 echo
 echo "the federated model on the held-out test set ($data/test.csv, 88 patients no site has seen):"
 .venv/bin/fedfreeze evaluate --model "$out/model" --data "$data/test.csv"

@@ -120,6 +120,8 @@ def type_text(annotation: Any) -> str:
         return " or ".join(parts)
     if origin is dict:
         return f"table of {type_text(args[1]).removeprefix('a ')}s by name"
+    if origin is list and typing.get_origin(args[0]) is Literal:
+        return "list of any of " + ", ".join(f"`{toml_value(a)}`" for a in typing.get_args(args[0]))
     if origin is list:
         return f"list of {type_text(args[0])}s"
     if inspect.isclass(annotation) and issubclass(annotation, BaseModel):

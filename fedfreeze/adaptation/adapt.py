@@ -30,7 +30,6 @@ the check's verdicts, the fedfreeze version and the UTC date. Scores always come
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,8 +42,9 @@ from fedfreeze.adaptation.options import LABELLED_OPTIONS, UNLABELLED_OPTIONS, A
 from fedfreeze.config import parse_config
 from fedfreeze.data.dataset import ImageSet, load_image_set
 from fedfreeze.errors import ConfigError, DataError
-from fedfreeze.model_io import WEIGHTS_FILE, ModelCard, file_sha256, load_model, save_model, write_model_card
+from fedfreeze.model_io import WEIGHTS_FILE, ModelCard, file_sha256, load_model, save_model
 from fedfreeze.operating_point import OperatingPoint
+from fedfreeze.outputs import Output, output_folder
 from fedfreeze.provenance import manifest_of, manifest_sha256
 from fedfreeze.training.engine import resolve_device
 
@@ -76,13 +76,22 @@ def adapt_model(
     options: AdaptOptions | None = None,
     *,
     progress: bool = False,
+    force: bool = False,
 ) -> AdaptResult:
-    """Adapt the model in ``model_dir`` to the site whose images are at ``data_path``; write ``out_dir``."""
+    """Adapt the model in ``model_dir`` to the site whose images are at ``data_path``; write ``out_dir``
+    (all or nothing; an existing non-empty ``out_dir`` only with ``force``, ``outputs.py``)."""
     options = options or AdaptOptions()
     options.check()
-    model_dir, out = Path(model_dir), Path(out_dir)
-    if out.resolve() == model_dir.resolve():
-        raise ConfigError(f"--out {out} is the source model folder: write the adapted model to a new folder")
+    model_dir = Path(model_dir)
+    with output_folder(out_dir, force=force, inputs={"--model": model_dir, "--data": data_path}) as out:
+        return _adapt(model_dir, data_path, out, options, progress)
+
+
+def _adapt(
+    model_dir: Path, data_path: str | Path, output: Output, options: AdaptOptions, progress: bool
+) -> AdaptResult:
+    """The adaptation itself, written into ``output.work`` (renamed to ``output.final`` when it returns)."""
+    device = resolve_device(options.device)
     model, card = load_model(model_dir)
     cfg = card.model
     data = load_image_set(
@@ -94,11 +103,11 @@ def adapt_model(
         num_classes=cfg.num_classes,
         progress=progress,
         labels="optional",
+        outside_paths=options.outside_paths,
     )
     data.require_nonempty(f"adapt needs the site's images, and {data_path} lists none")
     labelled = _use_labels(options, data, data_path)
     _check_mode(options, labelled, cfg.num_classes, model_dir)
-    device = resolve_device(options.device)
     site = (options.site or site_name_of(data_path)).strip()
     manifest = manifest_of(data_path)
 
@@ -166,10 +175,10 @@ def adapt_model(
     }
     new_card: ModelCard = parse_config(fields, ModelCard, "the adapted model card")
 
-    save_model(out, model, new_card)
-    if options.bn == "keep" and options.refit != "head":
-        shutil.copyfile(model_dir / WEIGHTS_FILE, out / WEIGHTS_FILE)  # bit-identical weights, same sha256
-        write_model_card(out, new_card)  # MODEL_CARD.md names the weights file the folder holds
+    # --bn keep (and no head refit): bit-identical weights, the same sha256 as the source's
+    same_weights = options.bn == "keep" and options.refit != "head"
+    save_model(output.work, model, new_card, weights_from=model_dir / WEIGHTS_FILE if same_weights else None)
+    out = output.final
     lines.append(f"model:   {out}  (score it with: fedfreeze evaluate --model {out} --data ...)")
     after = point.threshold if point is not None else card.threshold
     return AdaptResult(

@@ -38,6 +38,7 @@ class AdaptOptions:
     seed: int = 0
     split: str | None = None
     device: str = "auto"
+    outside_paths: bool = False  # the manifest may name images outside its folder
 
     def check(self) -> None:
         if self.replicates < 1:

@@ -64,7 +64,14 @@ def suggest_patients(scores: np.ndarray, patient_ids: Sequence[str], n: int, *, 
 
 
 def suggest_for_site(
-    model_dir: str | Path, data_path: str | Path, n: int, *, seed: int = 0, device: str = "auto", progress: bool = False
+    model_dir: str | Path,
+    data_path: str | Path,
+    n: int,
+    *,
+    seed: int = 0,
+    device: str = "auto",
+    progress: bool = False,
+    outside_paths: bool = False,
 ) -> tuple[list[Suggestion], ImageSet]:
     """Score the site's (unlabelled) images with the model as it stands and suggest ``n`` patients."""
     from fedfreeze.data.dataset import load_image_set
@@ -82,6 +89,7 @@ def suggest_for_site(
         num_classes=card.model.num_classes,
         progress=progress,
         labels="optional",
+        outside_paths=outside_paths,
     )
     data.require_nonempty(f"suggest needs the site's images, and {data_path} lists none")
     scores = model_scores(model, card, data.images, resolve_device(device))

@@ -54,6 +54,7 @@ def load_npz(
         images = images[..., 0]
     if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
         raise DataError(f"{path}: {images_key} has shape {images.shape}; expected (N, H, W) or (N, H, W, 3)")
+    check_image_sides(images.shape, f"{path}: {images_key}")
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1:
@@ -71,6 +72,7 @@ def load_npz(
         sites=None,
         sources=sources,
         class_names=list(class_names),
+        patients_known=False,
     )
 
 
@@ -113,6 +115,7 @@ def load_idx_folder(
     images_file = _find_idx_file(folder, f"{prefix}-images-idx3-ubyte")
     labels_file = _find_idx_file(folder, f"{prefix}-labels-idx1-ubyte")
     images = read_idx(images_file, IDX_IMAGES_MAGIC)
+    check_image_sides(images.shape, f"IDX file {images_file}")
     labels = read_idx(labels_file, IDX_LABELS_MAGIC)
     if len(images) != len(labels):
         raise DataError(f"{images_file} holds {len(images)} images but {labels_file} holds {len(labels)} labels")
@@ -124,7 +127,16 @@ def load_idx_folder(
         sites=None,
         sources=sources,
         class_names=list(class_names),
+        patients_known=False,
     )
+
+
+def check_image_sides(shape: tuple[int, ...], where: str) -> None:
+    """Images of zero height or width cannot be resized to anything: refused before any is."""
+    if shape[1] == 0 or shape[2] == 0:
+        raise DataError(
+            f"{where} has shape {shape}: images of height {shape[1]} and width {shape[2]}; expected both >= 1"
+        )
 
 
 def _find_idx_file(folder: Path, stem: str) -> Path:

@@ -27,6 +27,7 @@ def load_image_set(
     num_classes: int | None = None,
     progress: bool = True,
     labels: Literal["required", "optional"] = "required",
+    outside_paths: bool = False,
 ) -> ImageSet:
     """Load a site's images into memory, choosing the reader by what `path` is.
 
@@ -43,7 +44,8 @@ def load_image_set(
     or none loads fine: callers that need two call `require_classes`.
     `labels="optional"` (an opt-in for readers that can use unlabelled images,
     such as ``fedfreeze adapt``) lets a manifest without a `label` column load
-    with ``has_labels=False``; arrays always carry labels.
+    with ``has_labels=False``; arrays always carry labels. A manifest's image
+    paths must lie in its folder unless ``outside_paths`` (``--allow-outside-paths``).
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ConfigError(f"image_size should be a positive integer, got {image_size!r}")
@@ -72,7 +74,13 @@ def load_image_set(
                 "(write one manifest per split)"
             )
         return load_manifest(
-            path, image_size=image_size, channels=channels, class_names=names, progress=progress, labels=labels
+            path,
+            image_size=image_size,
+            channels=channels,
+            class_names=names,
+            progress=progress,
+            labels=labels,
+            outside_paths=outside_paths,
         )
     raise DataError(
         f"cannot tell how to read {path}: expected a .csv manifest, a .npz file or a folder of MNIST IDX files"

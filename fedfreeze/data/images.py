@@ -8,6 +8,7 @@ grey-scale conventions; everything downstream sees the same thing: an 8-bit
 from __future__ import annotations
 
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -130,13 +131,38 @@ def _read_dicom(path: Path) -> Image.Image:
         if pixels.ndim != 3 or pixels.shape[-1] != 3:
             raise DataError(f"cannot decode image {path}: {photometric} pixel array has shape {pixels.shape}")
         return Image.fromarray(to_uint8_by_range(pixels), mode="RGB")
+    _check_finite_tags(path, dataset)
     values = apply_modality_lut(pixels, dataset)
     values = apply_voi_lut(values, dataset)
     values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise DataError(f"cannot decode image {path}: its DICOM rescale or window gives non-finite pixel values")
     if photometric == "MONOCHROME1":
         # Low values are bright in MONOCHROME1; flip so bone is bright as in MONOCHROME2.
         values = values.max() + values.min() - values
     return Image.fromarray(to_uint8_by_range(values), mode="L")
+
+
+RESCALE_TAGS = ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth")
+
+
+def _check_finite_tags(path: Path, dataset: object) -> None:
+    """RescaleSlope NaN or 1e400 would make every pixel NaN or infinite, decoded as an all-black image:
+    refused, naming the tag."""
+    for tag in RESCALE_TAGS:
+        with warnings.catch_warnings():  # pydicom warns about the value it reads: the error below says it once
+            warnings.simplefilter("ignore")
+            value = getattr(dataset, tag, None)
+        if value is None:
+            continue
+        values = list(value) if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+        for item in values:
+            try:
+                number = float(item)
+            except (TypeError, ValueError):
+                raise DataError(f"cannot decode image {path}: DICOM {tag} {item!r} is not a number") from None
+            if not np.isfinite(number):
+                raise DataError(f"cannot decode image {path}: DICOM {tag} is {item}, expected a finite number")
 
 
 def resize_square(image: Image.Image, image_size: int) -> Image.Image:

@@ -3,8 +3,10 @@ and the loader that picks a reader by path (``dataset.py``) import it without im
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +29,11 @@ class ImageSet:
     # False only for a manifest read with labels="optional" that has no label column: every label is
     # UNLABELLED (-1), so an unlabelled set can never pass for a labelled one of class 0
     has_labels: bool = True
+    # the folder image files are named relative to in outputs (a manifest's folder); "" for arrays
+    root: str = ""
+    # False for arrays (npz, IDX), whose patient ids ("train-17") are only positions: the same id in
+    # two such sets says nothing about a patient
+    patients_known: bool = True
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.dtype != torch.uint8:
@@ -80,7 +87,16 @@ class ImageSet:
             sources=[self.sources[i] for i in rows],
             class_names=list(self.class_names),
             has_labels=self.has_labels,
+            root=self.root,
+            patients_known=self.patients_known,
         )
+
+    def source_names(self) -> list[str]:
+        """Each image's file as outputs record it: relative to ``root`` (the manifest's folder) when it
+        lies there, so a ``predictions.csv`` names no path of the machine it was made on."""
+        if not self.root:
+            return list(self.sources)
+        return [os.path.relpath(s, self.root) if Path(s).is_relative_to(self.root) else s for s in self.sources]
 
     def describe(self) -> str:
         """Short origin for messages: the site name when there is one, else the first source."""

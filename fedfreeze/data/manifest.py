@@ -1,7 +1,11 @@
 """CSV manifests: one row per image file, `path,label[,patient_id][,site]`.
 
 A header line is required; other columns are ignored. Paths are relative to
-the manifest's folder unless absolute. Without a `patient_id` column every
+the manifest's folder and must stay inside it: an absolute path or one that
+climbs out (``../../etc/passwd``) is refused before anything is opened, unless
+the caller allows it (``outside_paths``, ``--allow-outside-paths``), so a
+manifest cannot make fedfreeze read, or say whether there is, a file
+elsewhere on the machine. Without a `patient_id` column every
 row is its own patient (its resolved path is the id), so patient-level splits
 degrade to image-level ones. Every row is checked before any image is
 decoded, and nothing is skipped: a bad row is a DataError naming the
@@ -48,18 +52,21 @@ class ManifestRow:
     site: str | None
 
 
-def read_manifest(manifest: Path, class_names: Sequence[str], *, labels: LabelPolicy = "required") -> list[ManifestRow]:
-    """Parse and check every row: columns, empty cells, labels, duplicate and missing files.
+def read_manifest(
+    manifest: Path, class_names: Sequence[str], *, labels: LabelPolicy = "required", outside_paths: bool = False
+) -> list[ManifestRow]:
+    """Parse and check every row: columns, empty cells, labels, paths, duplicate and missing files.
 
     ``labels="optional"`` accepts a manifest without a `label` column (every row's label is None);
-    a manifest that has the column is checked as always.
+    a manifest that has the column is checked as always. ``outside_paths``: rows may name images
+    outside the manifest's folder.
     """
     manifest = Path(manifest)
     if labels not in ("required", "optional"):
         raise ValueError(f"labels should be 'required' or 'optional', got {labels!r}")
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as handle:
-            return _read_rows(manifest, handle, class_names, labels)
+            return _read_rows(manifest, handle, class_names, labels, outside_paths)
     except UnicodeDecodeError as exc:
         raise DataError(f"manifest {manifest} is not UTF-8 text: {exc}") from exc
     except csv.Error as exc:
@@ -68,7 +75,9 @@ def read_manifest(manifest: Path, class_names: Sequence[str], *, labels: LabelPo
         raise DataError(f"manifest not found: {manifest}") from exc
 
 
-def _read_rows(manifest: Path, handle: TextIO, class_names: Sequence[str], labels: LabelPolicy) -> list[ManifestRow]:
+def _read_rows(
+    manifest: Path, handle: TextIO, class_names: Sequence[str], labels: LabelPolicy, outside_paths: bool
+) -> list[ManifestRow]:
     reader = csv.reader(handle)
     header = next(reader, None)
     if header is None or not any(cell.strip() for cell in header):
@@ -99,7 +108,7 @@ def _read_rows(manifest: Path, handle: TextIO, class_names: Sequence[str], label
         if len(cells) != len(columns):
             raise DataError(f"{where}: has {len(cells)} cells, the header has {len(columns)}")
         values = {name: cells[index].strip() for name, index in position.items()}
-        rows.append(_check_row(manifest, where, line, values, class_names, first_line_of))
+        rows.append(_check_row(manifest, where, line, values, class_names, first_line_of, outside_paths))
     if not rows:
         raise DataError(f"manifest {manifest} is empty: it has a header but no rows")
     return rows
@@ -112,10 +121,17 @@ def _check_row(
     values: dict[str, str],
     class_names: Sequence[str],
     first_line_of: dict[Path, int],
+    outside_paths: bool,
 ) -> ManifestRow:
     if not values["path"]:
         raise DataError(f"{where}: empty path cell")
-    path = Path(os.path.normpath(manifest.parent.absolute() / values["path"]))
+    folder = Path(os.path.normpath(manifest.parent.absolute()))
+    path = Path(os.path.normpath(folder / values["path"]))
+    if not outside_paths and not path.is_relative_to(folder):
+        raise DataError(
+            f"{where}: path {values['path']!r} lies outside the manifest's folder {folder}; image paths are "
+            "relative to it (give --allow-outside-paths to read images elsewhere)"
+        )
     if path in first_line_of:
         raise DataError(f"{where}: duplicate path {values['path']!r}, already listed on line {first_line_of[path]}")
     first_line_of[path] = line
@@ -144,10 +160,11 @@ def load_manifest(
     class_names: Sequence[str],
     progress: bool = True,
     labels: LabelPolicy = "required",
+    outside_paths: bool = False,
 ) -> ImageSet:
     """Decode every image listed in `manifest` into an ImageSet (see `load_image_set`)."""
     manifest = Path(manifest)
-    rows = read_manifest(manifest, class_names, labels=labels)
+    rows = read_manifest(manifest, class_names, labels=labels, outside_paths=outside_paths)
     images = torch.empty((len(rows), channels, image_size, image_size), dtype=torch.uint8)
     show = progress and len(rows) > PROGRESS_MIN_IMAGES
     bar = tqdm(rows, desc=f"decoding {manifest.name}", unit="img", disable=not show, file=sys.stderr)
@@ -169,4 +186,5 @@ def load_manifest(
         sources=[str(row.path) for row in rows],
         class_names=list(class_names),
         has_labels=has_labels,
+        root=os.path.normpath(manifest.parent.absolute()),
     )

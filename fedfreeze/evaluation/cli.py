@@ -23,7 +23,15 @@ def run_experiment_command(args: argparse.Namespace) -> int:
     exp = load_experiment(args.config, data_override=args.data)
     command = "fedfreeze " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     summary = run_experiment(
-        exp, args.out, device=args.device, progress=not args.quiet, train=not args.report_only, command=command
+        exp,
+        args.out,
+        device=args.device,
+        progress=not args.quiet,
+        train=not args.report_only,
+        command=command,
+        force=args.force,
+        resume=args.resume,
+        outside_paths=args.allow_outside_paths,
     )
     print_summary(summary, Path(args.out))
     return 0

@@ -28,9 +28,11 @@ import numpy as np
 
 from fedfreeze.config import SiteConfig
 from fedfreeze.data.dataset import ImageSet, load_image_set
+from fedfreeze.data.overlap import check_distinct_patients_images
 from fedfreeze.errors import ConfigError, DataError, FedfreezeError
 from fedfreeze.evaluation.config import Arm, Experiment
 from fedfreeze.evaluation.folds import ExperimentFold, experiment_folds
+from fedfreeze.outputs import output_folder
 
 RESULTS_DIR = "folds"
 WORK_DIR = "work"
@@ -58,17 +60,20 @@ def write_atomic(path: Path, text: str) -> None:
 class ExperimentData:
     """The data set decoded once per input size, with each image's site."""
 
-    def __init__(self, exp: Experiment, progress: bool) -> None:
+    def __init__(self, exp: Experiment, progress: bool, *, outside_paths: bool = False) -> None:
         self.exp = exp
         self.progress = progress
+        self.outside_paths = outside_paths
         self._sets: dict[tuple[Any, ...], ImageSet] = {}
         first = next(iter(exp.arms.values())).cfg.model
         base = self.images(first)
         self.labels = base.labels.numpy()
         self.patient_ids = list(base.patient_ids)
         self.sources = list(base.sources)
+        self.names = base.source_names()  # as the outputs record them: relative to the manifest's folder
         self.class_names = list(base.class_names)
         self.sites = self._sites(base)
+        self.held_out_check = check_distinct_patients_images(base, str(exp.data_path))
 
     def images(self, model_cfg: Any) -> ImageSet:
         key = (model_cfg.input_size, model_cfg.in_channels, tuple(model_cfg.class_names or ()), model_cfg.num_classes)
@@ -80,6 +85,7 @@ class ExperimentData:
                 class_names=model_cfg.class_names,
                 num_classes=model_cfg.num_classes,
                 progress=self.progress,
+                outside_paths=self.outside_paths,
             )
             data.require_classes(2, why="the experiment's AUROC needs both classes")
             if self._sets:
@@ -118,6 +124,7 @@ class ExperimentData:
             }
         return {
             "path": str(self.exp.data_path),
+            "held_out_check": self.held_out_check,
             "images": len(self.labels),
             "patients": len(set(self.patient_ids)),
             "class_names": self.class_names,
@@ -147,7 +154,10 @@ def _check_arms(exp: Experiment, n_sites: int, sources_are_files: bool) -> None:
 def _check_state(exp: Experiment, out: Path, data_info: dict[str, Any]) -> None:
     """A folder holds one fold plan: refuse to mix in results of another."""
     path = out / STATE_FILE
-    state = {"protocol": exp.protocol(), "data": {k: v for k, v in data_info.items() if k != "path"}}
+    state = {
+        "protocol": exp.protocol(),
+        "data": {k: v for k, v in data_info.items() if k not in ("path", "held_out_check")},
+    }
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved.get("protocol") != json.loads(json.dumps(state["protocol"])) or saved.get("data") != json.loads(
@@ -178,7 +188,7 @@ def _write_folds(out: Path, folds: list[ExperimentFold], data: ExperimentData) -
                                 role,
                                 _csv_field(data.patient_ids[i]),
                                 str(int(data.labels[i])),
-                                _csv_field(data.sources[i]),
+                                _csv_field(data.names[i]),
                             ]
                         )
                     )
@@ -334,7 +344,7 @@ def run_fold_arm(
         for i, score in zip(split.test.tolist(), scores[site].tolist(), strict=True):
             predictions["site"].append(site)
             predictions["patient_id"].append(data.patient_ids[i])
-            predictions["source"].append(data.sources[i])
+            predictions["source"].append(data.names[i])
             predictions["label"].append(int(data.labels[i]))
             predictions["score"].append(float(score))
     return {
@@ -362,20 +372,53 @@ def run_experiment(
     train: bool = True,
     stop_after: int | None = None,
     command: str | None = None,
+    force: bool = False,
+    resume: bool = False,
+    outside_paths: bool = False,
 ) -> dict[str, Any]:
     """Run every (fold, arm) not finished yet, then write the analysis and the report.
 
     ``train=False`` only (re)writes the report from the finished results. ``stop_after`` stops
-    (raising ``ExperimentInterrupted``) after that many newly finished results: for tests.
+    (raising ``ExperimentInterrupted``) after that many newly finished results: for tests. The folder
+    is written aside and published when the report is written (``outputs.py``); a stopped
+    experiment is continued with ``resume``, an existing one replaced with ``force``.
     """
+    from fedfreeze.training.engine import resolve_device
+
+    resolve_device(device)  # a device this machine lacks stops here, before any training
+    with output_folder(
+        out_dir, force=force, resume=resume or not train, resumable=True, inputs={"--data": exp.data_path}
+    ) as output:
+        return _run_experiment(
+            exp,
+            output.work,
+            device=device,
+            progress=progress,
+            train=train,
+            stop_after=stop_after,
+            command=command,
+            outside_paths=outside_paths,
+        )
+
+
+def _run_experiment(
+    exp: Experiment,
+    out: Path,
+    *,
+    device: str,
+    progress: bool,
+    train: bool,
+    stop_after: int | None,
+    command: str | None,
+    outside_paths: bool,
+) -> dict[str, Any]:
+    """``run_experiment``'s work, in the partial folder ``out``."""
     from tqdm.auto import tqdm
 
     from fedfreeze.training.features import FeatureCache
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    data = ExperimentData(exp, progress)
+    data = ExperimentData(exp, progress, outside_paths=outside_paths)
     data_info = data.describe()
     _check_arms(exp, len(data_info["sites"]), all(Path(s).is_file() for s in data.sources))
     _check_state(exp, out, data_info)

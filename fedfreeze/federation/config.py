@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from fedfreeze.config import DEFAULT_FED_UNFREEZE, ModelConfig, Section, TrainConfig, parse_config, read_toml
 from fedfreeze.errors import ConfigError
+
+# federation.tracking: where a run's round figures also go (federation/tracking.py writes them)
+Tracker = Literal["tensorboard", "mlflow"]
 
 
 class FederationConfig(Section):
@@ -139,6 +142,17 @@ class FederationConfig(Section):
         description="train.dual.lr across the dual rounds: cosine decay from 1x toward 0.05x (round r of R at "
         "cos-schedule position (r-1)/R), or the same every round",
     )
+    tracking: list[Tracker] = Field(
+        default_factory=list,
+        description="also write every round's figures (pooled validation with the ranges its cells allow, "
+        "evaluation-only sites, weighted mean, threshold, bytes, seconds, failures) to TensorBoard and/or "
+        "MLflow, in tracking-dir; needs pip install 'fedfreeze[tracking]' (default: neither, metrics.json only)",
+    )
+    tracking_dir: str = Field(
+        "tracking",
+        description="where tracking writes: a folder inside the run's output folder, so that it is published "
+        "(and resumed) with the run",
+    )
     out_dir: str = "runs/fed"
     seed: int = 0
 
@@ -148,6 +162,23 @@ class FederationConfig(Section):
         for group, fraction in value.items():
             if not 0.0 <= fraction <= 1.0:
                 raise ValueError(f"unfreeze.{group} should be a fraction in [0, 1], got {fraction}")
+        return value
+
+    @field_validator("tracking")
+    @classmethod
+    def _trackers(cls, value: list[Tracker]) -> list[Tracker]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"names a tracker twice: {value}")
+        return value
+
+    @field_validator("tracking_dir")
+    @classmethod
+    def _inside_output(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if value.strip() in ("", ".") or path.is_absolute() or ".." in path.parts:
+            raise ValueError(
+                f"should be a folder inside the run's output folder (relative, without '..'), got {value!r}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -240,8 +271,22 @@ def merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
 
 
 CONFIG_KEY = "config"  # run-config key naming the TOML file
-# run-config keys about this run rather than the federation's settings
-RUN_KEYS = {CONFIG_KEY, "sites-dir", "resume", "out-dir", "share-operating-points", "share-site-figures"}
+# run-config keys about this run rather than the federation's settings: out-dir is the output folder
+# (what records name); work-dir, where a caller that holds that folder (simulate, in process) has the
+# run write until it publishes it; force and resume say what to do with an existing out-dir;
+# held-out-check names the file saying how the caller compared the evaluation-only sites' data with the
+# training sites'
+RUN_KEYS = {
+    CONFIG_KEY,
+    "sites-dir",
+    "resume",
+    "out-dir",
+    "work-dir",
+    "force",
+    "held-out-check",
+    "share-operating-points",
+    "share-site-figures",
+}
 
 
 def load_fed_config(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> FedConfig:

@@ -48,13 +48,14 @@ from fedfreeze.federation.protocol import DUAL, EVALUATE_ROLE, OWN_FIGURES, TRAI
 from fedfreeze.federation.records import Reply, RoundRecord, json_default
 from fedfreeze.federation.rounds import RoundPlan, plan_round
 from fedfreeze.federation.secure_stats import SECURE, SecureSum, check_sum
+from fedfreeze.federation.tracking import Tracking
 from fedfreeze.model_io import make_card, model_sha256, save_model
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import build_model
 from fedfreeze.operating_point import OperatingPoint, ScoreCalibration
 from fedfreeze.provenance import data_summary, federation_provenance, federation_threshold, summary_row
 from fedfreeze.reference_scores import ReferenceScores, reference_from_histograms
-from fedfreeze.training.schedule import adapter_groups, check_groups
+from fedfreeze.training.schedule import adapter_groups, check_groups, check_rate_groups
 
 log = logging.getLogger("fedfreeze.coordinator")
 
@@ -74,6 +75,9 @@ class Coordinator:
         self.cfg = cfg
         self.fed = cfg.federation
         self.out = Path(out_dir)
+        # federation.tracking: the report's figures also go to TensorBoard / MLflow (report.py writes them);
+        # a missing package stops the run here, before any round
+        self.tracking = Tracking(cfg, self.out) if self.fed.tracking else None
         # the hash of the Flower app bundle (FAB) this run executes, as the transport reports it
         # (None: no FAB, e.g. in process); recorded in the exported model's provenance
         self.app_hash = app_hash
@@ -81,6 +85,7 @@ class Coordinator:
         torch.manual_seed(self.fed.seed)
         self.model, _ = build_model(cfg.model, self.adapter_groups, cfg.train.adapter_rank)
         check_groups(self.fed.unfreeze, list(self.model.groups))
+        check_rate_groups(cfg.train, list(self.model.groups))
         # train.recipe = "dual": the first rounds train the dual model, whose state is the global
         # state until the merge (dual_stage.py explains the design); the recipe object hides which
         self.recipe = recipe_for(self.model, cfg.model, cfg.train.recipe, self.fed.dual_rounds, self.fed.seed)
@@ -107,6 +112,8 @@ class Coordinator:
         self.node_names: dict[int, str] = {}
         # node id -> the site's own validation figures of the last pooled round (from its cells)
         self.site_figures: dict[int, dict[str, Any]] = {}
+        # how the evaluation-only sites' data was checked to be held out (data/overlap.py), for the report
+        self.held_out_check: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ schedule
     def round_plan(self, rnd: int) -> RoundPlan:

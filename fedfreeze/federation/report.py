@@ -1,4 +1,5 @@
-"""The federation's outputs: ``metrics.json``, ``rounds.csv``, ``sites.csv`` and ``rounds.png``.
+"""The federation's outputs: ``metrics.json``, ``rounds.csv``, ``sites.csv`` and ``rounds.png`` (and, with
+``federation.tracking``, the same figures for TensorBoard and MLflow: ``tracking.py``).
 
 ``metrics.json`` carries a ``status`` (running, completed, failed with its reason, interrupted with
 when and after which round): a run is only a success when it says ``completed``, whatever the
@@ -77,6 +78,7 @@ def write_report(
         "threshold_rule": str(coord.fed.threshold),
         "model": str(model_dir) if model_dir else None,
         "exported": exported,
+        "held_out_check": coord.held_out_check,
         "privacy": next((r.privacy for r in reversed(coord.history) if r.privacy), None),
         "totals": {
             "bytes_down": sum(r.bytes_down for r in records),
@@ -95,6 +97,8 @@ def write_report(
     _write_csv(out / SITES_CSV, [{"round": r.round, **site} for r in records for site in r.sites])
     if status != "running" and records:
         plot_rounds(records, out / PLOT_FILE, coord.fed.rounds)
+    if coord.tracking is not None:  # federation.tracking: the same figures, to TensorBoard / MLflow
+        coord.tracking.export(coord.history, final, status=status, reason=reason)
     return out / METRICS_FILE
 
 

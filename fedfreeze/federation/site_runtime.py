@@ -2,13 +2,19 @@
 
 In a deployment every message starts a fresh process, so nothing survives in memory between
 rounds: what a site reuses lives in its state folder on its own disk (decoded images, backbone
-features keyed by the frozen weights' hash, and under FedBN its own BatchNorm layers).
+features keyed by the frozen weights' hash, and under FedBN its own BatchNorm layers). Every such
+file is read with ``weights_only=True`` (tensors and plain values, never code): whoever can write
+the state folder cannot make the site run anything, and an entry that does not read as expected is
+decoded anew. The job decides nothing about which files a site opens: image paths stay inside the
+site's data folder unless the site allows otherwise, and a pretrained checkpoint is opened only if
+the site names it itself (``--weights``), never because the job's ``model.weights`` does.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +29,8 @@ from fedfreeze.adaptation.recalibration import recalibrate
 from fedfreeze.adaptation.threshold_rules import Rule
 from fedfreeze.config import ModelConfig
 from fedfreeze.data.dataset import MANIFEST_NAME, ImageSet, load_image_set
+from fedfreeze.data.labels import resolve_class_names
+from fedfreeze.data.manifest import read_manifest
 from fedfreeze.data.splits import split_patients
 from fedfreeze.errors import DataError, ProtocolError
 from fedfreeze.evaluation.cells import release_cells
@@ -40,12 +48,16 @@ from fedfreeze.federation.protocol import EVALUATE_ROLE, OWN_FIGURES, TRAIN_ROLE
 from fedfreeze.federation.secure_stats import statistics_vector
 from fedfreeze.federation.site_stages import stage_for
 from fedfreeze.metrics import binary_metrics, multiclass_metrics
+from fedfreeze.model_io import read_weights
+from fedfreeze.models.checkpoints import names_a_file
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.operating_point import Evidence, OperatingPoint, ScoreCalibration, state_sha256
 from fedfreeze.provenance import now_utc, site_data_metrics
 from fedfreeze.training.dynamic_freeze import updated_keys
 from fedfreeze.training.engine import predict_scores, resolve_device
 from fedfreeze.training.features import FeatureCache
+
+log = logging.getLogger("fedfreeze.site")
 
 
 @dataclass
@@ -75,6 +87,8 @@ class SiteRuntime:
         weights: str | None = None,
         device: str = "auto",
         max_train_memory_mb: float | None = None,
+        outside_paths: bool = False,
+        job_weights: bool = False,
         share_operating_point: bool = False,
         share_site_figures: bool = False,
     ) -> None:
@@ -82,6 +96,11 @@ class SiteRuntime:
         self.site = site
         self.state_dir = Path(state_dir)
         self.weights = weights  # a site-local checkpoint path overriding the coordinator's model.weights
+        # the site's manifest may name images outside its folder (the site's own choice, never the job's)
+        self.outside_paths = outside_paths
+        # the job's model.weights may name a file for this site to open: a simulation only, where the
+        # job and the data are one person's
+        self.job_weights = job_weights
         self.device = resolve_device(device)
         # this site's memory for training, overriding the coordinator's train.max-train-memory-mb
         self.max_train_memory_mb = max_train_memory_mb
@@ -104,9 +123,9 @@ class SiteRuntime:
     def _decoded(self, cfg: ModelConfig) -> ImageSet:
         key = self._data_key(cfg)
         path = self.state_dir / "data" / f"{key}.pt"
-        if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-            return ImageSet(**saved)
+        cached = read_cached_images(path)
+        if cached is not None:
+            return cached
         data = load_image_set(
             self.data_path,
             image_size=cfg.input_size,
@@ -114,6 +133,7 @@ class SiteRuntime:
             class_names=cfg.class_names,
             num_classes=cfg.num_classes,
             progress=False,
+            outside_paths=self.outside_paths,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -122,14 +142,24 @@ class SiteRuntime:
         return data
 
     def _data_key(self, cfg: ModelConfig) -> str:
-        """Changes when the data source or the decoding settings change."""
+        """Changes when the data source, any image it lists (its size and modification time) or the
+        decoding settings change: an image replaced under the same name is decoded anew."""
         source = self.data_path / MANIFEST_NAME if (self.data_path / MANIFEST_NAME).is_file() else self.data_path
         if not source.exists():
             raise DataError(f"site {self.site!r}: data path {self.data_path} does not exist")
         digest = hashlib.sha256()
         if source.is_file():
             digest.update(source.read_bytes() if source.stat().st_size < 64_000_000 else b"")
-        for item in sorted(source.parent.rglob("*") if source.is_dir() else [source]):
+        items = sorted(source.parent.rglob("*")) if source.is_dir() else [source]
+        if source.suffix.lower() == ".csv":
+            rows = read_manifest(
+                source,
+                resolve_class_names(cfg.class_names, cfg.num_classes),
+                labels="optional",
+                outside_paths=self.outside_paths,
+            )
+            items += [row.path for row in rows]
+        for item in items:
             stat = item.stat()
             digest.update(f"{item}|{stat.st_size}|{stat.st_mtime_ns}".encode())
         digest.update(f"{cfg.input_size}|{cfg.in_channels}|{cfg.num_classes}|{cfg.class_names}".encode())
@@ -144,7 +174,14 @@ class SiteRuntime:
 
         ``base``: frozen arrays the coordinator also sent (merged rounds of ``train.recipe = "dual"``).
         """
-        cfg = orders.model if self.weights is None else orders.model.model_copy(update={"weights": self.weights})
+        cfg = orders.model
+        if self.weights is not None:
+            cfg = cfg.model_copy(update={"weights": self.weights})
+        elif names_a_file(cfg.weights) and not self.job_weights:
+            raise ProtocolError(
+                f"site {self.site!r}: the job's model.weights names a file ({cfg.weights}) for this site to open; "
+                "a site opens only a checkpoint it was given itself: start it with --weights FILE"
+            )
         torch.manual_seed(orders.seed)
         model = stage_for(orders).build(cfg, orders)
         plan = plan_for(model, orders)
@@ -172,14 +209,14 @@ class SiteRuntime:
         path = self._local_bn_path()
         if not plan.local or not path.is_file():
             return {}
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = read_weights(path)
         return {k: v for k, v in saved.items() if k in plan.local}
 
     def _save_local_bn(self, model: GroupedNet, plan: ExchangePlan) -> None:
         if not plan.local:
             return
         path = self._local_bn_path()
-        saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
+        saved = read_weights(path) if path.is_file() else {}
         saved.update(subset(model.state_dict(), plan.local))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -332,6 +369,20 @@ class SiteRuntime:
 
     def _scores(self, model: GroupedNet, data: ImageSet) -> np.ndarray:
         return predict_scores(model, data.images, self.device)
+
+
+def read_cached_images(path: Path) -> ImageSet | None:
+    """A decoded-image cache entry, read with ``weights_only=True`` (no code runs, whatever the file
+    holds); None, and the entry removed, when it is absent or not an image set this site wrote."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return ImageSet(**saved) if isinstance(saved, dict) else None
+    except Exception as err:  # noqa: BLE001 - unpickling refusals, corrupt files, foreign dicts: all a cache miss
+        log.warning("site cache %s is unreadable (%s): decoding the images again", path, type(err).__name__)
+        path.unlink(missing_ok=True)
+        return None
 
 
 def validation_release(labels: np.ndarray, scores: np.ndarray, orders: RoundOrders) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """The hospital site on Flower: turn a message into ``SiteRuntime`` calls and back.
 
 A site's node config names its data (``data-path``), its name (``site-name``), where it keeps its
-caches (``state-dir``) and optionally its own copy of the pretrained checkpoint (``weights``). In a
+caches (``state-dir``), optionally its own copy of the pretrained checkpoint (``weights``: the only
+checkpoint file it opens) and whether its manifest may name images outside its folder
+(``allow-outside-paths``). In a
 simulation, nodes only know their ``partition-id``; the run config's ``sites-dir`` then holds one
 folder per partition, as ``fedfreeze simulate`` writes it.
 """
@@ -44,6 +46,9 @@ log = logging.getLogger("flwr")  # Flower's handler prints it in the SuperNode's
 def runtime_for(context: Context) -> SiteRuntime:
     """The site this ClientApp serves, from its node config (or its simulation partition)."""
     node = context.node_config
+    # a simulated node's data and checkpoint are the job's own (one person runs both); a deployed
+    # site's manifest stays in its folder and it opens no checkpoint the job names, unless it says so
+    simulated = "data-path" not in node
     if "data-path" in node:
         data = Path(str(node["data-path"]))
         site = str(node.get("site-name", data.name))
@@ -76,6 +81,8 @@ def runtime_for(context: Context) -> SiteRuntime:
         weights=str(weights) if weights else None,
         device=str(node.get("device", "auto")),
         max_train_memory_mb=float(memory) if memory is not None else None,
+        outside_paths=simulated or bool(node.get("allow-outside-paths", False)),
+        job_weights=simulated,
         share_operating_point=site_choice(context, "share-operating-point", "share-operating-points"),
         share_site_figures=site_choice(context, "share-site-figures", "share-site-figures"),
     )

@@ -25,6 +25,7 @@ from fedfreeze.federation.report import METRICS_FILE
 from fedfreeze.flower.client import client_app as project_client_app
 from fedfreeze.flower.local_grid import LocalGrid
 from fedfreeze.flower.server import run_federation
+from fedfreeze.models.checkpoints import names_a_file
 
 CONFIG_FILE = "fed.toml"
 
@@ -89,12 +90,16 @@ def run_in_process(
     for key in SITE_SCHEDULE_KEYS:  # a federation's schedule is [federation]'s (config.check_one_schedule)
         data["train"].pop(key, None)
     config.write_text(toml_text(data), encoding="utf-8")
+    # the sites' manifests name the caller's images where they lie, and the caller's checkpoint is theirs too
+    pinned = {"weights": str(Path(cfg.model.weights).resolve())} if names_a_file(cfg.model.weights) else {}
     nodes = {
         number: {
             "data-path": str(Path(folder).resolve()),
             "site-name": name,
             "state-dir": str(Path(state_dir).resolve() / name),
             "device": device,
+            "allow-outside-paths": True,
+            **pinned,
             "share-operating-point": share_operating_points,
             "share-site-figures": share_site_figures,
         }
@@ -103,6 +108,7 @@ def run_in_process(
     run_config: dict[str, bool | float | int | str] = {
         "config": str(config.resolve()),
         "out-dir": str(out.resolve()),
+        "work-dir": str(out.resolve()),  # the caller holds this folder (an experiment's, a test's)
         "resume": resume,
     }
     grid = LocalGrid(client_app or project_client_app(), nodes, run_config)

@@ -8,10 +8,12 @@ strategies (FedAvg, FedProx, FedAvgM, FedTrimmedAvg, FedMedian), called through 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -29,7 +31,9 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
+from fedfreeze.data.overlap import NOT_CHECKED
 from fedfreeze.deploy import runstate, sitebook
+from fedfreeze.errors import FedfreezeError
 from fedfreeze.federation.config import FedConfig, from_run_config
 from fedfreeze.federation.coordinator import Coordinator, FederationFailed
 from fedfreeze.federation.estimates import round_line
@@ -51,6 +55,7 @@ from fedfreeze.federation.secure_stats import SecureSum
 from fedfreeze.flower.approval import refusal_in
 from fedfreeze.flower.fedavgm import KeyedFedAvgM
 from fedfreeze.flower.secagg_server import SecureRound
+from fedfreeze.outputs import output_folder
 
 log = logging.getLogger("fedfreeze.server")
 
@@ -491,26 +496,52 @@ def unmasked(
         record.secure_sum = secure.summary()
 
 
+LOCK_WAIT_S = 180.0
+
+
 def run_federation(grid: Grid, context: Context) -> None:
     """The ServerApp's main: every round, then the final evaluation and the exported model.
 
-    The run's status is written to ``metrics.json`` (and noted in the coordinator's state folder,
-    ``deploy/runstate.py``) at every turn: running, completed, failed with its reason, or
-    interrupted when the coordinator stops it (a signal ends the ServerApp with ``SystemExit``).
+    The output folder is written aside and published when the run completes (``outputs.py``),
+    unless the run config names a ``work-dir``: then the caller (``simulate``, an in-process run)
+    holds the folder and publishes it, and the run writes there. The run's status is written to
+    ``metrics.json`` (and noted in the coordinator's state folder, ``deploy/runstate.py``) at every
+    turn: running, completed, failed with its reason, or interrupted when the coordinator stops it (a
+    signal ends the ServerApp with ``SystemExit``).
     """
     show_logs_with_flower()
     cfg = from_run_config(context.run_config)
-    coord = Coordinator(cfg, cfg.federation.out_dir, app_hash=run_fab_hash(grid))
+    final = Path(cfg.federation.out_dir)
+    work = context.run_config.get("work-dir")
+    if work:
+        federate(grid, context, cfg, Path(str(work)), final)
+        return
+    force, resume = bool(context.run_config.get("force", False)), bool(context.run_config.get("resume", False))
+    # a coordinator restarted mid-run: the stopped run's ServerApp may still be ending (Flower starts it in
+    # a session of its own) and hold the folder; it lets go once the new SuperLink tells it its run is over
+    with output_folder(final, force=force, resume=resume, resumable=True, wait=LOCK_WAIT_S) as output:
+        federate(grid, context, cfg, output.work, output.final)
+
+
+def federate(grid: Grid, context: Context, cfg: FedConfig, work: Path, final: Path) -> None:
+    """The rounds, written into ``work``; records name ``final``, the folder ``work`` becomes."""
+    coord = Coordinator(cfg, work, app_hash=run_fab_hash(grid))
     if bool(context.run_config.get("resume", False)):
         coord.resume()
+    if cfg.federation.evaluation_sites:
+        check = context.run_config.get("held-out-check")  # the file simulate wrote, if any
+        coord.held_out_check = json.loads(Path(str(check)).read_text()) if check else dict(NOT_CHECKED)
     coord.node_names.update(sitebook.names(sitebook.read_sites()))  # registered names, before any reply
     run_id = getattr(context, "run_id", None)
     last_round_at: str | None = None
 
-    def note(status: str, reason: str | None = None, interrupted: dict[str, Any] | None = None) -> None:
+    def note(
+        status: str, reason: str | None = None, interrupted: dict[str, Any] | None = None, *, out: Path | None = None
+    ) -> None:
+        # the folder the run writes in (its metrics.json says how it stands), the published one once completed
         runstate.note_run(
             run_id,
-            coord.out,
+            out or coord.out,
             status,
             completed_rounds=coord.completed,
             rounds_planned=cfg.federation.rounds,
@@ -525,7 +556,7 @@ def run_federation(grid: Grid, context: Context) -> None:
         cfg.federation.rounds,
         cfg.federation.probe_rounds,
         cfg.federation.strategy,
-        coord.out,
+        final,
     )
     try:
         for rnd in range(coord.completed + 1, cfg.federation.rounds + 1):
@@ -550,9 +581,9 @@ def run_federation(grid: Grid, context: Context) -> None:
             log_round(record)
         coord.apply_swa()
         coord.apply_wise()
-        final = final_evaluation(grid, coord, strategy)
-        log_round(final, final=True)
-        model_dir, exported = coord.export_model(final)
+        final_record = final_evaluation(grid, coord, strategy)
+        log_round(final_record, final=True)
+        model_dir, exported = coord.export_model(final_record)
         log.info(
             "exported the global model after round %d (%s) with threshold %.3f",
             exported["round"],
@@ -560,8 +591,14 @@ def run_federation(grid: Grid, context: Context) -> None:
             exported["threshold"],
         )
         log.info("%s", coord.operating_points_line(exported))
-        write_report(coord, status="completed", final=final, model_dir=model_dir, exported=exported)
-        note(runstate.COMPLETED)
+        write_report(
+            coord,
+            status="completed",
+            final=final_record,
+            model_dir=final / model_dir.relative_to(work),
+            exported=exported,
+        )
+        note(runstate.COMPLETED, out=final)
     except Exception as err:
         reason = f"{type(err).__name__}: {err}"
         write_report(coord, status="failed", reason=reason)
@@ -606,12 +643,13 @@ def show_logs_with_flower() -> None:
 
 class OneLineFailure(logging.Filter):
     """Flower logs "ServerApp raised an exception" with the traceback (~30 lines of the round loop's
-    frames) for any exception; for ``FederationFailed``, whose message says what failed and why, the
-    message alone is the line (``metrics.json`` holds the details)."""
+    frames) for any exception; for ``FederationFailed`` and every other ``FedfreezeError`` (a bad
+    configuration, a missing extra), whose message says what failed and why, the message alone is the
+    line (``metrics.json`` holds the details where there is one)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         failure = record.exc_info[1] if record.exc_info else None
-        if isinstance(failure, FederationFailed):
+        if isinstance(failure, (FederationFailed, FedfreezeError)):
             record.msg, record.args = "the federation failed: %s", (str(failure),)
             record.exc_info, record.exc_text = None, None
         return True

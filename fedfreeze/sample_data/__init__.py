@@ -21,9 +21,11 @@ def kermany_mini(split: str = "train") -> Path:
 
 
 def kermany_mini_site(folder: Path, site: str, *, only_label: str | None = None) -> Path:
-    """``folder/manifest.csv``: one site's rows of the shipped train split (absolute image paths), as a
-    site's own data folder for deployment tests and benchmarks on one machine."""
+    """``folder/manifest.csv`` and its images: one site's rows of the shipped train split copied into a
+    data folder of its own, as a site keeps it (a manifest names images inside its folder), for
+    deployment tests and benchmarks on one machine."""
     import csv
+    import shutil
 
     source = kermany_mini("train")
     with source.open(newline="") as handle:
@@ -39,5 +41,7 @@ def kermany_mini_site(folder: Path, site: str, *, only_label: str | None = None)
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "patient_id"])
         for row in rows:
-            writer.writerow([str((source.parent / row["path"]).resolve()), row["label"], row["patient_id"]])
+            (folder / row["path"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.parent / row["path"], folder / row["path"])
+            writer.writerow([row["path"], row["label"], row["patient_id"]])
     return folder

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fedfreeze.config import TrainConfig, resolve_bn_stats
+from fedfreeze.errors import ConfigError
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.training.augment import augment_batch
 from fedfreeze.training.cutmix import apply_cutmix, sample_box, sample_lambda
@@ -57,9 +58,23 @@ class EpochLog:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` (a CUDA GPU when torch sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; a
+    device this machine lacks is refused here, before any data is read, not at the first tensor."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r}: unknown device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: fedfreeze runs on cpu or cuda only; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r}: torch sees no CUDA GPU on this machine; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+        )
+    return device
 
 
 def to_unit(images: torch.Tensor, device: torch.device) -> torch.Tensor:

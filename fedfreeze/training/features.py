@@ -42,6 +42,21 @@ def images_hash(images: torch.Tensor) -> str:
     return tensors_hash([("images", images)])
 
 
+def read_cached_features(path: Path, count: int) -> torch.Tensor | None:
+    """A cached entry, read with ``weights_only=True`` (no code runs, whatever the file holds); None,
+    and the entry removed, when it is absent or not a tensor of ``count`` rows."""
+    if not path.is_file():
+        return None
+    try:
+        feats = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unpickling refusals and corrupt files alike: a cache miss
+        feats = None
+    if isinstance(feats, torch.Tensor) and feats.ndim >= 1 and feats.shape[0] == count:
+        return feats
+    path.unlink(missing_ok=True)
+    return None
+
+
 class FeatureCache:
     """Features per (backbone, images) pair, in memory and optionally in a folder."""
 
@@ -57,8 +72,8 @@ class FeatureCache:
             self.hits += 1
             return self._memory[key]
         path = self.folder / f"{key}.pt" if self.folder is not None else None
-        if path is not None and path.is_file():
-            feats = torch.load(path, map_location="cpu", weights_only=True)
+        feats = read_cached_features(path, len(images)) if path is not None else None
+        if feats is not None:
             self.hits += 1
         else:
             feats = extract_features(model, images, device)

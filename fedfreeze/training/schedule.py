@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from fedfreeze.config import TrainConfig
 from fedfreeze.errors import ConfigError
 from fedfreeze.models.grouped import HEAD, adapter_part
 
@@ -50,6 +51,21 @@ def check_groups(unfreeze: Mapping[str, float], groups: Sequence[str]) -> None:
     unknown = sorted(set(unfreeze) - set(groups))
     if unknown:
         raise ConfigError(f"train.unfreeze names unknown group(s) {unknown}; this backbone's groups are {list(groups)}")
+
+
+def check_rate_groups(train: TrainConfig, groups: Sequence[str]) -> None:
+    """Every group ``train.lr`` (and a per-group ``train.weight-decay``) names must exist, when the
+    config sets it: a misspelt group would be ignored silently while its group trains at no rate."""
+    known = [*groups, HEAD]
+    tables: list[tuple[str, Mapping[str, float], list[str]]] = []
+    if "lr" in train.model_fields_set:
+        tables.append(("lr", train.lr, known))
+    if "weight_decay" in train.model_fields_set and isinstance(train.weight_decay, dict):
+        tables.append(("weight-decay", train.weight_decay, [*known, "default"]))
+    for name, table, allowed in tables:
+        unknown = sorted(set(table) - set(allowed))
+        if unknown:
+            raise ConfigError(f"train.{name} names unknown group(s) {unknown}; this backbone's groups are {allowed}")
 
 
 def unfreeze_step(fraction: float, finetune_steps: int) -> int:

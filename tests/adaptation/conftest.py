@@ -17,6 +17,7 @@ from fedfreeze.reference_scores import reference_from_scores
 from fedfreeze.sample_data import kermany_mini
 from fedfreeze.site import new_model
 from fedfreeze.training.engine import extract_features, fit, predict_scores
+from tests.shipped import beside
 
 CLASSES = ["normal", "pneumonia"]
 SIZE = 96
@@ -72,7 +73,7 @@ def write_rows(path: Path, rows: Sequence[dict[str, str]], columns: Sequence[str
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
-        writer.writerows([[row[c] for c in columns] for row in rows])
+        writer.writerows([[beside(path.parent, row[c]) if c == "path" else row[c] for c in columns] for row in rows])
     return path
 
 

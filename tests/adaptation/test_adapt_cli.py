@@ -218,7 +218,10 @@ def test_bad_inputs_exit_2_with_one_line(
             ["--model", m, "--data", str(unlabelled), "--out", out, "--prevalence", "none"],
             r"nothing to adapt",
         ),
-        "out is the source": (["--model", m, "--data", str(unlabelled), "--out", m], r"is the source model folder"),
+        "out is the source": (
+            ["--model", m, "--data", str(unlabelled), "--out", m],
+            r"is the --model folder: write to a new folder",
+        ),
         "train prior": (
             ["--model", m, "--data", str(unlabelled), "--out", out, "--train-prior", "1.5"],
             r"--train-prior should be a prevalence strictly between 0 and 1, got 1\.5",

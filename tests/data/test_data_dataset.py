@@ -65,11 +65,11 @@ def test_resize_matches_pil_bilinear_and_channels(train_manifest: Path, tmp_path
     source = train_manifest.parent / first["path"]
     manifest = tmp_path / "one.csv"
     manifest.write_text(f"path,label\n{source},{first['label']}\n")
-    grey = load_image_set(manifest, image_size=100, progress=False)
+    grey = load_image_set(manifest, image_size=100, progress=False, outside_paths=True)
     expected = np.asarray(Image.open(source).convert("L").resize((100, 100), Image.Resampling.BILINEAR))
     assert grey.images.shape == (1, 1, 100, 100) and grey.images.dtype == torch.uint8
     assert np.array_equal(grey.images[0, 0].numpy(), expected)
-    rgb = load_image_set(manifest, image_size=100, channels=3, progress=False)
+    rgb = load_image_set(manifest, image_size=100, channels=3, progress=False, outside_paths=True)
     assert rgb.images.shape == (1, 3, 100, 100)
     assert all(torch.equal(rgb.images[0, c], grey.images[0, 0]) for c in range(3))
 

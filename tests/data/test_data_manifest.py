@@ -19,7 +19,9 @@ WriteManifest = Callable[..., Path]
 
 
 def load(manifest: Path, **kwargs: object) -> ImageSet:
-    options: dict[str, object] = {"image_size": 32, "progress": False, **kwargs}
+    # these manifests name the shipped images where they lie, outside the test's folder; confinement
+    # to the manifest's folder (the default) has tests of its own below
+    options: dict[str, object] = {"image_size": 32, "progress": False, "outside_paths": True, **kwargs}
     return load_image_set(manifest, **options)  # type: ignore[arg-type]
 
 
@@ -178,3 +180,29 @@ def test_manifest_pixels_match_a_direct_decode(sample_images: list[Path], write_
     loaded = load(manifest, image_size=224)
     direct = np.asarray(Image.open(sample_images[0]).convert("L"))
     assert np.array_equal(loaded.images[0, 0].numpy(), direct)
+
+
+@pytest.mark.parametrize("row_path", ["../../etc/passwd", "/etc/passwd", "../missing-anyway.png", "a/../../b.png"])
+def test_a_path_outside_the_manifests_folder_is_refused_before_it_is_opened(
+    write_manifest: WriteManifest, tmp_path: Path, row_path: str
+) -> None:
+    """An existing file and a missing one get the same line: the refusal says nothing about the file."""
+    manifest = write_manifest([["path", "label"], [row_path, 0]], folder=tmp_path / "site")
+    message = rf"line 2: path '{re.escape(row_path)}' lies outside the manifest's folder .*--allow-outside-paths"
+    with pytest.raises(DataError, match=message):
+        load(manifest, outside_paths=False)
+
+
+def test_paths_inside_the_folder_load_and_outputs_name_them_relative_to_it(
+    write_manifest: WriteManifest, sample_images: list[Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "site"
+    (folder / "imgs").mkdir(parents=True)
+    for i, source in enumerate(sample_images[:2]):
+        (folder / "imgs" / f"{i}.jpeg").write_bytes(source.read_bytes())
+    manifest = write_manifest([["path", "label"], ["imgs/0.jpeg", 0], [folder / "imgs" / "1.jpeg", 1]], folder=folder)
+    data = load(manifest, outside_paths=False)
+    assert data.sources == [str(folder / "imgs" / "0.jpeg"), str(folder / "imgs" / "1.jpeg")]
+    assert data.source_names() == ["imgs/0.jpeg", "imgs/1.jpeg"]
+    outside = load(write_manifest([["path", "label"], [sample_images[0], 0]], name="out.csv", folder=folder))
+    assert outside.source_names() == [str(sample_images[0])]  # allowed outside: named in full

@@ -19,6 +19,7 @@ from fedfreeze.metrics import classification_metrics
 from fedfreeze.model_io import CARD_FILE, ScoreCalibration, load_model, model_scores, read_card
 from fedfreeze.sample_data import kermany_mini
 from fedfreeze.training.engine import predict_scores
+from tests.shipped import beside
 
 PROBE_ONLY = """
 [model]
@@ -61,7 +62,7 @@ def recalibrated(trained, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def normal_only(tmp_path_factory) -> Path:
-    """The held-out manifest's normal rows only (absolute image paths): an external set with one class."""
+    """The held-out manifest's normal rows only (through a link): an external set with one class."""
     test = kermany_mini("test")
     with test.open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["label"] == "0"]
@@ -70,7 +71,7 @@ def normal_only(tmp_path_factory) -> Path:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:
-            writer.writerow({**row, "path": str(test.parent / row["path"])})
+            writer.writerow({**row, "path": beside(path.parent, row["path"])})
     return path
 
 

@@ -25,6 +25,7 @@ from fedfreeze.model_io import ModelCard, ScoreCalibration, load_model, make_car
 from fedfreeze.models.init_from import check_init_config, load_init
 from fedfreeze.sample_data import kermany_mini
 from fedfreeze.training.engine import extract_features, predict_scores, train_phase
+from tests.shipped import beside
 
 ADAPT_TOML = """
 [model]
@@ -66,7 +67,7 @@ def root(tmp_path_factory) -> Path:
 
 
 def _subset(root: Path, per_class: int) -> Path:
-    """The first ``per_class`` images of each class of the shipped train split, paths made absolute."""
+    """The first ``per_class`` images of each class of the shipped train split (through a link in ``root``)."""
     with kermany_mini("train").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     picked = [r for r in rows if r["label"] == "0"][:per_class] + [r for r in rows if r["label"] == "1"][:per_class]
@@ -75,7 +76,7 @@ def _subset(root: Path, per_class: int) -> Path:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "patient_id"])
         for r in picked:
-            writer.writerow([str(kermany_mini("train").parent / r["path"]), r["label"], r["patient_id"]])
+            writer.writerow([beside(root, r["path"]), r["label"], r["patient_id"]])
     return path
 
 
@@ -187,7 +188,8 @@ def test_every_fold_and_the_refit_start_from_the_folders_weights(adapted, init_d
 def test_baseline_is_the_calibrated_init_model_at_its_own_threshold(adapted, init_dir, small_images):
     model, card = load_model(init_dir)
     raw = predict_scores(model, small_images.images[::6], torch.device("cpu"))
-    expected = dict(zip(small_images.sources[::6], card.calibration.apply(raw).tolist(), strict=True))
+    # predictions.csv names each image relative to the manifest's folder
+    expected = dict(zip(small_images.source_names()[::6], card.calibration.apply(raw).tolist(), strict=True))
     rows = list(csv.DictReader((adapted["out"] / "predictions.csv").open()))
     assert len(rows) == len(small_images)  # one repeat: every image tested once
     checked = [row for row in rows if row["source"] in expected]

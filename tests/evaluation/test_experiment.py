@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from fedfreeze.cli import main
-from fedfreeze.errors import ConfigError
+from fedfreeze.errors import ConfigError, OutputError
 from fedfreeze.evaluation import experiment as runner
 from fedfreeze.evaluation.config import load_experiment, parse_experiment
 from fedfreeze.evaluation.experiment import ExperimentInterrupted, run_experiment
+from fedfreeze.outputs import partial_path
 from fedfreeze.sample_data import kermany_mini
+from tests.shipped import beside
 
 # 32 px keeps each training to a fraction of a second (the pretrained weights still rank the cases
 # better than chance, so the statistics are not degenerate); the files do not need a good model.
@@ -52,7 +54,7 @@ train = {{ probe-epochs = 3 }}
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
-    """10 patients of each class per site (all their images), paths absolute."""
+    """10 patients of each class per site (all their images), through a link in the manifest's folder."""
     manifest = kermany_mini("train")
     rows = list(csv.DictReader(manifest.open()))
     taken: dict[tuple[str, str], list[str]] = {}
@@ -67,7 +69,7 @@ def small_data(tmp_path_factory) -> Path:
         writer.writerow(["path", "label", "patient_id", "site"])
         for r in rows:
             if r["patient_id"] in keep:
-                writer.writerow([str((manifest.parent / r["path"]).resolve()), r["label"], r["patient_id"], r["site"]])
+                writer.writerow([beside(path.parent, r["path"]), r["label"], r["patient_id"], r["site"]])
     return path
 
 
@@ -96,8 +98,10 @@ def finished(tmp_path_factory, small_data):
 
 
 def resume(config: Path, out: Path) -> tuple[dict[Path, bytes], list[str], int]:
-    """Run the stopped experiment again through the command line, recording what it trains."""
-    before = {p.relative_to(out / "folds"): p.read_bytes() for p in (out / "folds").rglob("*.json")}
+    """Continue the stopped experiment through the command line (--resume), recording what it trains."""
+    partial = partial_path(out.resolve())  # a stopped experiment's folder: --out appears only when it finishes
+    assert not out.exists()
+    before = {p.relative_to(partial / "folds"): p.read_bytes() for p in (partial / "folds").rglob("*.json")}
     trained: list[str] = []
     real = runner.run_fold_arm
 
@@ -107,7 +111,7 @@ def resume(config: Path, out: Path) -> tuple[dict[Path, bytes], list[str], int]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(runner, "run_fold_arm", counting)
-        code = main(["experiment", "--config", str(config), "--out", str(out), "--quiet"])
+        code = main(["experiment", "--config", str(config), "--out", str(out), "--quiet", "--resume"])
     return before, trained, code
 
 
@@ -179,10 +183,12 @@ def test_changed_arm_or_protocol_is_refused(finished, small_data):
     root, out, _, _ = finished
     changed = EXPERIMENT.replace("train = {{ probe-epochs = 3 }}", "train = {{ probe-epochs = 4 }}")
     with pytest.raises(ConfigError, match="made with other settings for arm 'pooled'"):
-        run_experiment(load_experiment(write_config(root, small_data, changed)), out, progress=False)
+        run_experiment(load_experiment(write_config(root, small_data, changed)), out, progress=False, resume=True)
     other_folds = EXPERIMENT.replace("folds = 2", "folds = 3")
     with pytest.raises(ConfigError, match="another protocol or data"):
-        run_experiment(load_experiment(write_config(root, small_data, other_folds)), out, progress=False)
+        run_experiment(load_experiment(write_config(root, small_data, other_folds)), out, progress=False, resume=True)
+    with pytest.raises(OutputError, match="exists and is not empty: give --force to replace it or --resume"):
+        run_experiment(load_experiment(write_config(root, small_data)), out, progress=False)
 
 
 def test_config_errors_name_the_field(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedfreeze.sample_data import kermany_mini
+from tests.shipped import beside
 
 FAST_FED = """
 [model]
@@ -34,7 +35,8 @@ def fast_config(tmp: Path, *, rounds: int = 3, min_sites: int = 2, extra: str = 
 
 @pytest.fixture(scope="session")
 def site_folders(tmp_path_factory) -> dict[str, Path]:
-    """site-a, site-b, site-c of the shipped subset, each a folder with its own manifest.csv."""
+    """site-a, site-b, site-c of the shipped subset, each a folder with its own manifest.csv (naming the
+    shipped images through a link in the folder: a site's images lie in its data folder)."""
     root = tmp_path_factory.mktemp("sites")
     manifest = kermany_mini("train")
     rows = list(csv.DictReader(manifest.open()))
@@ -47,6 +49,17 @@ def site_folders(tmp_path_factory) -> dict[str, Path]:
             writer.writerow(["path", "label", "patient_id"])
             for r in rows:
                 if r["site"] == site:
-                    writer.writerow([str((manifest.parent / r["path"]).resolve()), r["label"], r["patient_id"]])
+                    writer.writerow([beside(folder, r["path"]), r["label"], r["patient_id"]])
         folders[site] = folder
     return folders
+
+
+def read_metrics(out: Path) -> dict:
+    """A federation's metrics.json: in its output folder once it completed, else in the partial folder
+    it stopped in (``fedfreeze.outputs``), where ``--resume`` continues it."""
+    import json
+
+    from fedfreeze.outputs import partial_path
+
+    path = out / "metrics.json" if (out / "metrics.json").is_file() else partial_path(out.resolve()) / "metrics.json"
+    return dict(json.loads(path.read_text()))

@@ -36,6 +36,7 @@ from fedfreeze.deploy import approval, launch, serve
 from fedfreeze.flower import approval as runner
 from fedfreeze.flower import server as flower_server
 from fedfreeze.flower.local_grid import LocalGrid
+from tests.federation.conftest import read_metrics
 from tests.federation.processes import (
     Tracker,
     check_completed,
@@ -320,7 +321,7 @@ def test_an_approved_app_runs_and_a_changed_one_is_refused_at_every_site(tracker
 
         code, log = run(tmp_path / "refused", "--app", str(changed))
         assert code == 2, log[-3000:]
-        metrics = json.loads((tmp_path / "refused" / "metrics.json").read_text())
+        metrics = read_metrics(tmp_path / "refused")  # in the partial folder: a failed run publishes nothing
         assert metrics["status"] == "failed" and metrics["completed_rounds"] == 0
         failures = metrics["failed_round"]["failures"]
         assert sorted(f["site"] for f in failures) == ["site-a", "site-b"], failures

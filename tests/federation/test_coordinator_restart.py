@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from fedfreeze.deploy import launch
+from fedfreeze.outputs import partial_path
 from tests.federation.processes import (
     Tracker,
     check_completed,
@@ -160,7 +161,9 @@ def test_coordinator_killed_restarted_and_restored_resumes_without_losing_or_rep
                 env=tracker.env,
                 start_new_session=True,
             )
-        before = wait_for_round(out / "metrics.json", 1, first)
+        # a run writes aside until it completes (fedfreeze.outputs): its rounds so far are in the partial folder
+        partial = partial_path(out) / "metrics.json"
+        before = wait_for_round(partial, 1, first)
         code, said = run_cli(
             ["backup", "--state-dir", str(state), "--out", str(tmp_path / "backup.tar.gz")],
             tracker,
@@ -177,8 +180,8 @@ def test_coordinator_killed_restarted_and_restored_resumes_without_losing_or_rep
         assert first.wait(timeout=120) == 2
         last = (logs / "run-1.log").read_text().strip().splitlines()[-1]
         assert last.startswith(f"fedfreeze run: error: the coordinator at {address} does not answer"), last
-        stopped_at = json.loads((out / "metrics.json").read_text())
-        assert stopped_at["status"] == "running"  # nobody was left to write it
+        stopped_at = json.loads(partial.read_text())
+        assert stopped_at["status"] == "running" and not out.exists()  # nobody was left to write it; nothing finished
         done = stopped_at["completed_rounds"]
         assert 1 <= done < 4
 
@@ -187,7 +190,7 @@ def test_coordinator_killed_restarted_and_restored_resumes_without_losing_or_rep
         started_again = time.monotonic()
         link = coordinator(state, "coordinator-2", "--log-format", "json", "--log-file", str(journal))
         launch.wait_healthy(address, link)
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = json.loads(partial.read_text())
         assert metrics["status"] == "interrupted", metrics["reason"]
         info = metrics["interrupted"]
         assert info["completed_rounds"] == done and info["last_round_at"] and info["at"] >= info["last_round_at"]

@@ -11,11 +11,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fedfreeze.data.dataset import load_image_set
+from fedfreeze.data.overlap import NOT_CHECKED
 from fedfreeze.model_io import load_model
 from fedfreeze.sample_data import kermany_mini
 from fedfreeze.training.engine import predict_scores
 from tests.federation.conftest import fast_config
 from tests.federation.test_federation_inprocess import node_configs, run
+from tests.shipped import beside
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def held_out_folder(tmp_path_factory) -> Path:
         writer = csv.writer(dst)
         writer.writerow(["path", "label", "patient_id"])
         for row in csv.DictReader(src):
-            writer.writerow([str((manifest.parent / row["path"]).resolve()), row["label"], row["patient_id"]])
+            writer.writerow([beside(folder, row["path"]), row["label"], row["patient_id"]])
     return folder
 
 
@@ -51,6 +53,8 @@ def with_evaluator(tmp_path_factory, site_folders, held_out_folder):
 def test_evaluation_only_site_never_sends_arrays_and_is_reported_every_round(with_evaluator):
     metrics, audit = with_evaluator
     assert metrics["status"] == "completed", metrics["reason"]
+    # a coordinator alone (fedfreeze run) sees no images: the report says the data were not compared
+    assert metrics["held_out_check"] == NOT_CHECKED
     for sent, reply in audit:
         if reply.content["proof"]["site"] == "held-out":
             assert reply.content["proof"]["role"] == "evaluate"

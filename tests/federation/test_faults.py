@@ -6,7 +6,6 @@ through ``LocalGrid``; process-level faults (a coordinator restart) are in test_
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 
@@ -20,8 +19,9 @@ from fedfreeze.flower.client import handle_evaluate, handle_train
 from fedfreeze.flower.local_grid import LocalGrid
 from fedfreeze.flower.server import run_federation
 from fedfreeze.model_io import load_model
-from tests.federation.conftest import fast_config
+from tests.federation.conftest import fast_config, read_metrics
 from tests.federation.test_federation_inprocess import node_configs
+from tests.shipped import beside
 
 
 class ScriptedGrid(LocalGrid):
@@ -60,7 +60,7 @@ def run_on(grid: LocalGrid, out: Path, config: Path, resume: bool = False) -> di
         run_federation(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     except Exception:
         pass
-    return json.loads((out / "metrics.json").read_text())
+    return read_metrics(out)
 
 
 def test_a_site_that_hangs_is_timed_out_and_the_round_goes_on(tmp_path, site_folders):
@@ -178,10 +178,11 @@ def bad_folder(root: Path, site_folder: Path, kind: str) -> Path:
     rows = list(csv.DictReader((site_folder / "manifest.csv").open()))
     folder = root / kind
     folder.mkdir(parents=True)
+    beside(folder, "images")  # the rows name the shipped images through a link, as the site's own folder does
     if kind == "unreadable":
         broken = folder / "broken.png"
         broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-        rows[0]["path"] = str(broken)
+        rows[0]["path"] = broken.name
     elif kind == "wrong-label":
         rows[1]["label"] = "7"
     elif kind == "one-class":

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -30,7 +29,7 @@ from fedfreeze.model_io import load_model
 from fedfreeze.provenance import DATA_KEYS
 from fedfreeze.sample_data import kermany_mini
 from fedfreeze.training.engine import predict_scores
-from tests.federation.conftest import fast_config
+from tests.federation.conftest import fast_config, read_metrics
 from tests.federation.reference import exact_figures
 
 Tamper = Callable[[Message], None]
@@ -88,7 +87,7 @@ def run(
         run_federation(grid, context)
     except Exception:
         pass  # the outcome is in metrics.json, which the tests read
-    return json.loads((out / "metrics.json").read_text())
+    return read_metrics(out)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from fedfreeze.deploy import launch
 from fedfreeze.model_card import CARD_MARKDOWN
 from fedfreeze.model_io import read_card
 from fedfreeze.sample_data import kermany_mini
+from tests.federation.conftest import read_metrics
 from tests.federation.processes import TAG_VAR, Tracker, check_completed, run_cli, site_folder, tracked, wait_online
 
 SMALL_CONFIG = """
@@ -289,7 +290,8 @@ def test_run_fails_when_the_server_app_fails(deploy, tracker: Tracker, tmp_path:
     assert code == 2, captured.err  # ... `fedfreeze run` does not
     assert "finished:failed" in captured.err
     assert "site 'site-b' needs both classes" in captured.out  # the site's error, in the ServerApp's log stream
-    metrics = json.loads((out / "metrics.json").read_text())
+    assert not out.exists()  # a failed run publishes nothing; its report is in the partial folder
+    metrics = read_metrics(out)
     assert metrics["status"] == "failed"
     assert "fewer than min-sites = 2" in metrics["reason"], metrics["reason"]
     assert metrics["model"] is None

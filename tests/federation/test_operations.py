@@ -26,6 +26,8 @@ import pytest
 
 from fedfreeze.cli import build_parser, main
 from fedfreeze.deploy import launch
+from fedfreeze.outputs import partial_path
+from tests.federation.conftest import read_metrics
 from tests.federation.processes import Tracker, messages, record_timing, run_cli, site_folder, tracked, wait_online
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
@@ -84,7 +86,7 @@ def test_no_tls_and_no_insecure_is_refused_in_one_line(tmp_path: Path, capsys):
     [
         ("server", ["(default: 9093)", "(default: coordinator-state)", "127.0.0.1 with --insecure"]),
         ("site", ["(default: 9094)", "(default: 127.0.0.1:9093)", "(default: ~/.cache/fedfreeze/NAME)"]),
-        ("run", ["(default: fed-demo.toml)", "(default: OUT/.flwr-cli, inside the output folder"]),
+        ("run", ["(default: fed-demo.toml)", "(default: a temporary folder; nothing goes to ~/.flwr)"]),
     ],
 )
 def test_help_shows_the_defaults(command: str, defaults: list[str]):
@@ -358,7 +360,7 @@ def test_tls_deployment_kill_a_site_mid_round(tracker: Tracker, tmp_path: Path, 
             assert time.monotonic() < deadline, "round 2 never reached site-b's training"
             assert run.poll() is None, run_log.read_text()[-3000:]
             tracker.running()
-            metrics = out / "metrics.json"
+            metrics = partial_path(out) / "metrics.json"  # the run writes aside until it completes
             done = json.loads(metrics.read_text()).get("completed_rounds", 0) if metrics.is_file() else 0
             if done >= 1 and earlier is None:
                 earlier = set(site_processes("site-b"))
@@ -386,7 +388,7 @@ def test_tls_deployment_kill_a_site_mid_round(tracker: Tracker, tmp_path: Path, 
 
         assert run.wait(timeout=300) == 2  # 1 site left, min-sites = 2: the run fails, and says so
         log = run_log.read_text()
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = read_metrics(out)
         assert metrics["status"] == "failed" and metrics["completed_rounds"] == 1
         failed = metrics["failed_round"]
         assert failed["round"] == 2 and failed["rejected"] == []
@@ -562,3 +564,30 @@ def test_printed_metrics_from_cells_show_the_range_the_cells_allow(capsys):
     assert next(line for line in lines if line.startswith("  auroc")).endswith("[cells allow 0.860-0.980]")
     assert next(line for line in lines if line.startswith("  f1")).endswith("at threshold 0.500")
     assert any("cells of at least 5 validation cases" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("check", "said"),
+    [
+        (
+            {
+                "checked": True,
+                "how": "100 evaluation-only image(s) compared with 300 training image(s) ...; none shared",
+            },
+            "evaluation-only sites (held-out; held out: 100 evaluation-only image(s) compared with 300",
+        ),
+        (None, "evaluation-only sites (held-out; not checked to be held out from the training sites' data)"),
+    ],
+)
+def test_the_summary_calls_evaluation_sites_held_out_only_when_it_was_checked(check, said, capsys):
+    """A deployment's coordinator cannot compare the sites' data: its summary must not claim it did."""
+    from fedfreeze.cli import _print_federation
+    from fedfreeze.data.overlap import NOT_CHECKED
+
+    metrics = final_metrics("0.5", 0.5)
+    at = metrics["exported"]["pooled"]["at_threshold_next"]
+    metrics["final"]["evaluation_sites"] = {"sites": ["held-out"], "at_threshold_next": {**at, "n": 100}}
+    metrics["held_out_check"] = check or NOT_CHECKED
+    _print_federation(metrics, Path("runs/quick"))
+    out = capsys.readouterr().out
+    assert said in out and "data no site trained on" not in out

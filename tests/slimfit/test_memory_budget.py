@@ -205,6 +205,7 @@ def test_site_train_writes_what_the_engine_chose(tmp_path, capsys):
 
     from fedfreeze.cli import main
     from fedfreeze.sample_data import kermany_mini
+    from tests.shipped import beside
 
     config = tmp_path / "site.toml"
     config.write_text("""
@@ -230,8 +231,7 @@ refit = false
     picked = [r for r in body if ",0," in r][:24] + [r for r in body if ",1," in r][:24]
     data = tmp_path / "data.csv"
     data.write_text(
-        "\n".join([header] + [str(manifest.parent / r.split(",", 1)[0]) + "," + r.split(",", 1)[1] for r in picked])
-        + "\n"
+        "\n".join([header] + [beside(tmp_path, r.split(",", 1)[0]) + "," + r.split(",", 1)[1] for r in picked]) + "\n"
     )
     out = tmp_path / "run"
     assert main(["site-train", "--config", str(config), "--data", str(data), "--out", str(out)]) == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import pickle
 import shutil
 
@@ -11,7 +13,7 @@ import torch
 from fedfreeze.cli import main
 from fedfreeze.config import ModelConfig
 from fedfreeze.errors import CheckpointError
-from fedfreeze.model_io import WEIGHTS_FILE, load_model, make_card, save_model
+from fedfreeze.model_io import CARD_FILE, WEIGHTS_FILE, file_sha256, load_model, make_card, read_card, save_model
 from fedfreeze.models.registry import build_model
 from fedfreeze.sample_data import kermany_mini
 
@@ -25,9 +27,17 @@ def folder(tmp_path_factory):
     return out
 
 
+def without_hash(folder):
+    """The folder as fedfreeze wrote it before model.json recorded the weights' SHA-256."""
+    card = json.loads((folder / CARD_FILE).read_text())
+    del card["weights-sha256"]
+    (folder / CARD_FILE).write_text(json.dumps(card))
+    return folder
+
+
 def spoil(folder, tmp_path, how: str):
-    copy = tmp_path / "spoilt"
-    shutil.copytree(folder, copy)
+    """A spoilt weights file in a folder without the hash (so the reader itself meets the bad file)."""
+    copy = without_hash(shutil.copytree(folder, tmp_path / "spoilt"))
     weights = copy / WEIGHTS_FILE
     data = weights.read_bytes()
     if how == "corrupt":
@@ -55,3 +65,26 @@ def test_a_bad_weights_file_is_one_line_naming_it(folder, tmp_path, how, capsys)
 def test_the_intact_folder_loads(folder):
     model, card = load_model(folder)
     assert card.model.backbone == "lwcnn" and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_model_json_records_the_weights_hash(folder):
+    assert read_card(folder).weights_sha256 == file_sha256(folder / WEIGHTS_FILE)
+
+
+def test_weights_replaced_after_the_card_was_written_are_refused(folder, tmp_path, capsys):
+    copy = shutil.copytree(folder, tmp_path / "replaced")
+    state = torch.load(copy / WEIGHTS_FILE, weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, copy / WEIGHTS_FILE)
+    with pytest.raises(CheckpointError, match=r"weights\.pt does not match model\.json: its SHA-256 is [0-9a-f]{12}"):
+        load_model(copy)
+
+
+def test_a_folder_from_before_the_hash_loads_with_a_one_line_note(folder, tmp_path, caplog):
+    copy = without_hash(shutil.copytree(folder, tmp_path / "older"))
+    with caplog.at_level(logging.WARNING, logger="fedfreeze.model_io"):
+        model, card = load_model(copy)
+    assert card.weights_sha256 is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"note: {copy}/{CARD_FILE} records no weights_sha256 (written by an earlier fedfreeze): its weights are "
+        "not checked"
+    ]

@@ -157,3 +157,31 @@ def test_save_model_writes_the_card_next_to_model_json(tmp_path):
     text = (tmp_path / CARD_MARKDOWN).read_text()
     assert text.startswith("# Model card: efficientnet_lite0")
     assert read_card(tmp_path).fedfreeze_version == __version__
+
+
+TRAINED = {"source": "site-train", "created_utc": "2025-01-01T00:00:00Z", "threshold": {"value": 0.4, "rule": "number"}}
+ADAPTED = {"kind": "prevalence-em", "threshold": {"before": 0.4, "after": 0.35}}
+RETRAINED = {"kind": "site-train --init"}  # a retraining: its own provenance sets the threshold
+
+
+@pytest.mark.parametrize(
+    ("threshold", "adaptations", "rule"),
+    [
+        (0.4, [], "(rule: number)"),
+        (0.35, [ADAPTED], "(rule: number, moved by adaptation)"),
+        (0.3, [], "(rule: number gave 0.4; changed since without a record)"),  # edited by hand, no adaptation
+        (0.3, [ADAPTED], "(rule: number gave 0.35; changed since without a record)"),  # edited after adapting
+        (0.4, [ADAPTED, RETRAINED], "(rule: number)"),  # the earlier adaptation no longer decides
+        (0.35, [ADAPTED, RETRAINED], "(rule: number gave 0.4; changed since without a record)"),
+    ],
+)
+def test_a_threshold_nobody_recorded_is_called_an_unrecorded_change(threshold, adaptations, rule):
+    from fedfreeze.provenance import Provenance
+
+    line = provenance_line(Provenance.model_validate(TRAINED), threshold, adaptations)
+    assert f"threshold {threshold:.4g} {rule}" in line, line
+
+
+def test_without_provenance_a_hand_edit_after_an_adaptation_still_shows():
+    assert "(changed from 0.35 without a record)" in provenance_line(None, 0.3, [ADAPTED])
+    assert "without a record" not in provenance_line(None, 0.35, [ADAPTED])
