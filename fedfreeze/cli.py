@@ -155,7 +155,10 @@ def _models(args: argparse.Namespace) -> int:
 
 def _print_federation(metrics: dict, out: Path) -> None:
     """The pooled figures of the exported model; every line names the threshold it was computed at
-    (AUROC takes none; a multi-class decision is the arg-max)."""
+    (AUROC takes none; a multi-class decision is the arg-max), and an estimate from cells is shown to
+    the decimals its range supports."""
+    from fedfreeze.federation.estimates import decimals_for
+
     exported = metrics.get("exported") or {}
     final = exported.get("pooled") or (metrics.get("final") or {}).get("pooled") or {}
     at = final.get("at_threshold_next") or final.get("at_threshold_used") or {}
@@ -185,21 +188,29 @@ def _print_federation(metrics: dict, out: Path) -> None:
                 "validation data, so the figures at it are optimistic"
             )
         print(f"pooled validation metrics of {which}, n={at['n']}; {how}:")
-        ranges = at.get("ranges") or {}  # what the sites' cells fix exactly (federation.min-cell-count)
+        cells = final.get("cells") or {}
+        # what the sites' cells fix exactly (federation.min-cell-count); exact counts (a secure sum) need none
+        ranges = at.get("ranges") or {} if cells.get("min_cell_count", 1) > 1 else {}
         for key in ("auroc", "balanced_accuracy", "f1", "sensitivity", "specificity"):
             where = "(over all thresholds)" if key == "auroc" else f"at threshold {at['threshold']:.3f}"
             span = f"  [cells allow {ranges[key][0]:.3f}-{ranges[key][1]:.3f}]" if key in ranges else ""
-            print(f"  {key:<18} {at[key]:.4f}  {where}{span}")
-        cells = final.get("cells") or {}
+            digits = decimals_for(ranges[key][1] - ranges[key][0] if key in ranges else None)
+            print(f"  {key:<18} {at[key]:.{digits}f}  {where}{span}")
         if cells.get("min_cell_count", 1) > 1:
             print(
                 f"  (estimated from the sites' cells of at least {cells['min_cell_count']} validation cases each, "
                 "federation.min-cell-count: the exact figures lie in the bracketed ranges)"
             )
+        elif "secure_sum" in cells:
+            print(
+                f"  (exact: the coordinator learnt only the sum of the {len(cells['secure_sum']['sites'])} training "
+                "sites' validation histograms, federation.secure-aggregation)"
+            )
     if "auroc" in mean:
+        source = mean.get("from", "")
         print(
-            f"  (weighted mean of the sites' own AUROCs, over all thresholds, what other frameworks report: "
-            f"{mean['auroc']:.4f})"
+            f"  (weighted mean of the sites' own AUROCs{f' ({source})' if source else ''}, over all thresholds, "
+            f"what other frameworks report: {mean['auroc']:.{2 if 'cells' in source else 4}f})"
         )
     evaluators = (metrics.get("final") or {}).get("evaluation_sites") or {}
     ext = evaluators.get("at_threshold_next") or evaluators.get("at_threshold_used")
@@ -213,9 +224,13 @@ def _print_federation(metrics: dict, out: Path) -> None:
         print(
             f"evaluation-only sites ({', '.join(evaluators['sites'])}; {held}), the final global model, n={ext['n']}:"
         )
+        about = evaluators.get("cells") or {}
+        spans = ext.get("ranges") or {} if about.get("min_cell_count", 1) > 1 else {}
         for key in ("auroc", "balanced_accuracy", "sensitivity", "specificity"):
             where = "(over all thresholds)" if key == "auroc" else f"at threshold {ext['threshold']:.3f}"
-            print(f"  {key:<18} {ext[key]:.4f}  {where}")
+            span = f"  [cells allow {spans[key][0]:.3f}-{spans[key][1]:.3f}]" if key in spans else ""
+            digits = decimals_for(spans[key][1] - spans[key][0] if key in spans else None)
+            print(f"  {key:<18} {ext[key]:.{digits}f}  {where}{span}")
     if at and "threshold" in at:
         shared = exported.get("operating_points") or []
         print(
@@ -255,6 +270,7 @@ def _simulate(args: argparse.Namespace) -> int:
         evaluation_sites=args.evaluation_site,
         outside_paths=args.allow_outside_paths,
         share_operating_points=args.share_operating_points,
+        share_site_figures=args.share_site_figures,
     )
     _print_federation(metrics, Path(args.out))
     return 0
@@ -380,6 +396,8 @@ def _site(args: argparse.Namespace) -> int:
         node["threads"] = args.threads
     if args.share_operating_point:
         node["share-operating-point"] = "true"
+    if args.share_site_figures:
+        node["share-site-figures"] = "true"
     cmd = launch.supernode_command(
         superlink=args.superlink,
         node_config=node,
@@ -766,6 +784,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="every simulated site sends the coordinator the operating point it fits at the final evaluation",
     )
     p.add_argument(
+        "--share-site-figures",
+        action="store_true",
+        help="every simulated site sends its own exact validation AUROC, balanced accuracy and F1 every round",
+    )
+    p.add_argument(
         "--evaluation-site",
         action="append",
         metavar="NAME=DATA",
@@ -848,6 +871,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send the coordinator the operating point this site fits on its labelled validation patients at the "
         "final evaluation, so the model folder holds it (default: it stays in --state-dir)",
+    )
+    p.add_argument(
+        "--share-site-figures",
+        action="store_true",
+        help="send the coordinator this site's own exact validation AUROC, balanced accuracy and F1 every round "
+        "(with its class totals they fix its confusion counts at the threshold; default: none leaves the site)",
     )
     p.add_argument(
         "--root-cert",

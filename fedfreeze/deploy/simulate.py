@@ -131,6 +131,7 @@ def simulate(
     evaluation_sites: list[str] | None = None,
     outside_paths: bool = False,
     share_operating_points: bool = False,
+    share_site_figures: bool = False,
 ) -> dict[str, Any]:
     """Partition, run every round in Flower's simulation runtime, and return ``metrics.json``.
 
@@ -138,7 +139,8 @@ def simulate(
     (``outputs.py``): an existing non-empty one needs ``force`` (replace) or ``resume`` (continue the
     stopped run, or the finished one). ``share_operating_points``: every simulated site sends the
     operating point it fits at the final evaluation, so the model folder holds them (each site keeps
-    its own in ``sites/site-N/state`` anyway)."""
+    its own in ``sites/site-N/state`` anyway). ``share_site_figures``: every simulated site sends its own
+    exact validation figures every round."""
     config_path = resolve_config_path(config)
     cfg = load_fed_config(config_path, {"federation.out-dir": str(Path(out).resolve())})
     require_trackers(cfg.federation.tracking)  # here, not after the SuperLink has started and the sites are written
@@ -158,6 +160,7 @@ def simulate(
             evaluation=evaluation,
             outside_paths=outside_paths,
             share_operating_points=share_operating_points,
+            share_site_figures=share_site_figures,
         )
 
 
@@ -177,6 +180,7 @@ def _simulate(
     evaluation: dict[str, Path],
     outside_paths: bool,
     share_operating_points: bool = False,
+    share_site_figures: bool = False,
 ) -> dict[str, Any]:
     """``simulate``'s work in ``output.work``; every record names ``output.final``."""
     out = output.work
@@ -219,6 +223,7 @@ def _simulate(
         "work-dir": str(out),
         "resume": resume,
         "share-operating-points": share_operating_points,
+        "share-site-figures": share_site_figures,
     }
     if evaluation and check is not None:  # a file: Flower's run config cannot carry a JSON string
         run_config["held-out-check"] = str(out / "sites" / HELD_OUT_FILE)

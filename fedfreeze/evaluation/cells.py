@@ -10,8 +10,10 @@ the coordinator one case's label and its score to within a bin. So a site releas
   at an anchor below). A class with fewer than ``min_count`` cases in all is one cell, the whole
   axis: how many validation cases of that class the site holds, with nothing about their scores;
 * **anchors**: the site first cuts at edges both sides agree on before seeing any score (the
-  round's threshold; for a multi-class row, the edges around its own class, so the correct
-  predictions stay a cell of their own), when every part holds 0 or at least ``min_count``;
+  round's threshold, then the common edges the coordinator chose from an earlier round's pooled
+  scores, :func:`common_edges`; for a multi-class row, the edges around its own class, so the
+  correct predictions stay a cell of their own), each in turn when every part then holds 0 or at
+  least ``min_count``;
 * then, walking through each stretch in a direction fixed beforehand (for a binary task: negatives
   from the top down, positives from the bottom up, so cells are finest where the classes meet), it
   closes a cell as soon as it holds ``min_count`` cases and what is left of the stretch holds
@@ -24,8 +26,9 @@ the coordinator one case's label and its score to within a bin. So a site releas
   cell with at least ``min_count - 1`` of them, and the cut sits far from it.
 
 What is not hidden: every cell's count (>= k), each class's total at the site; an anchor left
-uncut says that one side of it holds between 1 and ``min_count - 1`` cases of the class (a site
-with a few false positives, say: not how many, nor which); and a cut in a dense stretch of scores
+uncut says that cutting there would have left between 1 and ``min_count - 1`` cases of the class on
+one side of it, within the cell that holds it (a site with a few false positives, say: not how
+many, nor which); and a cut in a dense stretch of scores
 says that the cases on either side lie within the two halves of a small tree node (at worst: that
 each of two adjacent bins holds at least one case of the class, not how many, nor which). The counts are not differentially private: a coordinator that knows all but one
 of a cell's cases learns something about the last one.
@@ -195,8 +198,10 @@ def release_cells(
 ) -> ReleasedCells:
     """The cells a site releases from its exact per-class counts ``[classes, units]``.
 
-    ``anchors[c]``: edges (``0 < edge < units``) to cut class ``c``'s axis at first, when every part
-    then holds 0 or at least ``min_count`` cases (else none of them is used). Each part is then cut
+    ``anchors[c]``: edges (``0 < edge < units``) to cut class ``c``'s axis at first, tried in the order
+    given: an edge is kept when every part, cut at it and at the edges kept before it, holds 0 or at
+    least ``min_count`` cases (so the first anchor, the round's threshold, is kept whenever it can be,
+    and later ones only where they leave no small part). Each part is then cut
     walking in the direction ``walk[c]`` (``"up"`` from its low end, ``"down"`` from its high end;
     by default away from its anchor, up when it has none): a cell closes once it holds ``min_count``
     cases and the rest of the part holds ``min_count`` more, so cells are finest where the walk
@@ -217,12 +222,10 @@ def release_cells(
     k = int(min_count)
     cls_, start_, count_ = [], [], []
     for c, row in enumerate(table.astype(np.int64)):
-        edges = sorted({int(e) for e in (anchors[c] if anchors is not None else ())})
-        if any(not 0 < e < units for e in edges):
-            raise ValueError(f"anchors of class {c} should lie strictly inside (0, {units}), got {edges}")
-        bounds = [0, *edges, units]
-        if not all(_allowed(int(row[lo:hi].sum()), k) for lo, hi in itertools.pairwise(bounds)):
-            bounds = [0, units]
+        tried = [int(e) for e in (anchors[c] if anchors is not None else ())]
+        if any(not 0 < e < units for e in tried):
+            raise ValueError(f"anchors of class {c} should lie strictly inside (0, {units}), got {tried}")
+        bounds = _kept_anchors(row, tried, k, units)
         starts: list[int] = []
         if k == 1:  # nothing to hide: the exact histogram, every unit a cell
             bounds, starts = [], list(range(units))
@@ -379,6 +382,49 @@ def binary_bounds(releases: Sequence[ReleasedCells], cut: int) -> dict[str, list
 
 def _allowed(count: int, k: int) -> bool:
     return count == 0 or count >= k
+
+
+def _kept_anchors(row: IntArray, tried: Sequence[int], k: int, units: int) -> list[int]:
+    """``[0, *kept anchors, units]``: each anchor, in the order tried, kept when every part then holds
+    0 or at least ``k`` cases (whether an anchor is kept depends only on counts of at least k, or 0)."""
+    kept: list[int] = []
+    for edge in tried:
+        if edge in kept:
+            continue
+        bounds = [0, *sorted([*kept, edge]), units]
+        if all(_allowed(int(row[lo:hi].sum()), k) for lo, hi in itertools.pairwise(bounds)):
+            kept.append(edge)
+    return [0, *sorted(kept), units]
+
+
+def common_edges(pooled: ArrayLike, quantiles: int = 16) -> list[int]:
+    """The common edges a round's cells are cut at (after the threshold's), from the pooled counts of
+    an earlier round (``[units]``, estimated or exact): the edges nearest the ``quantiles``-quantiles
+    of the pooled scores, in halving order (the median, then the quartiles, ...), so the first cuts a
+    site tries split the scores where they are, not where a fixed grid put them. Chosen by the
+    coordinator before any site scores the round's model; empty when the pooled counts hold no case."""
+    counts = np.asarray(pooled, dtype=float)
+    units = len(counts)
+    if counts.ndim != 1 or units < 2 or not np.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError(f"pooled should be non-negative finite counts on at least 2 units, got shape {counts.shape}")
+    order: list[int] = []
+    if counts.sum() <= 0:
+        return order
+    share = np.cumsum(counts) / counts.sum()
+    # the edge after the unit where the pooled share first reaches q, kept strictly inside the axis
+    found = sorted(
+        {int(np.clip(np.searchsorted(share, q) + 1, 1, units - 1)) for q in np.arange(1, quantiles) / quantiles}
+    )
+
+    def halve(lo: int, hi: int) -> None:
+        if lo < hi:
+            mid = (lo + hi) // 2
+            order.append(found[mid])
+            halve(lo, mid)
+            halve(mid + 1, hi)
+
+    halve(0, len(found))
+    return order
 
 
 def _turnbull(starts: IntArray, stops: IntArray, counts: FloatArray, p: FloatArray) -> FloatArray:

@@ -56,6 +56,27 @@ class FederationConfig(Section):
         "pooled figures then carry the range the cells allow (what it costs: benchmarks/results/stats-privacy); "
         "1 sends the exact histograms",
     )
+    cell_edges: Literal["pooled-quantiles", "threshold"] = Field(
+        "pooled-quantiles",
+        description="where sites cut their cells first: pooled-quantiles (the round's threshold, then the "
+        "16-quantiles of the previous round's pooled validation scores, a common grid the coordinator announces "
+        "in the orders, so cells split the scores where they are) or threshold (the threshold alone)",
+    )
+    secure_aggregation: bool = Field(
+        False,
+        description="sites send their exact validation histograms masked (Flower's SecAgg+ primitives), and the "
+        "coordinator learns only their sum over the training sites and, apart, over the evaluation-only sites: "
+        "exact pooled figures without any site's histogram; a group of one site sends cells of min-cell-count "
+        "instead (fedfreeze/flower/secagg.py; what the sum still reveals: docs/federation.md)",
+    )
+    best_max_range: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="export = 'best' and patience choose only on pooled validation AUROCs whose range (what the "
+        "sites' cells allow) is at most this wide; a round with a wider one neither becomes the best nor counts "
+        "toward patience (exact figures, from secure aggregation or min-cell-count = 1, always qualify)",
+    )
     threshold: float | Literal["youden", "youden-mid", "target-sensitivity"] = Field(
         0.5,
         description="the stored threshold: a number (default 0.5, the Bayes threshold for balanced accuracy "
@@ -264,6 +285,7 @@ RUN_KEYS = {
     "force",
     "held-out-check",
     "share-operating-points",
+    "share-site-figures",
 }
 
 

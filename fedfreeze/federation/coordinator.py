@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from fedfreeze.adaptation.recalibration import fit_calibration
 from fedfreeze.config import resolve_bn_stats
 from fedfreeze.errors import DataError, FedfreezeError, ProtocolError
-from fedfreeze.evaluation.cells import ReleasedCells
+from fedfreeze.evaluation.cells import ReleasedCells, common_edges
 from fedfreeze.evaluation.pooled import (
     choose_threshold,
     edge_logits,
@@ -34,6 +35,7 @@ from fedfreeze.evaluation.pooled import (
 )
 from fedfreeze.federation.config import FedConfig
 from fedfreeze.federation.dual_stage import recipe_for
+from fedfreeze.federation.estimates import auroc_width, decisive
 from fedfreeze.federation.exchange import (
     ExchangePlan,
     check_arrays,
@@ -42,9 +44,10 @@ from fedfreeze.federation.exchange import (
     plan_for,
     set_trainable_state,
 )
-from fedfreeze.federation.protocol import DUAL, EVALUATE_ROLE, RoundOrders
+from fedfreeze.federation.protocol import DUAL, EVALUATE_ROLE, OWN_FIGURES, TRAIN_ROLE, RoundOrders
 from fedfreeze.federation.records import Reply, RoundRecord, json_default
 from fedfreeze.federation.rounds import RoundPlan, plan_round
+from fedfreeze.federation.secure_stats import SECURE, SecureSum, check_sum
 from fedfreeze.federation.tracking import Tracking
 from fedfreeze.model_io import make_card, model_sha256, save_model
 from fedfreeze.models.grouped import GroupedNet
@@ -93,6 +96,8 @@ class Coordinator:
             str, OperatingPoint
         ] = {}  # site -> the operating point it shared at the final evaluation
         self.threshold = snap_threshold(0.5, self.edges) if self.binary else 0.5
+        # federation.cell-edges = "pooled-quantiles": where sites cut their cells first, from the last pooled scores
+        self.cell_edges: tuple[int, ...] = ()
         self.completed = 0
         self.history: list[RoundRecord] = []
         # federation.export = "best": the global model with the best pooled validation AUROC so far
@@ -140,6 +145,8 @@ class Coordinator:
             threshold=self.threshold,
             score_bins=self.fed.score_bins,
             min_cell_count=self.fed.min_cell_count,
+            cell_edges=self.cell_edges,
+            secure_aggregation=self.fed.secure_aggregation,
             seed=self.fed.seed,
             dp_weight=self.fed.dp != "off",
             evaluation_sites=tuple(self.fed.evaluation_sites),
@@ -184,9 +191,17 @@ class Coordinator:
         if reply.frozen_hash != proof:
             problems.append("frozen-weight hash differs from the coordinator's: the site's backbone is not the same")
         try:
-            self.site_stats(reply, orders)
+            if reply.release == SECURE:
+                self._secure_release_problems(reply)
+            else:
+                self.site_stats(reply, orders)
         except (ValueError, KeyError) as err:
             problems.append(f"validation statistics: {err}")
+        problems += [
+            f"site figures: {key} {value!r} is not one of {sorted(OWN_FIGURES.values())} with a value in [0, 1]"
+            for key, value in reply.own_figures.items()
+            if key not in OWN_FIGURES.values() or not (isinstance(value, float) and 0.0 <= value <= 1.0)
+        ]
         try:
             data_summary(reply.metrics, self.cfg.model.num_classes)
         except ValueError as err:
@@ -226,6 +241,17 @@ class Coordinator:
             line += f"; left out, fitted for another round's model: {', '.join(skipped)}"
         return line
 
+    @staticmethod
+    def _secure_release_problems(reply: Reply) -> None:
+        """A reply whose statistics went into a secure sum carries their count and no cells (cells beside
+        the masked statistics would give away what the sum hides)."""
+        n = reply.metrics.get("val-n")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ProtocolError(f"val-n {n!r} is not a count")
+        cells = [key for key in reply.metrics if key.startswith("val-cell-")]
+        if cells:
+            raise ProtocolError(f"cells {cells} sent beside statistics ordered into the secure sum")
+
     def site_stats(self, reply: Reply, orders: RoundOrders) -> ReleasedCells:
         """A reply's validation statistics: the cells it released (per class, over score bins or, for
         a multi-class model, over predicted classes), checked against the round's orders: a cell
@@ -251,34 +277,49 @@ class Coordinator:
             raise FederationFailed(f"aggregation produced unusable arrays: {err}") from None
 
     # ------------------------------------------------------------------ metrics
-    def pool(self, replies: list[Reply], record: RoundRecord, orders: RoundOrders) -> None:
-        """Pooled and weighted-mean validation figures of the training sites; choose the next threshold.
+    def group_counts(
+        self, replies: list[Reply], orders: RoundOrders, secure: SecureSum | None
+    ) -> tuple[list[ReleasedCells], list[np.ndarray], dict[str, Any]]:
+        """One group's releases and counts for pooling: its secure sum as one exact release (checked
+        against the sites' ``val-n``), else each site's cells with the counts estimated from them; and
+        what ``pooled.cells`` says of them."""
+        if secure is not None:
+            check_sum(secure.vector, orders, sum(int(r.metrics["val-n"]) for r in replies), secure.group)
+            summed = secure.release(orders)
+            about = {"min_cell_count": 1, "secure_sum": {"sites": list(secure.sites), "dropped": list(secure.dropped)}}
+            return [summed], [secure.table(orders).astype(float)], about
+        cells = [self.site_stats(r, orders) for r in replies]
+        about = {"min_cell_count": orders.min_cell_count, "allocation": "binormal" if self.binary else "pooled"}
+        return cells, estimated_counts(cells, self.edges if self.binary else None), about
+
+    def pool(
+        self,
+        replies: list[Reply],
+        record: RoundRecord,
+        orders: RoundOrders,
+        sums: Mapping[str, SecureSum] | None = None,
+    ) -> None:
+        """Pooled and weighted-mean validation figures of the training sites; choose the next threshold
+        and, with ``cell-edges = "pooled-quantiles"``, the next round's common cell edges.
         Evaluation-only sites are pooled apart (``record.evaluation_sites``) and choose nothing.
 
-        Every figure comes from the cells the sites released (``fedfreeze.evaluation.cells``): the
-        counts within a cell are estimated, and each binary figure carries the range that the cells
-        fix exactly (``ranges``)."""
+        A group with a secure sum (``sums``, by role) is pooled from it: exact figures. Otherwise every
+        figure comes from the cells the sites released (``fedfreeze.evaluation.cells``): the counts
+        within a cell are estimated, and each binary figure carries the range that the cells fix
+        exactly (``ranges``)."""
         record.threshold_used = self.threshold
+        sums = sums or {}
         replies = sorted(replies, key=lambda r: (r.site, r.node))  # figures independent of the arrival order
         evaluators = [r for r in replies if r.role == EVALUATE_ROLE]
         replies = [r for r in replies if r.role != EVALUATE_ROLE]
-        edges = self.edges if self.binary else None
-        cells = [self.site_stats(r, orders) for r in replies]
-        estimated = estimated_counts(cells, edges)
+        cells, estimated, released = self.group_counts(replies, orders, sums.get(TRAIN_ROLE))
         # each site's own figures (the site rows of metrics.json, and their weighted mean for comparison)
-        self.site_figures = {
-            r.node: self._own_figures(c, e, record.threshold_used)
-            for r, c, e in zip(replies, cells, estimated, strict=True)
-        }
-        record.weighted_mean = {}
-        for key in ("auroc", "balanced-accuracy", "f1"):
-            usable = [f for f in self.site_figures.values() if f.get(key.replace("-", "_")) is not None]
-            if usable:
-                values = [f[key.replace("-", "_")] for f in usable]
-                record.weighted_mean[key] = weighted_mean(values, [f["n"] for f in usable])
-        released = {"min_cell_count": orders.min_cell_count, "allocation": "binormal" if self.binary else "pooled"}
+        self.site_figures = self._site_figures(replies, cells, estimated, record.threshold_used)
+        record.weighted_mean = mean_of_sites(self.site_figures)
         if self.binary:
             hist_neg, hist_pos = np.sum(estimated, axis=0)
+            if self.fed.cell_edges == "pooled-quantiles":  # the next round's common edges, decided here once
+                self.cell_edges = tuple(common_edges(hist_neg + hist_pos))
             target, tolerance = self.fed.target_sensitivity, self.fed.threshold_tolerance
             self.threshold = choose_threshold(
                 self.fed.threshold, hist_neg, hist_pos, self.edges, target_sensitivity=target, tolerance=tolerance
@@ -303,35 +344,43 @@ class Coordinator:
                 "cells": released,
             }
             if evaluators:
-                external = [self.site_stats(r, orders) for r in evaluators]
-                ext_counts = estimated_counts(external, self.edges)
-                self.site_figures.update(
-                    {
-                        r.node: self._own_figures(c, e, record.threshold_used)
-                        for r, c, e in zip(evaluators, external, ext_counts, strict=True)
-                    }
-                )
+                external, ext_counts, ext_about = self.group_counts(evaluators, orders, sums.get(EVALUATE_ROLE))
+                self.site_figures.update(self._site_figures(evaluators, external, ext_counts, record.threshold_used))
                 record.evaluation_sites = {
                     "sites": [r.site for r in evaluators],
                     "at_threshold_used": released_metrics(external, ext_counts, self.edges, record.threshold_used),
                     "at_threshold_next": released_metrics(external, ext_counts, self.edges, self.threshold),
+                    "cells": ext_about,
                 }
         else:
             record.pooled = {"at_threshold_used": pooled_multiclass_metrics(estimated), "cells": released}
             if evaluators:
-                external = [self.site_stats(r, orders) for r in evaluators]
-                ext_counts = estimated_counts(external)
-                self.site_figures.update(
-                    {
-                        r.node: self._own_figures(c, e, record.threshold_used)
-                        for r, c, e in zip(evaluators, external, ext_counts, strict=True)
-                    }
-                )
+                external, ext_counts, ext_about = self.group_counts(evaluators, orders, sums.get(EVALUATE_ROLE))
+                self.site_figures.update(self._site_figures(evaluators, external, ext_counts, record.threshold_used))
                 record.evaluation_sites = {
                     "sites": [r.site for r in evaluators],
                     "at_threshold_used": pooled_multiclass_metrics(ext_counts),
+                    "cells": ext_about,
                 }
         record.threshold_next = self.threshold
+
+    def _site_figures(
+        self, replies: list[Reply], cells: list[ReleasedCells], estimated: list[np.ndarray], threshold: float
+    ) -> dict[int, dict[str, Any]]:
+        """Each site's own validation figures: the exact ones it shared (``share-site-figures``), else
+        the coordinator's estimate from the site's cells (``cells`` and ``estimated``, one per reply);
+        from a secure sum (one release for the group), none."""
+        per_site = len(cells) == len(replies) and not any(r.release == SECURE for r in replies)
+        out: dict[int, dict[str, Any]] = {}
+        for i, reply in enumerate(replies):
+            shared = {key: reply.own_figures[wire] for key, wire in OWN_FIGURES.items() if wire in reply.own_figures}
+            if shared:
+                out[reply.node] = {"n": reply.metrics["val-n"], **shared, "figures_from": "site"}
+            elif per_site:
+                out[reply.node] = {**self._own_figures(cells[i], estimated[i], threshold), "figures_from": "cells"}
+            else:
+                out[reply.node] = {"n": reply.metrics["val-n"]}
+        return out
 
     def _own_figures(self, cells: ReleasedCells, estimated: np.ndarray, threshold: float) -> dict[str, Any]:
         """One site's own validation figures at ``threshold``, from its cells alone (left out where
@@ -356,7 +405,18 @@ class Coordinator:
             return
         pooled = (record.pooled or {}).get("at_threshold_used", {})
         score = pooled.get("auroc", pooled.get("accuracy"))
-        if score is None or (self.best is not None and score < self.best["score"]):
+        if score is None:
+            return
+        if not decisive(record.pooled, self.fed.best_max_range):
+            log.info(
+                "the global model after round %d: its pooled validation AUROC is only known to within %.2f "
+                "(the sites' cells allow that much), wider than best-max-range = %.2f: not used to choose",
+                scored_after,
+                auroc_width(record.pooled) or 0.0,
+                self.fed.best_max_range,
+            )
+            return
+        if self.best is not None and score < self.best["score"]:
             return
         self.best = {
             "round": scored_after,
@@ -368,10 +428,14 @@ class Coordinator:
         }
 
     def should_stop(self) -> bool:
-        """``patience``: no better pooled validation AUROC in that many rounds."""
-        return bool(
-            self.fed.patience and self.best is not None and self.completed - self.best["round"] > self.fed.patience
-        )
+        """``patience``: no better pooled validation AUROC in that many rounds, counting only the rounds
+        whose figures were known well enough to choose on (``decisive``)."""
+        if not self.fed.patience or self.best is None:
+            return False
+        since = [
+            r for r in self.history if r.round - 1 > self.best["round"] and decisive(r.pooled, self.fed.best_max_range)
+        ]
+        return len(since) >= self.fed.patience
 
     def end_probe(self, rnd: int) -> None:
         """Remember the model after the last probe round (WiSE-FT's start)."""
@@ -455,6 +519,7 @@ class Coordinator:
             "completed_rounds": self.completed,
             "swa_count": self.swa_count,
             "threshold": self.threshold,
+            "cell_edges": list(self.cell_edges),
             "history": [vars(r) for r in self.history],
             "config": self.cfg.model_dump(by_alias=True),
         }
@@ -483,13 +548,14 @@ class Coordinator:
                 setattr(self, name, torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True))
         self.completed = int(progress["completed_rounds"])
         self.threshold = float(progress["threshold"])
+        self.cell_edges = tuple(int(e) for e in progress.get("cell_edges", ()))
         self.history = [RoundRecord(**r) for r in progress["history"]]
         log.info("resuming after round %d of %d", self.completed, self.fed.rounds)
         return True
 
     def exported(self) -> dict[str, Any]:
         """Which global model is exported, and the threshold and pooled figures that go with it."""
-        if self.fed.export == "best" and self.best is not None:
+        if self.fed.export == "best" and self.best is not None:  # (None: no round's figures were decisive)
             return {
                 "round": self.best["round"],
                 "rule": "best pooled validation AUROC of the training sites",
@@ -500,7 +566,10 @@ class Coordinator:
             }
         return {
             "round": self.completed,
-            "rule": "last round",
+            "rule": "last round"
+            if self.fed.export == "last"
+            else f"last round: no round's pooled validation AUROC was known to within best-max-range = "
+            f"{self.fed.best_max_range}",
             "threshold": self.threshold,
             "threshold_interval": None,
             "pooled": None,
@@ -592,16 +661,41 @@ class Coordinator:
     def _reference(self, chosen: dict[str, Any]) -> ReferenceScores | None:
         """The exported model's pooled validation histograms of the training sites (estimated from the
         cells they released): what a new site's label-free checks compare its scores with."""
-        hist = ((chosen.get("pooled") or {}).get("histograms") or {}) if self.binary else {}
+        pooled = chosen.get("pooled") or {}
+        hist = (pooled.get("histograms") or {}) if self.binary else {}
         if not hist.get("neg") or not hist.get("pos"):
             return None
+        about = pooled.get("cells") or {}
+        k = int(about.get("min_cell_count", self.fed.min_cell_count))
+        how = (
+            "exact, the secure sum of the sites'" if "secure_sum" in about else f"estimated from cells of >= {k} cases"
+        )
         return reference_from_histograms(
             hist["neg"],
             hist["pos"],
-            self.fed.min_cell_count,
-            f"pooled validation of the training sites for the exported model (after round {chosen['round']}), "
-            f"estimated from cells of >= {self.fed.min_cell_count} cases",
+            k,
+            f"pooled validation of the training sites for the exported model (after round {chosen['round']}), {how}",
         )
+
+
+def mean_of_sites(figures: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """The weighted mean of the sites' own figures (what other frameworks report, for comparison):
+    over the sites that shared their exact figures when any did, else over the estimates from each
+    site's cells; ``from`` says which. Empty when no site has figures (a secure sum, no site sharing)."""
+    exact = [f for f in figures.values() if f.get("figures_from") == "site"]
+    usable = exact or [f for f in figures.values() if f.get("figures_from") == "cells"]
+    out: dict[str, Any] = {}
+    for key in ("auroc", "balanced-accuracy", "f1"):
+        rows = [f for f in usable if f.get(key.replace("-", "_")) is not None]
+        if rows:
+            out[key] = weighted_mean([f[key.replace("-", "_")] for f in rows], [f["n"] for f in rows])
+    if out:
+        out["from"] = (
+            f"exact figures shared by {len(exact)} of {len(figures)} sites"
+            if exact
+            else "estimates from each site's cells"
+        )
+    return out
 
 
 def _rounded(values: np.ndarray) -> list[float]:

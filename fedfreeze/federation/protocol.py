@@ -3,7 +3,8 @@
 Every decision about a round is made once, by the coordinator, and travels in ``RoundOrders``:
 which parts train, the stage, the BatchNorm mode, whether a site may return only what it changed,
 the learning-rate scale, which sites only evaluate, and what a site may release about its validation
-cases (the score bins, the threshold its cells are anchored at, the minimum count of a cell). A site applies the orders as given and never
+cases (the score bins, the threshold and common edges its cells are anchored at, the minimum count of
+a cell, whether its exact statistics go masked into a secure sum instead). A site applies the orders as given and never
 re-derives them from its own copy of the configuration; both sides compute the exchange plan from
 (model, orders) with ``exchange.plan_for``. This module alone encodes and decodes the orders (to
 the plain dict a Flower ``ConfigRecord`` holds); it imports nothing of Flower.
@@ -27,6 +28,11 @@ CONFIG = "config"  # ConfigRecord: the coordinator's orders for the round
 PROOF = "proof"  # ConfigRecord: the site's name, its role and the hash of its frozen weights
 OPERATING_POINT = "operating-point"  # in PROOF, final evaluation only: a site's own operating point (JSON), if shared
 BASE = "base"  # ArrayRecord, down only: frozen arrays a site cannot rebuild (merged rounds of train.recipe = "dual")
+# ConfigRecord, only from a site that shares them (node config share-site-figures): its own exact validation
+# figures, under these keys (not in METRICS: Flower's strategies need the same metric keys in every reply)
+SITE_FIGURES = "site-figures"
+OWN_FIGURES = {"auroc": "own-auroc", "balanced_accuracy": "own-balanced-accuracy", "f1": "own-f1"}
+SECURE_SUM = "secure-sum"  # ConfigRecord: secure aggregation's part of a message (fedfreeze/flower/secagg.py)
 
 DUAL = "dual"  # the stage of a round that trains the dual model (train.recipe = "dual")
 SINGLE = "single"  # the stage of a round that trains a single-input model (the merged one, or any standard one)
@@ -55,6 +61,8 @@ class RoundOrders:
     threshold: float
     score_bins: int
     min_cell_count: int  # every released cell of validation statistics holds 0 or at least this many cases
+    cell_edges: tuple[int, ...]  # common edges (bin indices, in the order tried) a site cuts its cells at first
+    secure_aggregation: bool  # exact statistics go masked into a secure sum (a group of one: cells instead)
     seed: int
     dp_weight: bool  # DP accounting: every site weighs the same
     evaluation_sites: tuple[str, ...]  # sites that only score the global model
@@ -85,6 +93,8 @@ class RoundOrders:
             "threshold": self.threshold,
             "score-bins": self.score_bins,
             "min-cell-count": self.min_cell_count,
+            "cell-edges": json.dumps(list(self.cell_edges)),
+            "secure-aggregation": self.secure_aggregation,
             "seed": self.seed,
             "dp-weight": self.dp_weight,
             "evaluation-sites": json.dumps(list(self.evaluation_sites)),
@@ -124,7 +134,21 @@ class RoundOrders:
                 raise ProtocolError(f"the round's orders: {key} should be an integer >= 1, got {value!r}")
             return value
 
+        def edges(key: str) -> tuple[int, ...]:
+            try:
+                value = json.loads(str(get(key)))
+            except json.JSONDecodeError as err:
+                raise ProtocolError(f"the round's orders: {key!r} is not a JSON list ({err})") from None
+            if not isinstance(value, list) or not all(type(v) is int and v > 0 for v in value):
+                raise ProtocolError(f"the round's orders: {key!r} should be a list of bin edges >= 1, got {value!r}")
+            return tuple(value)
+
         model, train = site_sections(str(get("site-config")))
+        bins, cell_edges = int(get("score-bins")), edges("cell-edges")
+        if any(e >= bins for e in cell_edges):
+            raise ProtocolError(
+                f"the round's orders: 'cell-edges' should lie inside the {bins} score bins, got {cell_edges}"
+            )
         return cls(
             round=int(get("round")),
             stage=choice("stage", (SINGLE, DUAL)),
@@ -140,8 +164,10 @@ class RoundOrders:
             lr_scale=float(get("lr-scale")),
             val_fraction=float(get("val-fraction")),
             threshold=float(get("threshold")),
-            score_bins=int(get("score-bins")),
+            score_bins=bins,
             min_cell_count=count("min-cell-count"),
+            cell_edges=cell_edges,
+            secure_aggregation=bool(get("secure-aggregation")),
             seed=int(get("seed")),
             dp_weight=bool(get("dp-weight")),
             evaluation_sites=strings("evaluation-sites"),

@@ -26,6 +26,8 @@ class Reply:
     bytes_up: int = 0
     role: str = "train"  # protocol.TRAIN_ROLE, or EVALUATE_ROLE for a site that only scores the global model
     operating_point: str | None = None  # final evaluation: the site's own operating point (JSON), if it shares it
+    own_figures: dict[str, float] = field(default_factory=dict)  # protocol.SITE_FIGURES: only from a site sharing them
+    release: str = "cells"  # secure_stats.CELLS, or SECURE: the coordinator put its statistics into a secure sum
 
 
 @dataclass
@@ -38,7 +40,7 @@ class RoundRecord:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     pooled: dict[str, Any] | None = None
-    weighted_mean: dict[str, float] | None = None
+    weighted_mean: dict[str, Any] | None = None  # the sites' own figures, weighted; 'from' says whose
     threshold_used: float | None = None
     threshold_next: float | None = None
     threshold_interval: list[float] | None = None  # bootstrap interval of threshold_next under the rule
@@ -48,6 +50,7 @@ class RoundRecord:
     bytes_up: int = 0
     evaluated_model: str = ""
     privacy: dict[str, Any] | None = None
+    secure_sum: dict[str, Any] | None = None  # secure aggregation of the statistics: groups, dropouts, seconds, bytes
 
 
 def json_default(value: Any) -> Any:

@@ -44,9 +44,11 @@ from fedfreeze.federation.exchange import (
     set_trainable_state,
     subset,
 )
-from fedfreeze.federation.protocol import EVALUATE_ROLE, TRAIN_ROLE, RoundOrders
+from fedfreeze.federation.protocol import EVALUATE_ROLE, OWN_FIGURES, TRAIN_ROLE, RoundOrders
+from fedfreeze.federation.secure_stats import statistics_vector
 from fedfreeze.federation.site_stages import stage_for
 from fedfreeze.inference.engine import InferenceSettings
+from fedfreeze.metrics import binary_metrics, multiclass_metrics
 from fedfreeze.model_io import read_weights
 from fedfreeze.models.checkpoints import names_a_file
 from fedfreeze.models.grouped import GroupedNet
@@ -70,6 +72,9 @@ class SiteReply:
     role: str = TRAIN_ROLE
     operating_point: OperatingPoint | None = None  # final evaluation, only when the site shares it
     note: str | None = None  # for the site's own log (e.g. why it has no operating point): never sent
+    # secure aggregation: the exact validation statistics, which leave the site only masked (flower/secagg_site.py)
+    secure_vector: np.ndarray | None = None
+    own_figures: dict[str, float] = field(default_factory=dict)  # only when the site shares them
 
 
 class SiteRuntime:
@@ -87,6 +92,7 @@ class SiteRuntime:
         outside_paths: bool = False,
         job_weights: bool = False,
         share_operating_point: bool = False,
+        share_site_figures: bool = False,
     ) -> None:
         self.data_path = Path(data_path)
         self.site = site
@@ -102,6 +108,8 @@ class SiteRuntime:
         self.max_train_memory_mb = max_train_memory_mb
         # the site's own choice: its operating point stays in its state folder unless this is set
         self.share_operating_point = share_operating_point
+        # the site's own choice: its exact validation figures (AUROC, balanced accuracy, F1) travel only if set
+        self.share_site_figures = share_site_figures
 
     # ------------------------------------------------------------------ data
     def datasets(self, orders: RoundOrders) -> tuple[ImageSet, ImageSet]:
@@ -219,18 +227,27 @@ class SiteRuntime:
 
     # ------------------------------------------------------------------ round work
     def train(
-        self, orders: RoundOrders, arrays: dict[str, torch.Tensor], base: dict[str, torch.Tensor] | None = None
+        self,
+        orders: RoundOrders,
+        arrays: dict[str, torch.Tensor],
+        base: dict[str, torch.Tensor] | None = None,
+        *,
+        secure: bool = False,
     ) -> SiteReply:
         """Evaluate the received global model, train the round's parts locally, return them.
-        A site the orders name as evaluation-only scores the model and returns no arrays."""
+        A site the orders name as evaluation-only scores the model and returns no arrays.
+
+        ``secure``: the coordinator put this site's statistics into a secure sum (its decision, sent
+        with the message): they go into ``SiteReply.secure_vector`` for masking, not into cells."""
         if orders.role_of(self.site) == EVALUATE_ROLE:
-            return self.evaluate(orders, arrays, base)
+            return self.evaluate(orders, arrays, base, secure=secure)
         train_set, val_set = self.datasets(orders)
         model, plan = self.model(orders, arrays, base)
         proof = frozen_hash(model.state_dict(), plan)
         stage = stage_for(orders)
         started = time.perf_counter()
-        metrics = self._evaluate(stage.scored(model), orders, val_set, head_only=orders.is_probe)
+        labels, scores = self._evaluate(stage.scored(model), orders, val_set, head_only=orders.is_probe)
+        metrics, vector, own = self._release(labels, scores, orders, secure)
         eval_seconds = time.perf_counter() - started
 
         features = None
@@ -273,7 +290,7 @@ class SiteRuntime:
         keys: Sequence[str] = plan.sent
         if orders.partial_replies:  # only what changed travels back
             keys = changed_keys(plan.sent, (k for k, _ in model.named_parameters()), updated_keys(logs))
-        return SiteReply(subset(model.state_dict(), keys), proof, metrics)
+        return SiteReply(subset(model.state_dict(), keys), proof, metrics, secure_vector=vector, own_figures=own)
 
     def evaluate(
         self,
@@ -282,6 +299,7 @@ class SiteRuntime:
         base: dict[str, torch.Tensor] | None = None,
         *,
         final: bool = False,
+        secure: bool = False,
     ) -> SiteReply:
         """Score the received global model on the validation split (an evaluation-only site: on all its data).
 
@@ -294,9 +312,11 @@ class SiteRuntime:
         model, plan = self.model(orders, arrays, base)
         scored = stage_for(orders).scored(model)
         scores = self._scores(scored, val_set, orders)
-        metrics = validation_release(val_set.labels.numpy(), scores, orders)
+        metrics, vector, own = self._release(val_set.labels.numpy(), scores, orders, secure)
         metrics.update(site_data_metrics(self.data_path, splits))  # totals for the model card (provenance.py)
-        reply = SiteReply({}, frozen_hash(model.state_dict(), plan), metrics, role=role)
+        reply = SiteReply(
+            {}, frozen_hash(model.state_dict(), plan), metrics, role=role, secure_vector=vector, own_figures=own
+        )
         if final and scores.ndim == 1:
             point, reply.note = self._operating_point(scored, val_set, scores, role)
             reply.operating_point = point if self.share_operating_point else None
@@ -336,10 +356,23 @@ class SiteRuntime:
         """The round's engine and precision; exported graphs stay in this site's state folder."""
         return InferenceSettings.of(orders.train, self.state_dir / ENGINE_DIR)
 
+    def _release(
+        self, labels: np.ndarray, scores: np.ndarray, orders: RoundOrders, secure: bool
+    ) -> tuple[dict[str, Any], np.ndarray | None, dict[str, float]]:
+        """What leaves the site about its validation scores: cells (:func:`validation_release`), or for a
+        secure sum its case count in clear and its exact statistics for masking; and with
+        ``share_site_figures`` its own exact figures."""
+        if secure:
+            metrics: dict[str, Any] = {"val-n": int(len(labels))}
+            vector: np.ndarray | None = statistics_vector(labels, scores, orders)
+        else:
+            metrics, vector = validation_release(labels, scores, orders), None
+        return metrics, vector, own_figures(labels, scores, orders) if self.share_site_figures else {}
+
     def _evaluate(
         self, model: GroupedNet, orders: RoundOrders, val_set: ImageSet, *, head_only: bool
-    ) -> dict[str, Any]:
-        """Score the validation split; what is released about it is :func:`validation_release`'s."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The validation split's labels and scores (they stay here; ``_release`` says what leaves)."""
         if head_only:
             feats = self._cache(orders).features(model, val_set.images, self.device)
             with torch.no_grad():
@@ -348,7 +381,7 @@ class SiteRuntime:
             scores = torch.sigmoid(logits[:, 0]).numpy() if logits.shape[1] == 1 else torch.softmax(logits, 1).numpy()
         else:
             scores = self._scores(model, val_set, orders)
-        return validation_release(val_set.labels.numpy(), scores, orders)
+        return val_set.labels.numpy(), scores
 
     def _scores(self, model: GroupedNet, data: ImageSet, orders: RoundOrders) -> np.ndarray:
         if orders.parts <= set(model.parts):  # the groups frozen this round are the engine's (one graph, every round)
@@ -377,8 +410,8 @@ def validation_release(labels: np.ndarray, scores: np.ndarray, orders: RoundOrde
     from the exact scores (a local AUROC, a confusion count at the threshold) could single a case out,
     so the coordinator computes every figure from the cells.
 
-    Binary: per class, cells of the ``orders.score_bins`` score bins, anchored at the round's threshold,
-    finest on the side facing the other class (negatives from the top down, positives from the bottom
+    Binary: per class, cells of the ``orders.score_bins`` score bins, anchored at the round's threshold
+    and then at the coordinator's common edges (``orders.cell_edges``), finest on the side facing the other class (negatives from the top down, positives from the bottom
     up: where the classes meet, which AUROC and the threshold depend on). Multi-class: per true class,
     cells of the predicted classes, anchored around the class itself.
     """
@@ -386,13 +419,32 @@ def validation_release(labels: np.ndarray, scores: np.ndarray, orders: RoundOrde
     if scores.ndim == 1:
         edges = score_bin_edges(orders.score_bins)
         cut = int(np.searchsorted(edges, snap_threshold(orders.threshold, edges)))
-        cells = release_cells(class_histograms(labels, scores, edges), k, anchors=[[cut], [cut]], walk=["down", "up"])
+        anchors = [cut, *orders.cell_edges]  # the threshold first, then the coordinator's common edges
+        cells = release_cells(
+            class_histograms(labels, scores, edges), k, anchors=[anchors, anchors], walk=["down", "up"]
+        )
     else:
         classes = scores.shape[1]
         matrix = multiclass_confusion(labels, scores.argmax(1), classes)
         around = [[e for e in (c, c + 1) if 0 < e < classes] for c in range(classes)]
         cells = release_cells(matrix, k, anchors=around)
     return {"val-n": int(len(labels)), **cells.to_metrics("val-")}
+
+
+def own_figures(labels: np.ndarray, scores: np.ndarray, orders: RoundOrders) -> dict[str, float]:
+    """A site's own exact validation figures, sent only when the site shares them (node config
+    ``share-site-figures``): binary AUROC, and balanced accuracy and F1 at the round's threshold (which,
+    with the site's class totals, fix its confusion counts there); multi-class balanced accuracy and
+    F1 of the arg-max. Site-level totals over the whole split; none when it holds one class."""
+    try:
+        if scores.ndim == 1:
+            edges = score_bin_edges(orders.score_bins)
+            figures = binary_metrics(labels, scores, snap_threshold(orders.threshold, edges))
+        else:
+            figures = multiclass_metrics(labels, scores)
+    except DataError:  # a split of one class: no AUROC
+        return {}
+    return {wire: float(figures[key]) for key, wire in OWN_FIGURES.items() if key in figures}
 
 
 OPERATING_POINTS_DIR = "operating-points"

@@ -23,9 +23,22 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedfreeze.errors import ConfigError
-from fedfreeze.federation.protocol import ARRAYS, BASE, CONFIG, METRICS, OPERATING_POINT, PROOF, RoundOrders
+from fedfreeze.errors import ConfigError, ProtocolError
+from fedfreeze.federation.protocol import (
+    ARRAYS,
+    BASE,
+    CONFIG,
+    METRICS,
+    OPERATING_POINT,
+    PROOF,
+    SECURE_SUM,
+    SITE_FIGURES,
+    RoundOrders,
+)
+from fedfreeze.federation.secure_stats import SECURE
 from fedfreeze.federation.site_runtime import SiteReply, SiteRuntime
+from fedfreeze.flower import secagg_site
+from fedfreeze.flower.secagg import SETUP_TYPE, SHARE_KEYS_TYPE, UNMASK_TYPE
 
 log = logging.getLogger("flwr")  # Flower's handler prints it in the SuperNode's log
 
@@ -70,20 +83,22 @@ def runtime_for(context: Context) -> SiteRuntime:
         max_train_memory_mb=float(memory) if memory is not None else None,
         outside_paths=simulated or bool(node.get("allow-outside-paths", False)),
         job_weights=simulated,
-        share_operating_point=shares_operating_point(context),
+        share_operating_point=site_choice(context, "share-operating-point", "share-operating-points"),
+        share_site_figures=site_choice(context, "share-site-figures", "share-site-figures"),
     )
 
 
-def shares_operating_point(context: Context) -> bool:
-    """The site's own choice (node config ``share-operating-point``); in a simulation, where whoever runs it
-    holds every site, the run config's ``share-operating-points`` (``fedfreeze simulate``'s option)."""
+def site_choice(context: Context, key: str, simulation_key: str) -> bool:
+    """A site's own choice of what it shares (node config ``key``: ``share-operating-point``,
+    ``share-site-figures``); in a simulation, where whoever runs it holds every site, the run config's
+    ``simulation_key`` (``fedfreeze simulate``'s option)."""
     node = context.node_config
-    value = node.get("share-operating-point")
+    value = node.get(key)
     if value is None and "partition-id" in node:
-        value = context.run_config.get("share-operating-points", False)
+        value = context.run_config.get(simulation_key, False)
     if isinstance(value, str):
         if value.lower() not in ("true", "false"):
-            raise ConfigError(f"node config share-operating-point: expected true or false, got {value!r}")
+            raise ConfigError(f"node config {key}: expected true or false, got {value!r}")
         return value.lower() == "true"
     return bool(value)
 
@@ -146,6 +161,8 @@ def to_reply(message: Message, result: SiteReply, site: str, *, with_arrays: boo
     if result.operating_point is not None:  # final evaluation, and only when the site shares it
         proof[OPERATING_POINT] = result.operating_point.model_dump_json(by_alias=True)
     content = RecordDict({METRICS: MetricRecord(metrics), PROOF: ConfigRecord(proof)})
+    if result.own_figures:  # only when the site shares them
+        content[SITE_FIGURES] = ConfigRecord(dict(result.own_figures))
     if with_arrays:
         content[ARRAYS] = ArrayRecord(result.arrays)
     return Message(content=content, reply_to=message)
@@ -189,36 +206,81 @@ def logged_failures(handler: Callable[[Message, Context], Message]) -> Callable[
     return run
 
 
+def secure_part(message: Message, orders: RoundOrders) -> ConfigRecord | None:
+    """This site's part of secure aggregation in a round message, when the coordinator put its
+    statistics into a secure sum (None: it releases cells). Under secure aggregation every round message
+    says which, so a site never guesses."""
+    part = message.content.config_records.get(SECURE_SUM)
+    if orders.secure_aggregation and part is None:
+        raise ProtocolError("the orders ask for secure aggregation, but the message says nothing of this site's part")
+    return part if part is not None and part.get("release") == SECURE else None
+
+
+def with_masked(reply: Message, part: ConfigRecord | None, result: SiteReply, context: Context) -> Message:
+    """Add the masked statistics to a reply whose site is in a secure sum (the exact ones never travel)."""
+    if part is not None:
+        if result.secure_vector is None:
+            raise ProtocolError("ordered into the secure sum, but the site computed no statistics to mask")
+        reply.content[SECURE_SUM] = secagg_site.mask(part, context, result.secure_vector)
+    return reply
+
+
 @logged_failures
 def handle_train(message: Message, context: Context) -> Message:
     runtime = runtime_for(context)
     orders = orders_from(message.content.config_records[CONFIG])
-    result = runtime.train(orders, *received_arrays(message))
+    part = secure_part(message, orders)
+    result = runtime.train(orders, *received_arrays(message), secure=part is not None)
     result.metrics["process-seconds"] = process_seconds()
     if orders.dp_weight:  # DP accounting needs equal weights: every site counts once
         result.metrics["dp-weight"] = 1
-    return to_reply(message, result, runtime.site, with_arrays=True)
+    return with_masked(to_reply(message, result, runtime.site, with_arrays=True), part, result, context)
 
 
 @logged_failures
 def handle_evaluate(message: Message, context: Context) -> Message:
     runtime = runtime_for(context)
-    result = runtime.evaluate(
-        orders_from(message.content.config_records[CONFIG]), *received_arrays(message), final=True
-    )
+    orders = orders_from(message.content.config_records[CONFIG])
+    part = secure_part(message, orders)
+    result = runtime.evaluate(orders, *received_arrays(message), final=True, secure=part is not None)
     if result.note:
         log.info("%s", result.note)
     result.metrics["process-seconds"] = process_seconds()
-    return to_reply(message, result, runtime.site, with_arrays=False)
+    return with_masked(to_reply(message, result, runtime.site, with_arrays=False), part, result, context)
+
+
+@logged_failures
+def handle_secagg_setup(message: Message, context: Context) -> Message:
+    part = secagg_site.setup(
+        message.content.config_records[SECURE_SUM], context, message.metadata.dst_node_id, runtime_for(context).site
+    )
+    return Message(RecordDict({SECURE_SUM: part}), reply_to=message)
+
+
+@logged_failures
+def handle_secagg_share_keys(message: Message, context: Context) -> Message:
+    part = secagg_site.share_keys(message.content.config_records[SECURE_SUM], context)
+    return Message(RecordDict({SECURE_SUM: part}), reply_to=message)
+
+
+@logged_failures
+def handle_secagg_unmask(message: Message, context: Context) -> Message:
+    part = secagg_site.unmask(message.content.config_records[SECURE_SUM], context)
+    return Message(RecordDict({SECURE_SUM: part}), reply_to=message)
 
 
 def client_app() -> ClientApp:
     """The site's ClientApp: the train handler behind Flower's client-side DP clipping mod (a
-    pass-through unless the coordinator asks for it), and the evaluate handler. ``client/app.py``
-    (what ``flwr run .`` deploys) and the in-process federation both use this one definition."""
+    pass-through unless the coordinator asks for it), the evaluate handler, and secure aggregation's
+    own stages as ``query`` actions. ``client/app.py`` (what ``flwr run .`` deploys) and the in-process
+    federation both use this one definition."""
     app = ClientApp()
     app.train(mods=[dp_clipping_mod])(handle_train)
     app.evaluate()(handle_evaluate)
+    # secure aggregation's own stages (flower/secagg.py); the mask stage rides on train and evaluate
+    app.query(SETUP_TYPE.split(".")[1])(handle_secagg_setup)
+    app.query(SHARE_KEYS_TYPE.split(".")[1])(handle_secagg_share_keys)
+    app.query(UNMASK_TYPE.split(".")[1])(handle_secagg_unmask)
     return app
 
 

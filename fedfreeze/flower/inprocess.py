@@ -71,11 +71,13 @@ def run_in_process(
     device: str = "auto",
     client_app: ClientApp | None = None,
     share_operating_points: bool = False,
+    share_site_figures: bool = False,
 ) -> dict[str, Any]:
     """Run the federation of ``cfg`` over ``sites`` (name -> data folder); returns its ``metrics.json``.
 
     ``share_operating_points``: every site sends the operating point it fits at the final evaluation
-    (each keeps its own in its state folder either way).
+    (each keeps its own in its state folder either way). ``share_site_figures``: every site sends its
+    own exact validation figures every round.
 
     The configuration is written to ``out_dir/fed.toml`` (the run reads it like any run config).
     With ``resume``, a federation stopped earlier in ``out_dir`` continues from its checkpoint.
@@ -99,6 +101,7 @@ def run_in_process(
             "allow-outside-paths": True,
             **pinned,
             "share-operating-point": share_operating_points,
+            "share-site-figures": share_site_figures,
         }
         for number, (name, folder) in enumerate(sites.items(), start=1)
     }

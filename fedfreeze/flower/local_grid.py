@@ -39,6 +39,8 @@ class LocalGrid(Grid):
         self.run_config = dict(run_config or {})
         self.on_reply = on_reply  # sees every (instruction, reply) pair, e.g. for a message audit
         self.offline: set[int] = set()
+        # each node's Context.state, kept between its messages as a SuperNode keeps it for a run
+        self.states: dict[int, RecordDict] = {}
         self._ids = itertools.count(1)
         self._pending: dict[str, Message] = {}
         self._run = Run.create_empty(run_id=1)
@@ -85,7 +87,11 @@ class LocalGrid(Grid):
     def _deliver(self, node: int, message: Message) -> Message:
         received = _through_the_wire(message)
         context = Context(
-            run_id=0, node_id=node, node_config=self.node_configs[node], state=RecordDict(), run_config=self.run_config
+            run_id=0,
+            node_id=node,
+            node_config=self.node_configs[node],
+            state=self.states.setdefault(node, RecordDict()),
+            run_config=self.run_config,
         )
         try:
             reply = self.client_app(received, context)

@@ -36,6 +36,7 @@ from fedfreeze.deploy import runstate, sitebook
 from fedfreeze.errors import FedfreezeError
 from fedfreeze.federation.config import FedConfig, from_run_config
 from fedfreeze.federation.coordinator import Coordinator, FederationFailed
+from fedfreeze.federation.estimates import round_line
 from fedfreeze.federation.exchange import ExchangePlan, key_groups
 from fedfreeze.federation.protocol import (
     ARRAYS,
@@ -44,13 +45,16 @@ from fedfreeze.federation.protocol import (
     METRICS,
     OPERATING_POINT,
     PROOF,
+    SITE_FIGURES,
     TRAIN_ROLE,
     RoundOrders,
 )
 from fedfreeze.federation.records import Reply, RoundRecord
 from fedfreeze.federation.report import write_report
+from fedfreeze.federation.secure_stats import SecureSum
 from fedfreeze.flower.approval import refusal_in
 from fedfreeze.flower.fedavgm import KeyedFedAvgM
+from fedfreeze.flower.secagg_server import SecureRound
 from fedfreeze.outputs import output_folder
 
 log = logging.getLogger("fedfreeze.server")
@@ -204,6 +208,7 @@ def unpack(message: Message, bytes_down: int, node: int | None = None) -> Reply 
         bytes_up=bytes_up,
         role=str(proof.get("role", TRAIN_ROLE)),
         operating_point=str(proof[OPERATING_POINT]) if OPERATING_POINT in proof else None,
+        own_figures=dict(content[SITE_FIGURES]) if SITE_FIGURES in content else {},  # type: ignore[arg-type]
     )
 
 
@@ -306,6 +311,7 @@ def exchange(
     record: RoundRecord,
     *,
     with_arrays: bool,
+    secure: SecureRound | None = None,
 ) -> tuple[list[Message], list[Reply]]:
     """Send a round's messages, then sort the replies into valid ones, rejections and failures.
 
@@ -337,7 +343,11 @@ def exchange(
             fail(node, reply, seconds)
             continue
         coord.node_names[node] = reply.site
-        problems = coord.check(reply, plan, proof, orders, with_arrays=with_arrays)
+        if secure is not None:  # what the coordinator ordered this site to release, and its masked statistics
+            reply.release = secure.release_of(node)
+        problems = (secure.take(node, message) if secure is not None else []) + coord.check(
+            reply, plan, proof, orders, with_arrays=with_arrays
+        )
         if problems:
             record.rejected.append({"node": node, "site": reply.site, "reasons": problems})
             log.warning("%s: rejected the reply of site %s: %s", what, reply.site, "; ".join(problems))
@@ -420,7 +430,10 @@ def train_round(grid: Grid, coord: Coordinator, strategy: Strategy, rnd: int) ->
     arrays = ArrayRecord(coord.arrays_for(plan))
     messages = strategy.configure_train(rnd, arrays, ConfigRecord(orders.to_config()), grid)
     messages = with_base(messages, coord.base_for(plan))
-    valid_msgs, valid = exchange(grid, messages, coord, plan, orders, record, with_arrays=True)
+    secure = secure_round(grid, coord, orders, record, f"round {rnd}")
+    if secure is not None:
+        messages = secure.prepare(list(messages))
+    valid_msgs, valid = exchange(grid, messages, coord, plan, orders, record, with_arrays=True, secure=secure)
     training = [i for i, r in enumerate(valid) if r.role != EVALUATE_ROLE]  # evaluation-only sites train nothing
     scored = dict(coord.state)  # the model every site scored before training (apply replaces arrays, in no place)
     coord.apply(
@@ -429,7 +442,7 @@ def train_round(grid: Grid, coord: Coordinator, strategy: Strategy, rnd: int) ->
         orders,
     )
     record.privacy = privacy_spent(strategy)
-    coord.pool(valid, record, orders)
+    coord.pool(valid, record, orders, unmasked(secure, valid, coord, record))
     coord.note_scored(record, scored, rnd - 1)
     record.sites = [coord.site_row(r) for r in valid]
     record.round_seconds = time.perf_counter() - started
@@ -448,12 +461,39 @@ def final_evaluation(grid: Grid, coord: Coordinator, strategy: Strategy) -> Roun
         rnd, ArrayRecord(coord.arrays_for(plan)), ConfigRecord(orders.to_config()), grid
     )
     messages = with_base(messages, coord.base_for(plan))
-    _, valid = exchange(grid, messages, coord, plan, orders, record, with_arrays=False)
-    coord.pool(valid, record, orders)
+    secure = secure_round(grid, coord, orders, record, f"final evaluation after round {rnd}")
+    if secure is not None:
+        messages = secure.prepare(list(messages))
+    _, valid = exchange(grid, messages, coord, plan, orders, record, with_arrays=False, secure=secure)
+    coord.pool(valid, record, orders, unmasked(secure, valid, coord, record))
     coord.keep_operating_points(valid)
     record.sites = [coord.site_row(r) for r in valid]
     record.round_seconds = time.perf_counter() - started
     return record
+
+
+def secure_round(
+    grid: Grid, coord: Coordinator, orders: RoundOrders, record: RoundRecord, session: str
+) -> SecureRound | None:
+    """SecAgg+ around this round's exchange when ``federation.secure-aggregation`` is on (flower/secagg.py)."""
+    if not orders.secure_aggregation:
+        return None
+    return SecureRound(grid, send_and_receive, orders, session, coord.fed.round_timeout, coord.node_names, record)
+
+
+def unmasked(
+    secure: SecureRound | None, valid: list[Reply], coord: Coordinator, record: RoundRecord
+) -> dict[str, SecureSum] | None:
+    """The secure sums of the round's statistics over the sites whose replies were accepted."""
+    if secure is None:
+        return None
+    try:
+        return secure.finish([r.node for r in valid])
+    except FederationFailed:
+        coord.failed_round = record
+        raise
+    finally:
+        record.secure_sum = secure.summary()
 
 
 LOCK_WAIT_S = 180.0
@@ -621,40 +661,5 @@ def _sampled_sites(grid: Grid, coord: Coordinator) -> int:
 
 
 def log_round(record: RoundRecord, *, final: bool = False) -> None:
-    """One line per round: what was scored, at which threshold, by the training sites' validation and,
-    apart, by the evaluation-only sites (data no site trained on)."""
-    pooled = (record.pooled or {}).get("at_threshold_used", {})
-    mean = record.weighted_mean or {}
-    # binary: AUROC from the pooled histograms; multi-class: accuracy from the pooled confusion matrices
-    first, key = ("AUROC", "auroc") if "auroc" in pooled else ("accuracy", "accuracy")
-    at = (
-        f" at the global threshold {record.threshold_used:.3f} (no site's own)"
-        if "auroc" in pooled and record.threshold_used is not None
-        else ""
-    )
-    label = "final evaluation" if final else f"round {record.round} [{'+'.join(record.parts)}]"
-    external = ""
-    if record.evaluation_sites:
-        ext = record.evaluation_sites["at_threshold_used"]
-        external = (
-            f" | evaluation-only sites ({', '.join(record.evaluation_sites['sites'])}): {first} "
-            f"{ext.get(key, float('nan')):.4f}, balanced acc {ext.get('balanced_accuracy', float('nan')):.4f}"
-        )
-    log.info(
-        "%s, %s: validation %s %.4f, balanced acc %.4f, F1 %.4f%s (weighted mean of sites: AUROC %.4f)%s "
-        "| %d sites, %d rejected, %d failed, up %d B, %.1f s",
-        label,
-        record.evaluated_model,
-        first,
-        pooled.get(key, float("nan")),
-        pooled.get("balanced_accuracy", float("nan")),
-        pooled.get("f1", float("nan")),
-        at,
-        mean.get("auroc", float("nan")),
-        external,
-        len(record.sites),
-        len(record.rejected),
-        len(record.failures),
-        record.bytes_up,
-        record.round_seconds,
-    )
+    """One line per round (``round_line``: estimates beside their ranges, exact figures to four decimals)."""
+    log.info("%s", round_line(record, final=final))

@@ -43,7 +43,8 @@ def with_evaluator(tmp_path_factory, site_folders, held_out_folder):
         "site-name": "held-out",
         "state-dir": str(tmp / "state" / "held-out"),
     }
-    config = fast_config(tmp, rounds=4, extra='evaluation-sites = ["held-out"]\nexport = "best"')
+    # best-max-range = 1: choose on every estimate, however wide its range (the refusal: test_secure_aggregation)
+    config = fast_config(tmp, rounds=4, extra='evaluation-sites = ["held-out"]\nexport = "best"\nbest-max-range = 1.0')
     audit: list = []
     metrics = run(tmp / "out", config, nodes, audit=audit)
     return metrics, audit
@@ -129,7 +130,7 @@ def test_evaluation_only_site_does_not_change_the_training(with_evaluator, tmp_p
     (up to floating-point noise: multi-threaded CPU kernels and the replies' arrival order change the last
     bits; a site whose arrays were aggregated would move a tensor by far more than 0.1 %)."""
     metrics, _ = with_evaluator
-    config = fast_config(tmp_path, rounds=4, extra='export = "best"')
+    config = fast_config(tmp_path, rounds=4, extra='export = "best"\nbest-max-range = 1.0')
     alone = run(tmp_path / "out", config, node_configs(site_folders, tmp_path / "state"))
     assert alone["status"] == "completed", alone["reason"]
     for a, b in zip(alone["rounds"], metrics["rounds"], strict=True):
