@@ -165,20 +165,12 @@ def labelled_step(
         )
     record["recalibration"] = fit.record()
     record["threshold"] = {"rule": rule, "before": card.threshold, "after": fit.threshold}
-    point = OperatingPoint(
+    point = fit.operating_point(
         site=site,
-        threshold=fit.threshold,
         calibration=calibration,
         rule=rule if not rule.startswith("target") else f"{rule} {target:g}",
         evidence="labelled-patients",
-        labels_used=True,
         model_sha256=model_sha256(model),
-        n_images=fit.n_images,
-        n_patients=fit.n_patients,
-        n_positive_patients=fit.n_positive_patients,
-        n_negative_patients=fit.n_negative_patients,
-        threshold_ci=fit.threshold_ci if all(np.isfinite(fit.threshold_ci)) else None,
-        promise=fit.promise(),
         created_utc=now_utc(),
         fedfreeze_version=__version__,
     )

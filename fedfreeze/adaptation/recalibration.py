@@ -25,7 +25,7 @@ from fedfreeze.adaptation.prevalence import logit, patient_index
 from fedfreeze.adaptation.threshold_rules import Rule, choose_threshold
 from fedfreeze.errors import DataError
 from fedfreeze.evaluation.bootstrap import bootstrap_weights, percentile_interval
-from fedfreeze.operating_point import Promise, ScoreCalibration
+from fedfreeze.operating_point import Evidence, OperatingPoint, Promise, ScoreCalibration
 
 Method = Literal["temperature", "platt"]
 MIN_PATIENTS_PER_CLASS = 5  # fewer labelled patients of a class than this: no threshold is fitted
@@ -179,6 +179,36 @@ class Recalibration:
                 f"applied to the patients each left out; {self.confidence:.0%} percentile intervals (slightly "
                 "pessimistic: each refit sees about 63 % of the patients)"
             ),
+        )
+
+    def operating_point(
+        self,
+        *,
+        site: str,
+        calibration: ScoreCalibration | None,
+        rule: str,
+        evidence: Evidence,
+        model_sha256: str,
+        created_utc: str,
+        fedfreeze_version: str,
+    ) -> OperatingPoint:
+        """The site's operating point from this fit: its threshold, counts, interval and promise."""
+        return OperatingPoint(
+            site=site,
+            threshold=self.threshold,
+            calibration=calibration,
+            rule=rule,
+            evidence=evidence,
+            labels_used=True,
+            model_sha256=model_sha256,
+            n_images=self.n_images,
+            n_patients=self.n_patients,
+            n_positive_patients=self.n_positive_patients,
+            n_negative_patients=self.n_negative_patients,
+            threshold_ci=self.threshold_ci if all(np.isfinite(self.threshold_ci)) else None,
+            promise=self.promise(),
+            created_utc=created_utc,
+            fedfreeze_version=fedfreeze_version,
         )
 
 

@@ -461,22 +461,14 @@ def site_operating_point(
     fit = recalibrate(
         scores, data.labels.numpy(), data.patient_ids, method="temperature", rule=SITE_RULE, replicates=SITE_REPLICATES
     )
-    return OperatingPoint(
+    return fit.operating_point(
         site=site,
-        threshold=fit.threshold,
         calibration=ScoreCalibration(
             method="temperature", a=fit.a, fitted_on=f"{fit.n_images} validation images of {fit.n_patients} patients"
         ),
         rule=SITE_RULE,
         evidence=evidence,
-        labels_used=True,
         model_sha256=model_sha,
-        n_images=fit.n_images,
-        n_patients=fit.n_patients,
-        n_positive_patients=fit.n_positive_patients,
-        n_negative_patients=fit.n_negative_patients,
-        threshold_ci=fit.threshold_ci if all(np.isfinite(fit.threshold_ci)) else None,
-        promise=fit.promise(),
         created_utc=now_utc(),
         fedfreeze_version=__version__,
     )
