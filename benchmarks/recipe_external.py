@@ -25,6 +25,7 @@ Results: ``benchmarks/results/recipe-external/``.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
@@ -205,7 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         result = shift_arms.run_arm(
             arm, sizes=FULL, seed=args.seed, quick=False, sites=sites, sets=sets, work=base, scorer=scorer, log=log
         )
-        model_dir = base / "arms" / arm.name.replace("/", "-") / "federation" / "model"
+        arm_dir = base / "arms" / arm.name.replace("/", "-")
+        kept = arm_dir / f"recipe-external-draws{args.draws}.json"  # this arm's figures, for a rerun with more arms
+        if kept.is_file() and kept.stat().st_mtime >= (arm_dir / "result.json").stat().st_mtime:
+            out[arm.name] = json.loads(kept.read_text())
+            log(f"{arm.name}: figures kept from {kept}")
+            continue
+        model_dir = arm_dir / "federation" / "model"
         model, card = load_model(model_dir)
         youden = youden_of(result.get("histograms"))
         if youden is not None and card.calibration is not None:  # the histograms hold raw scores
@@ -224,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             "shifted_mean": {k: float(np.mean([f[k] for f in shifted])) for k in shifted[0]},
             "nih_refit": nih_after_refit(model, card, nih, args.draws),
         }
+        kept.write_text(json.dumps(out[arm.name], indent=1))
         log(f"{arm.name}: NIH after refit AUROC {out[arm.name]['nih_refit']['auroc']['mean']:.3f}")
     site_text = ", ".join(f"{k} {v['images']} images ({v['normal']} normal)" for k, v in split["sites"].items())
     meta = {
