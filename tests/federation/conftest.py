@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,19 @@ def read_metrics(out: Path) -> dict:
 
     path = out / "metrics.json" if (out / "metrics.json").is_file() else partial_path(out.resolve()) / "metrics.json"
     return dict(json.loads(path.read_text()))
+
+
+def held_out_site(folder: Path, keep: Callable[[str], bool] = lambda patient: True) -> Path:
+    """The shipped held-out patients (those ``keep`` accepts) as an evaluation-only site's data folder,
+    images copied inside it: a manifest names images in its own folder (``--allow-outside-paths``)."""
+    manifest = kermany_mini("test")
+    (folder / "images").mkdir(parents=True)
+    with (folder / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "patient_id"])
+        for r in csv.DictReader(manifest.open()):
+            if keep(r["patient_id"]):
+                image = folder / "images" / Path(r["path"]).name
+                shutil.copyfile(manifest.parent / r["path"], image)
+                writer.writerow([image.relative_to(folder).as_posix(), r["label"], r["patient_id"]])
+    return folder

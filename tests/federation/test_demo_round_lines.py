@@ -6,7 +6,6 @@ while the model barely changed, printed to four decimals without its range)."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from fedfreeze.federation.config import SHIPPED_CONFIGS
 from fedfreeze.federation.estimates import decimals_for
-from fedfreeze.sample_data import kermany_mini
+from tests.federation.conftest import held_out_site
 from tests.federation.test_federation_inprocess import node_configs, run
 
 pytestmark = pytest.mark.slow
@@ -32,22 +31,10 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def held_out(folder: Path) -> Path:
-    """The shipped held-out patients as the demo's evaluation-only site's data folder."""
-    manifest = kermany_mini("test")
-    folder.mkdir(parents=True)
-    with (folder / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "patient_id"])
-        for r in csv.DictReader(manifest.open()):
-            writer.writerow([str((manifest.parent / r["path"]).resolve()), r["label"], r["patient_id"]])
-    return folder
-
-
 def test_the_demos_round_lines_show_no_swing_larger_than_their_ranges(tmp_path: Path, site_folders):
     nodes = node_configs(site_folders, tmp_path / "state")
     nodes[4] = {
-        "data-path": str(held_out(tmp_path / "held-out")),
+        "data-path": str(held_out_site(tmp_path / "held-out")),
         "site-name": "held-out",
         "state-dir": str(tmp_path / "ho"),
     }

@@ -26,7 +26,7 @@ from fedfreeze.flower import client as client_module
 from fedfreeze.flower.secagg import from_wire
 from fedfreeze.provenance import DATA_KEYS
 from fedfreeze.sample_data import kermany_mini
-from tests.federation.conftest import fast_config
+from tests.federation.conftest import fast_config, held_out_site
 from tests.federation.reference import exact_figures
 from tests.federation.test_federation_inprocess import node_configs, run
 
@@ -43,21 +43,12 @@ def held_out_halves(tmp_path_factory) -> dict[str, Path]:
     """The shipped held-out patients split in two by patient: two evaluation-only sites, so that they
     form a group of their own with a sum to hide in."""
     root = tmp_path_factory.mktemp("held-out")
-    manifest = kermany_mini("test")
-    rows = list(csv.DictReader(manifest.open()))
+    rows = list(csv.DictReader(kermany_mini("test").open()))
     patients = sorted({r["patient_id"] for r in rows})
-    folders = {}
-    for i, name in enumerate(("held-out-1", "held-out-2")):
-        folder = root / name
-        folder.mkdir()
-        with (folder / "manifest.csv").open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "label", "patient_id"])
-            for r in rows:
-                if patients.index(r["patient_id"]) % 2 == i:
-                    writer.writerow([str((manifest.parent / r["path"]).resolve()), r["label"], r["patient_id"]])
-        folders[name] = folder
-    return folders
+    return {
+        name: held_out_site(root / name, lambda patient, i=i: patients.index(patient) % 2 == i)
+        for i, name in enumerate(("held-out-1", "held-out-2"))
+    }
 
 
 class Lines(logging.Handler):
