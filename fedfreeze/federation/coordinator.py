@@ -45,6 +45,7 @@ from fedfreeze.federation.exchange import (
     set_trainable_state,
 )
 from fedfreeze.federation.protocol import DUAL, EVALUATE_ROLE, OWN_FIGURES, TRAIN_ROLE, RoundOrders
+from fedfreeze.federation.provenance import federation_provenance, federation_threshold, summary_row
 from fedfreeze.federation.records import Reply, RoundRecord, json_default
 from fedfreeze.federation.rounds import RoundPlan, plan_round
 from fedfreeze.federation.secure_stats import SECURE, SecureSum, check_sum
@@ -53,7 +54,7 @@ from fedfreeze.model_io import make_card, model_sha256, save_model
 from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import build_model
 from fedfreeze.operating_point import OperatingPoint, ScoreCalibration
-from fedfreeze.provenance import data_summary, federation_provenance, federation_threshold, summary_row
+from fedfreeze.provenance import data_summary
 from fedfreeze.reference_scores import ReferenceScores, reference_from_histograms
 from fedfreeze.training.schedule import adapter_groups, check_groups, check_rate_groups
 
