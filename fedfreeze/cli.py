@@ -1035,9 +1035,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from fedfreeze.evaluation.cli import run_experiment_command
+    from fedfreeze.experiment.command import run_experiment_command
+    from fedfreeze.flower.inprocess import run_in_process
 
-    return run_experiment_command(args)
+    return run_experiment_command(args, run_federation=run_in_process)
 
 
 def _interrupt(signum: int, frame: object) -> None:
