@@ -32,7 +32,6 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedfreeze.data.overlap import NOT_CHECKED
-from fedfreeze.deploy import runstate, sitebook
 from fedfreeze.errors import FedfreezeError
 from fedfreeze.federation.config import FedConfig, from_run_config
 from fedfreeze.federation.coordinator import Coordinator, FederationFailed
@@ -56,6 +55,7 @@ from fedfreeze.flower.approval import refusal_in
 from fedfreeze.flower.fedavgm import KeyedFedAvgM
 from fedfreeze.flower.secagg_server import SecureRound
 from fedfreeze.outputs import output_folder
+from fedfreeze.state import runstate, sitebook
 
 log = logging.getLogger("fedfreeze.server")
 
@@ -505,7 +505,7 @@ def run_federation(grid: Grid, context: Context) -> None:
     The output folder is written aside and published when the run completes (``outputs.py``),
     unless the run config names a ``work-dir``: then the caller (``simulate``, an in-process run)
     holds the folder and publishes it, and the run writes there. The run's status is written to
-    ``metrics.json`` (and noted in the coordinator's state folder, ``deploy/runstate.py``) at every
+    ``metrics.json`` (and noted in the coordinator's state folder, ``state/runstate.py``) at every
     turn: running, completed, failed with its reason, or interrupted when the coordinator stops it (a
     signal ends the ServerApp with ``SystemExit``).
     """

@@ -177,7 +177,7 @@ def test_enough_sites_start_at_once_and_quietly(progress):
 
 def test_waiting_for_sites_names_the_registered_sites_that_are_not_connected(progress, monkeypatch, tmp_path):
     """The coordinator's registered sites (written by ``fedfreeze server``) name every node, connected or not."""
-    from fedfreeze.deploy import runstate, sitebook
+    from fedfreeze.state import runstate, sitebook
 
     sitebook.write_sites(
         tmp_path,
