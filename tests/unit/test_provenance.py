@@ -18,8 +18,8 @@ from fedfreeze import __version__
 from fedfreeze.cli import main
 from fedfreeze.config import ModelConfig
 from fedfreeze.data.dataset import load_image_set
+from fedfreeze.flower.federate import run_fab_hash
 from fedfreeze.flower.local_grid import LocalGrid
-from fedfreeze.flower.server import run_fab_hash
 from fedfreeze.model_card import CARD_MARKDOWN, render_card, wilson
 from fedfreeze.model_io import CARD_FILE, load_model, make_card, read_card, save_model
 from fedfreeze.models.registry import build_model
