@@ -210,3 +210,14 @@ def test_doc_table_reader_sees_a_changed_table() -> None:
     assert ranks_in_doc(table) == (("core", ("fedfreeze", "fedfreeze.cli")), ("adapters", ("fedfreeze.flower",)))
     with pytest.raises(AssertionError, match="ranks should be 1, 2, 3"):
         ranks_in_doc(table.replace("| 2 |", "| 3 |"))
+
+
+def test_no_relative_imports() -> None:
+    """The rank check reads absolute names only: a relative import would pass it unseen."""
+    relative = sorted(
+        f"{module_name(path)}:{node.lineno}"
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+    )
+    assert relative == []
