@@ -4,8 +4,8 @@
 module gathers it, with no Flower import:
 
 * the code: fedfreeze's version and, when the installed package is a git checkout, its commit and
-  whether tracked files differ from it (``git_state``; ``None`` when git or the checkout is absent,
-  never an error);
+  whether tracked files differ from it (``fedfreeze.git_state``; ``None`` when git or the checkout
+  is absent, never an error);
 * the app: in a federation, the hash of the Flower app bundle (FAB) that the run executed, as
   Flower reports it (``Run.fab_hash``), handed to the coordinator as plain data; ``None`` for a run
   without a FAB (in-process) and for ``site-train``;
@@ -25,8 +25,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import subprocess
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,11 +36,10 @@ from fedfreeze import __version__
 from fedfreeze.config import Section
 from fedfreeze.data.dataset import MANIFEST_NAME
 from fedfreeze.errors import ProtocolError
+from fedfreeze.git_state import git_state
 
 if TYPE_CHECKING:
     from fedfreeze.data.imageset import ImageSet
-
-GIT_TIMEOUT_S = 5.0
 
 # a site's data summary in its reply's metrics: totals only (Flower's metric values are numbers or
 # lists of numbers, so the manifest's SHA-256 travels as eight 32-bit words)
@@ -93,46 +90,6 @@ class Provenance(Section):
     threshold: ThresholdChoice
     metrics: dict[str, Any] = Field(default_factory=dict, description="the figures the model card reports")
     started_from: dict[str, Any] | None = Field(None, description="site-train --init: the model it started from")
-
-
-# ---------------------------------------------------------------------------------------- the code
-def source_root() -> Path:
-    """The folder holding the installed ``fedfreeze`` package (a checkout's root when installed -e)."""
-    return Path(__file__).resolve().parent.parent
-
-
-def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the git checkout whose root is ``root`` (default: ``source_root()``).
-
-    ``dirty``: a tracked file differs from the commit (``git describe --dirty``'s sense). (None,
-    None) when git is missing, fails, or ``root`` is not the top of a checkout (an installed wheel
-    inside some other repository must not report that repository's commit).
-    """
-    root = (root or source_root()).resolve()
-    top = _git(root, "rev-parse", "--show-toplevel")
-    if top is None or Path(top).resolve() != root:
-        return None, None
-    commit = _git(root, "rev-parse", "HEAD")
-    if not commit:
-        return None, None
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return commit, None if status is None else bool(status)
-
-
-def _git(root: Path, *args: str) -> str | None:
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # a status must not take the index lock
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(root), *args],
-            capture_output=True,
-            text=True,
-            timeout=GIT_TIMEOUT_S,
-            check=False,
-            env=env,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def now_utc() -> str:

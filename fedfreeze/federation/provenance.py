@@ -13,7 +13,8 @@ from dataclasses import asdict
 from typing import Any
 
 from fedfreeze.federation.records import RoundRecord
-from fedfreeze.provenance import Provenance, SiteSummary, ThresholdChoice, git_state, named_counts, now_utc
+from fedfreeze.git_state import git_state
+from fedfreeze.provenance import Provenance, SiteSummary, ThresholdChoice, named_counts, now_utc
 
 
 def summary_row(summary: dict[str, Any] | None) -> dict[str, Any]:

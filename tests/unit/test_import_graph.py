@@ -35,6 +35,7 @@ RANKS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "fedfreeze.metrics",
             "fedfreeze.operating_point",
             "fedfreeze.sample_data",
+            "fedfreeze.git_state",
         ),
     ),
     ("data and models", ("fedfreeze.data", "fedfreeze.models")),
