@@ -2,7 +2,7 @@
 
 The source model is the shift benchmark's ``defaults`` arm (cached under ``--work``, as in
 ``label_budget.py``); its reference score distribution is the federation's pooled validation histograms
-of the training sites (what ``Coordinator.export_model`` now stores in the model folder). Each "site" is
+of the training sites (what ``federation.export.export_model`` now stores in the model folder). Each "site" is
 a set of images the check sees without labels: NIH adults (a real new hospital), the held-out Kermany
 patients as acquired and at other prevalences (a pure change of class mix, where EM is right to run),
 and the held-out patients under the 7 synthetic shifts. Each site is taken whole and as random

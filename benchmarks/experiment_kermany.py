@@ -80,9 +80,10 @@ def main() -> None:
 
     import torch
 
-    from fedfreeze.evaluation.cli import print_summary
-    from fedfreeze.evaluation.config import load_experiment
-    from fedfreeze.evaluation.experiment import run_experiment
+    from fedfreeze.experiment.command import print_summary
+    from fedfreeze.experiment.config import load_experiment
+    from fedfreeze.experiment.runner import run_experiment
+    from fedfreeze.flower.inprocess import run_in_process
 
     torch.set_num_threads(args.threads)
     manifest = make_manifest(args.out / "data" / "manifest.csv", args.sites, args.per_class, args.max_images, args.seed)
@@ -90,8 +91,14 @@ def main() -> None:
     command = "python benchmarks/experiment_kermany.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     started = time.perf_counter()
     summary = run_experiment(
-        exp, args.out / "run", progress=True, command=command.strip(), resume=True, outside_paths=True
-    )  # the manifest names the shared data set; a stopped run continues
+        exp,
+        args.out / "run",
+        progress=True,
+        command=command.strip(),
+        resume=True,
+        outside_paths=True,  # the manifest names the shared data set; a stopped run continues
+        run_federation=run_in_process,
+    )
     wall = time.perf_counter() - started
     print_summary(summary, args.out / "run")
     print(

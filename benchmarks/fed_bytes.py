@@ -146,8 +146,8 @@ def run_arm(name: str, config: Path, sites: list[Path], out: Path) -> dict:
     from flwr.app import Context, RecordDict
 
     from client.app import app as client_app
+    from fedfreeze.flower.federate import run_federation
     from fedfreeze.flower.local_grid import LocalGrid
-    from fedfreeze.flower.server import run_federation
 
     nodes = {
         i + 1: {"data-path": str(folder), "site-name": folder.name, "state-dir": str(out / "state" / folder.name)}

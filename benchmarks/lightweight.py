@@ -272,8 +272,8 @@ def run_federated(args: argparse.Namespace) -> dict:
     from client.app import app as client_app
     from fedfreeze.data.partition import assign_sites, write_sites
     from fedfreeze.evaluate import evaluate_model
+    from fedfreeze.flower.federate import run_federation
     from fedfreeze.flower.local_grid import LocalGrid
-    from fedfreeze.flower.server import run_federation
 
     root = args.out or Path(tempfile.mkdtemp(prefix="lightweight-fed-"))
     train = dataset(args.dataset, "train")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from fedfreeze.errors import FedfreezeError
 
 if TYPE_CHECKING:
-    from fedfreeze.deploy.approval import ApprovedApps
+    from fedfreeze.state.approval import ApprovedApps
 
 
 def _site_train(args: argparse.Namespace) -> int:
@@ -383,7 +383,7 @@ def _site(args: argparse.Namespace) -> int:
         )
     approved = None
     if args.approved_apps is not None:
-        from fedfreeze.deploy.approval import load_approved
+        from fedfreeze.state.approval import load_approved
 
         approved = load_approved(args.approved_apps)  # a malformed line stops the site here, naming it
     state = Path(args.state_dir or Path.home() / ".cache" / "fedfreeze" / args.name).resolve()
@@ -455,8 +455,8 @@ def _site(args: argparse.Namespace) -> int:
 
 def _approve_apps_only(args: argparse.Namespace, approved: ApprovedApps, state: Path, env: dict[str, str]) -> str:
     """Put fedfreeze's ClientApp runner first on the SuperNode's ``PATH`` and check that it starts;
-    the line that says so (fedfreeze/deploy/approval.py, fedfreeze/flower/approval.py)."""
-    from fedfreeze.deploy import approval
+    the line that says so (fedfreeze/state/approval.py, fedfreeze/flower/approval.py)."""
+    from fedfreeze.state import approval
 
     runner = approval.write_runner(state / approval.RUNNER_FOLDER, approved.path, args.name)
     env["PATH"] = f"{runner}{os.pathsep}{env['PATH']}"
@@ -1035,9 +1035,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from fedfreeze.evaluation.cli import run_experiment_command
+    from fedfreeze.experiment.command import run_experiment_command
+    from fedfreeze.flower.inprocess import run_in_process
 
-    return run_experiment_command(args)
+    return run_experiment_command(args, run_federation=run_in_process)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -27,3 +27,18 @@ class OutputError(FedfreezeError, ValueError):
 
 class MissingExtraError(FedfreezeError):
     """A setting needs optional packages this installation lacks; the message names the pip extra."""
+
+
+class LaunchError(FedfreezeError):
+    """A Flower process could not be started, or a run did not complete."""
+
+
+class CoordinatorUnreachable(LaunchError):
+    """The coordinator did not answer: it is down, restarting, or not reachable from here."""
+
+
+def unreachable(address: str, detail: str) -> CoordinatorUnreachable:
+    return CoordinatorUnreachable(
+        f"the coordinator at {address} does not answer ({detail}): it is down, restarting, or not reachable "
+        "from here (address, firewall, TLS); what became of the run is unknown until it answers"
+    )

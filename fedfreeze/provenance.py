@@ -4,8 +4,8 @@
 module gathers it, with no Flower import:
 
 * the code: fedfreeze's version and, when the installed package is a git checkout, its commit and
-  whether tracked files differ from it (``git_state``; ``None`` when git or the checkout is absent,
-  never an error);
+  whether tracked files differ from it (``fedfreeze.git_state``; ``None`` when git or the checkout
+  is absent, never an error);
 * the app: in a federation, the hash of the Flower app bundle (FAB) that the run executed, as
   Flower reports it (``Run.fab_hash``), handed to the coordinator as plain data; ``None`` for a run
   without a FAB (in-process) and for ``site-train``;
@@ -14,7 +14,8 @@ module gathers it, with no Flower import:
   images per class and a fingerprint of its manifest's rows (never of images). A site sends these
   totals in its reply's metrics under ``DATA_KEYS``; the coordinator checks them
   (``data_summary``) and keeps the latest per site in the round records;
-* every round's parts, bytes and pooled figures, the stored threshold and the rule that chose it.
+* every round's parts, bytes and pooled figures, the stored threshold and the rule that chose it
+  (``fedfreeze.federation.provenance``, from the round records).
 
 Adaptations applied later (``fedfreeze adapt``) are the card's ``adaptations`` list, kept apart.
 """
@@ -24,10 +25,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,12 +36,10 @@ from fedfreeze import __version__
 from fedfreeze.config import Section
 from fedfreeze.data.dataset import MANIFEST_NAME
 from fedfreeze.errors import ProtocolError
+from fedfreeze.git_state import git_state
 
 if TYPE_CHECKING:
     from fedfreeze.data.imageset import ImageSet
-    from fedfreeze.federation.records import RoundRecord
-
-GIT_TIMEOUT_S = 5.0
 
 # a site's data summary in its reply's metrics: totals only (Flower's metric values are numbers or
 # lists of numbers, so the manifest's SHA-256 travels as eight 32-bit words)
@@ -94,46 +90,6 @@ class Provenance(Section):
     threshold: ThresholdChoice
     metrics: dict[str, Any] = Field(default_factory=dict, description="the figures the model card reports")
     started_from: dict[str, Any] | None = Field(None, description="site-train --init: the model it started from")
-
-
-# ---------------------------------------------------------------------------------------- the code
-def source_root() -> Path:
-    """The folder holding the installed ``fedfreeze`` package (a checkout's root when installed -e)."""
-    return Path(__file__).resolve().parent.parent
-
-
-def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the git checkout whose root is ``root`` (default: ``source_root()``).
-
-    ``dirty``: a tracked file differs from the commit (``git describe --dirty``'s sense). (None,
-    None) when git is missing, fails, or ``root`` is not the top of a checkout (an installed wheel
-    inside some other repository must not report that repository's commit).
-    """
-    root = (root or source_root()).resolve()
-    top = _git(root, "rev-parse", "--show-toplevel")
-    if top is None or Path(top).resolve() != root:
-        return None, None
-    commit = _git(root, "rev-parse", "HEAD")
-    if not commit:
-        return None, None
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return commit, None if status is None else bool(status)
-
-
-def _git(root: Path, *args: str) -> str | None:
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # a status must not take the index lock
-    try:
-        done = subprocess.run(
-            ["git", "-C", str(root), *args],
-            capture_output=True,
-            text=True,
-            timeout=GIT_TIMEOUT_S,
-            check=False,
-            env=env,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def now_utc() -> str:
@@ -236,188 +192,6 @@ def _counts(value: Any, length: int, high: int | None = None) -> list[int] | Non
 
 def named_counts(counts: Sequence[int] | None, class_names: Sequence[str]) -> dict[str, int] | None:
     return None if counts is None else dict(zip(class_names, (int(c) for c in counts), strict=True))
-
-
-# ---------------------------------------------------------------------------------------- a federation
-def summary_row(summary: dict[str, Any] | None) -> dict[str, Any]:
-    """A data summary as the flat keys of a site's line in a round record (``data_images``, ...)."""
-    if summary is None:
-        return {}
-    return {
-        "data_images": summary["images"],
-        "data_patients": summary["patients"],
-        "data_class_counts": summary["class_counts"],
-        "data_manifest_sha256": summary["manifest_sha256"],
-    }
-
-
-def federation_sites(
-    records: Sequence[RoundRecord], evaluation_sites: Sequence[str], class_names: Sequence[str]
-) -> tuple[list[SiteSummary], list[SiteSummary]]:
-    """Training and evaluation-only sites, each with the latest data summary it sent and the number
-    of rounds it answered with a valid reply."""
-    latest: dict[str, dict[str, Any]] = {}
-    answered: dict[str, int] = {}
-    for record in records:
-        for row in record.sites:
-            latest[row["site"]] = row
-            answered[row["site"]] = answered.get(row["site"], 0) + 1
-    training: list[SiteSummary] = []
-    evaluating: list[SiteSummary] = []
-    for site in sorted(latest):
-        row = latest[site]
-        role = "evaluate" if site in evaluation_sites else "train"
-        summary = SiteSummary(
-            site=site,
-            role=role,
-            images=row.get("data_images"),
-            patients=row.get("data_patients"),
-            class_counts=named_counts(row.get("data_class_counts"), class_names),
-            manifest_sha256=row.get("data_manifest_sha256"),
-            rounds=answered[site],
-        )
-        (evaluating if role == "evaluate" else training).append(summary)
-    return training, evaluating
-
-
-def round_entry(record: RoundRecord, *, final: bool = False) -> dict[str, Any]:
-    """What the model folder keeps of a round record: parts, sites, bytes and pooled figures (the
-    pooled histograms are left out: metrics.json has them)."""
-    data = asdict(record)
-    pooled = {k: v for k, v in (data.get("pooled") or {}).items() if k != "histograms"}
-    external = data.get("evaluation_sites") or {}
-    return {
-        "round": record.round,
-        "final_evaluation": final,
-        "evaluated_model": record.evaluated_model,
-        "parts": list(record.parts),
-        "sites": [row["site"] for row in record.sites],
-        "rejected": [row["site"] for row in record.rejected],
-        "failed": [row.get("site") or f"node {row.get('node')}" for row in record.failures],
-        "bytes_down": record.bytes_down,
-        "bytes_up": record.bytes_up,
-        "round_seconds": record.round_seconds,
-        "threshold_used": record.threshold_used,
-        "threshold_next": record.threshold_next,
-        "threshold_interval": record.threshold_interval,
-        "pooled": pooled.get("at_threshold_used"),
-        "pooled_at_threshold_next": pooled.get("at_threshold_next"),
-        "weighted_mean": record.weighted_mean,
-        "evaluation_sites": external.get("at_threshold_used"),
-        "privacy": record.privacy,
-    }
-
-
-SITE_FIGURES = ("val_n", "val_auroc", "val_balanced_accuracy", "val_f1", "val_sensitivity", "val_specificity")
-
-
-def federation_metrics(
-    scored: RoundRecord | None, exported_round: int, export_rule: str, evaluation_sites: Sequence[str]
-) -> dict[str, Any]:
-    """The exported model's figures, from the record of the round whose sites scored it: pooled
-    validation of the training sites at the stored threshold, each site's own figures (at the
-    threshold the round used), and the evaluation-only sites' pooled figures."""
-    out: dict[str, Any] = {"exported_round": exported_round, "export_rule": export_rule}
-    if scored is None:
-        return out
-    pooled = scored.pooled or {}
-    external = scored.evaluation_sites or {}
-    out.update(
-        {
-            "scored_in_round": scored.round,
-            "validation": pooled.get("at_threshold_next") or pooled.get("at_threshold_used"),
-            "weighted_mean": scored.weighted_mean,
-            "per_site": [
-                {
-                    "site": row["site"],
-                    "threshold": scored.threshold_used,
-                    **{k: row[k] for k in SITE_FIGURES if k in row},
-                }
-                for row in scored.sites
-                if row["site"] not in evaluation_sites
-            ],
-            "external": None
-            if not external
-            else {
-                "sites": list(external.get("sites", [])),
-                "figures": external.get("at_threshold_next") or external.get("at_threshold_used"),
-                "per_site": [
-                    {
-                        "site": row["site"],
-                        "threshold": scored.threshold_used,
-                        **{k: row[k] for k in SITE_FIGURES if k in row},
-                    }
-                    for row in scored.sites
-                    if row["site"] in evaluation_sites
-                ],
-            },
-        }
-    )
-    return out
-
-
-THRESHOLD_RULES_IN_WORDS = {
-    "youden": "Youden's J (sensitivity + specificity - 1) at its maximum",
-    "youden-mid": "the middle of the plateau where Youden's J is within {tolerance} of its maximum",
-    "target-sensitivity": "the highest threshold with sensitivity at least {target}",
-}
-
-
-def federation_threshold(
-    value: float, rule: float | str, *, binary: bool, interval: list[float] | None, tolerance: float, target: float
-) -> ThresholdChoice:
-    """The federation's stored threshold and its rule (``federation.threshold``) in words."""
-    if not binary:
-        return ThresholdChoice(value=value, rule="arg-max", how="multi-class: the class with the highest score")
-    if not isinstance(rule, str):
-        return ThresholdChoice(
-            value=value,
-            rule="number",
-            how=f"the configured federation.threshold = {rule:g} (snapped to the score bins), not fitted to data",
-            interval=None,
-        )
-    words = THRESHOLD_RULES_IN_WORDS[rule].format(tolerance=tolerance, target=target)
-    return ThresholdChoice(
-        value=value,
-        rule=rule,
-        how=f"{words}, on the training sites' pooled validation score histograms (the same data its "
-        "validation figures come from, so those are optimistic at this threshold)",
-        interval=interval,
-    )
-
-
-def federation_provenance(
-    *,
-    config: dict[str, Any],
-    app_hash: str | None,
-    history: Sequence[RoundRecord],
-    final: RoundRecord | None,
-    exported: Mapping[str, Any],
-    threshold: ThresholdChoice,
-    evaluation_sites: Sequence[str],
-    class_names: Sequence[str],
-) -> Provenance:
-    """The provenance of a federation's exported model, from plain data (no Flower type)."""
-    records = [*history, *([final] if final is not None else [])]
-    training, evaluating = federation_sites(records, evaluation_sites, class_names)
-    scored = next((r for r in records if r.round == int(exported["round"]) + 1), None)
-    commit, dirty = git_state()
-    return Provenance(
-        source="federation",
-        created_utc=now_utc(),
-        git_commit=commit,
-        git_dirty=dirty,
-        app_hash=app_hash or None,
-        app_hash_note=""
-        if app_hash
-        else "no app bundle (FAB): the run was not started from one (an in-process federation)",
-        config=config,
-        sites=training,
-        evaluation_sites=evaluating,
-        rounds=[round_entry(r) for r in history] + ([round_entry(final, final=True)] if final is not None else []),
-        threshold=threshold,
-        metrics=federation_metrics(scored, int(exported["round"]), str(exported["rule"]), evaluation_sites),
-    )
 
 
 # ---------------------------------------------------------------------------------------- site-train

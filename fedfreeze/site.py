@@ -4,7 +4,7 @@ Every fold starts from the same pretrained backbone, so the probe's backbone fea
 same for every fold: they are computed once for all images and each fold takes its rows.
 
 With ``init`` (``--init MODEL_DIR``) every fold and the refit start from a trained model folder
-instead (``models/init_from.py``), and the folder's model, un-adapted, is scored on the same test
+instead (``init_from.py``), and the folder's model, un-adapted, is scored on the same test
 folds: ``metrics.json`` then holds its fold metrics (``baseline``) and a paired comparison
 (``comparison``: DeLong's test over folds on AUROC, and per-metric differences).
 """
@@ -26,10 +26,10 @@ from fedfreeze.data.splits import patient_folds
 from fedfreeze.errors import ConfigError
 from fedfreeze.evaluation.delong import FoldScores, delong_test_over_folds
 from fedfreeze.inference.engine import InferenceSettings
+from fedfreeze.init_from import InitModel, data_class_names, load_init
 from fedfreeze.metrics import METRIC_KEYS, classification_metrics, summarize, youden_threshold
 from fedfreeze.model_io import ModelCard, make_card, model_scores, save_model
 from fedfreeze.models.grouped import GroupedNet
-from fedfreeze.models.init_from import InitModel, data_class_names, load_init
 from fedfreeze.models.registry import build_model
 from fedfreeze.outputs import Output, output_folder
 from fedfreeze.provenance import Provenance, site_train_provenance

@@ -3,7 +3,7 @@
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedfreeze.flower.server import run_federation
+from fedfreeze.flower.federate import run_federation
 
 app = ServerApp()
 

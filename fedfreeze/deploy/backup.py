@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedfreeze.deploy import runstate, sitebook
 from fedfreeze.errors import ConfigError
+from fedfreeze.state import runstate, sitebook
 
 DATABASE = "superlink.db"  # fedfreeze server's --database, in its state folder
 MANIFEST = "fedfreeze-backup.json"

@@ -25,27 +25,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedfreeze.deploy.logs import LogSink
-from fedfreeze.errors import FedfreezeError
+from fedfreeze.errors import LaunchError, unreachable
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the project folder: pyproject.toml, server/, client/
 
 
-class LaunchError(FedfreezeError):
-    """A Flower process could not be started, or a run did not complete."""
-
-
-class CoordinatorUnreachable(LaunchError):
-    """The coordinator did not answer: it is down, restarting, or not reachable from here."""
-
-
 UNAVAILABLE = "Connection to the SuperLink is unavailable"  # what every flwr command says then
-
-
-def unreachable(address: str, detail: str) -> CoordinatorUnreachable:
-    return CoordinatorUnreachable(
-        f"the coordinator at {address} does not answer ({detail}): it is down, restarting, or not reachable "
-        "from here (address, firewall, TLS); what became of the run is unknown until it answers"
-    )
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fedfreeze.deploy import runstate, sitebook
+from fedfreeze.state import runstate, sitebook
 
 INTERVAL = 10.0  # seconds between two looks at the SuperLink
 STATUSES = (runstate.RUNNING, runstate.COMPLETED, runstate.FAILED, runstate.INTERRUPTED)

@@ -12,10 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
-from fedfreeze.deploy import runstate
-from fedfreeze.deploy.launch import LaunchError
-from fedfreeze.errors import ConfigError
+from fedfreeze.errors import ConfigError, LaunchError
 from fedfreeze.flower.control import SiteInfo, control
+from fedfreeze.state import runstate
 
 DEFAULT_STATE = Path("coordinator-state")  # fedfreeze server's default --state-dir
 

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from fedfreeze.deploy import launch, metrics, runstate
+from fedfreeze.deploy import launch, metrics
 from fedfreeze.deploy.guard import with_guards, write_guards
 from fedfreeze.deploy.logs import LogSink
 from fedfreeze.deploy.supervise import Supervisor
 from fedfreeze.errors import ConfigError
+from fedfreeze.state import runstate
 
 LOCK_FILE = "coordinator.lock"
 

@@ -18,13 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfreeze.adaptation.recalibration import fit_calibration
 from fedfreeze.config import resolve_bn_stats
 from fedfreeze.errors import DataError, FedfreezeError, ProtocolError
 from fedfreeze.evaluation.cells import ReleasedCells, common_edges
 from fedfreeze.evaluation.pooled import (
     choose_threshold,
-    edge_logits,
     estimated_counts,
     pooled_multiclass_metrics,
     released_metrics,
@@ -45,16 +43,14 @@ from fedfreeze.federation.exchange import (
     set_trainable_state,
 )
 from fedfreeze.federation.protocol import DUAL, EVALUATE_ROLE, OWN_FIGURES, TRAIN_ROLE, RoundOrders
+from fedfreeze.federation.provenance import summary_row
 from fedfreeze.federation.records import Reply, RoundRecord, json_default
 from fedfreeze.federation.rounds import RoundPlan, plan_round
 from fedfreeze.federation.secure_stats import SECURE, SecureSum, check_sum
 from fedfreeze.federation.tracking import Tracking
-from fedfreeze.model_io import make_card, model_sha256, save_model
-from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.models.registry import build_model
-from fedfreeze.operating_point import OperatingPoint, ScoreCalibration
-from fedfreeze.provenance import data_summary, federation_provenance, federation_threshold, summary_row
-from fedfreeze.reference_scores import ReferenceScores, reference_from_histograms
+from fedfreeze.operating_point import OperatingPoint
+from fedfreeze.provenance import data_summary
 from fedfreeze.training.schedule import adapter_groups, check_groups, check_rate_groups
 
 log = logging.getLogger("fedfreeze.coordinator")
@@ -343,26 +339,32 @@ class Coordinator:
                 "histograms": {"neg": _rounded(hist_neg), "pos": _rounded(hist_pos)},
                 "cells": released,
             }
-            if evaluators:
-                external, ext_counts, ext_about = self.group_counts(evaluators, orders, sums.get(EVALUATE_ROLE))
-                self.site_figures.update(self._site_figures(evaluators, external, ext_counts, record.threshold_used))
-                record.evaluation_sites = {
-                    "sites": [r.site for r in evaluators],
-                    "at_threshold_used": released_metrics(external, ext_counts, self.edges, record.threshold_used),
-                    "at_threshold_next": released_metrics(external, ext_counts, self.edges, self.threshold),
-                    "cells": ext_about,
-                }
         else:
             record.pooled = {"at_threshold_used": pooled_multiclass_metrics(estimated), "cells": released}
-            if evaluators:
-                external, ext_counts, ext_about = self.group_counts(evaluators, orders, sums.get(EVALUATE_ROLE))
-                self.site_figures.update(self._site_figures(evaluators, external, ext_counts, record.threshold_used))
-                record.evaluation_sites = {
-                    "sites": [r.site for r in evaluators],
-                    "at_threshold_used": pooled_multiclass_metrics(ext_counts),
-                    "cells": ext_about,
-                }
+        if evaluators:
+            self._pool_evaluators(evaluators, record, record.threshold_used, orders, sums.get(EVALUATE_ROLE))
         record.threshold_next = self.threshold
+
+    def _pool_evaluators(
+        self,
+        evaluators: list[Reply],
+        record: RoundRecord,
+        used: float,
+        orders: RoundOrders,
+        secure_sum: SecureSum | None,
+    ) -> None:
+        """The evaluation-only sites pooled apart (``record.evaluation_sites``), at the threshold used and,
+        for a binary task, the next one; their figures choose nothing. ``used``: the round's threshold."""
+        cells, counts, about = self.group_counts(evaluators, orders, secure_sum)
+        self.site_figures.update(self._site_figures(evaluators, cells, counts, used))
+        if self.binary:
+            figures = {
+                "at_threshold_used": released_metrics(cells, counts, self.edges, used),
+                "at_threshold_next": released_metrics(cells, counts, self.edges, self.threshold),
+            }
+        else:
+            figures = {"at_threshold_used": pooled_multiclass_metrics(counts)}
+        record.evaluation_sites = {"sites": [r.site for r in evaluators], **figures, "cells": about}
 
     def _site_figures(
         self, replies: list[Reply], cells: list[ReleasedCells], estimated: list[np.ndarray], threshold: float
@@ -552,130 +554,6 @@ class Coordinator:
         self.history = [RoundRecord(**r) for r in progress["history"]]
         log.info("resuming after round %d of %d", self.completed, self.fed.rounds)
         return True
-
-    def exported(self) -> dict[str, Any]:
-        """Which global model is exported, and the threshold and pooled figures that go with it."""
-        if self.fed.export == "best" and self.best is not None:  # (None: no round's figures were decisive)
-            return {
-                "round": self.best["round"],
-                "rule": "best pooled validation AUROC of the training sites",
-                "threshold": self.best["threshold"],
-                "threshold_interval": self.best["threshold_interval"],
-                "pooled": self.best["pooled"],
-                "state": self.best["state"],
-            }
-        return {
-            "round": self.completed,
-            "rule": "last round"
-            if self.fed.export == "last"
-            else f"last round: no round's pooled validation AUROC was known to within best-max-range = "
-            f"{self.fed.best_max_range}",
-            "threshold": self.threshold,
-            "threshold_interval": None,
-            "pooled": None,
-            "state": self.state,
-        }
-
-    def export_model(self, final: RoundRecord | None = None) -> tuple[Path, dict[str, Any]]:
-        """The exported global model as a model folder that ``fedfreeze evaluate`` reads, and what it is."""
-        if final is not None:
-            self.note_scored(final, self.state, self.completed)
-        chosen = self.exported()
-        if chosen["pooled"] is None and final is not None:
-            chosen["pooled"], chosen["threshold_interval"] = final.pooled, final.threshold_interval
-        model: GroupedNet = self.model
-        model.load_state_dict(chosen["state"])
-        threshold = chosen["threshold"] if self.binary else 0.5
-        calibration = self._pooled_temperature(chosen)
-        if calibration is not None:  # the stored threshold moves with the scores: the same decisions
-            threshold = float(calibration.apply(np.array([threshold]))[0])
-        sha = model_sha256(model)
-        points = {site: p for site, p in self.shared_points.items() if p.model_sha256 == sha}
-        chosen["operating_points"] = sorted(points)
-        chosen["operating_points_for_other_weights"] = sorted(set(self.shared_points) - set(points))
-        provenance = federation_provenance(
-            config=self.cfg.model_dump(mode="json", by_alias=True),
-            app_hash=self.app_hash,
-            history=self.history,
-            final=final,
-            exported=chosen,
-            threshold=federation_threshold(
-                threshold,
-                self.fed.threshold,
-                binary=self.binary,
-                interval=chosen["threshold_interval"],
-                tolerance=self.fed.threshold_tolerance,
-                target=self.fed.target_sensitivity,
-            ),
-            evaluation_sites=self.fed.evaluation_sites,
-            class_names=self.cfg.model.class_names or [str(i) for i in range(self.cfg.model.num_classes)],
-        )
-        card = make_card(
-            model,
-            self.cfg.model,
-            threshold=threshold,
-            trained_by="fedfreeze federation",
-            notes={
-                "rounds": self.completed,
-                "rounds_planned": self.fed.rounds,
-                "exported_round": chosen["round"],
-                "export_rule": chosen["rule"],
-                "strategy": self.fed.strategy,
-                "bn_policy": self.fed.bn_policy,
-                "wise_alpha": self.fed.wise_alpha,
-                "threshold_rule": str(self.fed.threshold),
-                "threshold_interval": chosen["threshold_interval"],
-            },
-            provenance=provenance,
-            reference_scores=self._reference(chosen),
-            calibration=calibration,
-            operating_points=points,
-        )
-        info = {k: v for k, v in chosen.items() if k != "state"}
-        return save_model(self.out / MODEL_DIR, model, card), info
-
-    def _pooled_temperature(self, chosen: dict[str, Any]) -> ScoreCalibration | None:
-        """``federation.calibrate = "temperature"``: temperature scaling fitted to the exported model's pooled
-        validation histograms (each bin's cases at its centre logit), by ``recalibration.fit_calibration``."""
-        hist = ((chosen.get("pooled") or {}).get("histograms") or {}) if self.binary else {}
-        if self.fed.calibrate == "none" or not hist.get("neg") or not hist.get("pos"):
-            return None
-        logits = edge_logits(self.edges)
-        step = float(logits[2] - logits[1]) if len(logits) > 3 else 1.0
-        inner = np.nan_to_num(logits, posinf=logits[-2] + step, neginf=logits[1] - step)
-        centres = (inner[:-1] + inner[1:]) / 2
-        z = np.r_[centres, centres]
-        y = np.r_[np.zeros(len(centres)), np.ones(len(centres))]
-        w = np.r_[np.asarray(hist["neg"], dtype=float), np.asarray(hist["pos"], dtype=float)]
-        try:
-            a, _ = fit_calibration(z[w > 0], y[w > 0], "temperature", w[w > 0])
-        except DataError as err:
-            log.warning("federation.calibrate = temperature: not fitted (%s); the scores stay as they are", err)
-            return None
-        return ScoreCalibration(
-            method="temperature",
-            a=a,
-            fitted_on=f"pooled validation histograms of the training sites (after round {chosen['round']})",
-        )
-
-    def _reference(self, chosen: dict[str, Any]) -> ReferenceScores | None:
-        """The exported model's pooled validation histograms of the training sites (estimated from the
-        cells they released): what a new site's label-free checks compare its scores with."""
-        pooled = chosen.get("pooled") or {}
-        hist = (pooled.get("histograms") or {}) if self.binary else {}
-        if not hist.get("neg") or not hist.get("pos"):
-            return None
-        about = pooled.get("cells") or {}
-        k = int(about.get("min_cell_count", self.fed.min_cell_count))
-        how = (
-            "exact, the secure sum of the sites'" if "secure_sum" in about else f"estimated from cells of >= {k} cases"
-        )
-        return reference_from_histograms(
-            hist["neg"],
-            hist["pos"],
-            k,
-            f"pooled validation of the training sites for the exported model (after round {chosen['round']}), {how}",
-        )
 
 
 def mean_of_sites(figures: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:

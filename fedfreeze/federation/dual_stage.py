@@ -69,7 +69,7 @@ class StandardRecipe:
         return set(self.model.state_dict())
 
 
-class DualStage(StandardRecipe):
+class DualRecipe(StandardRecipe):
     """The coordinator's view of the dual recipe: the dual model until the merge, then the merged
     single-input model whose frozen groups travel down (its rounds: ``rounds.plan_round``)."""
 
@@ -108,7 +108,7 @@ class DualStage(StandardRecipe):
 
 def recipe_for(model: GroupedNet, model_cfg: ModelConfig, recipe: str, dual_rounds: int, seed: int) -> StandardRecipe:
     """The coordinator's recipe object for ``train.recipe``."""
-    return DualStage(model, model_cfg, dual_rounds, seed) if recipe == "dual" else StandardRecipe(model)
+    return DualRecipe(model, model_cfg, dual_rounds, seed) if recipe == "dual" else StandardRecipe(model)
 
 
 def base_arrays(state: Mapping[str, torch.Tensor], plan: ExchangePlan) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ byte in any file of the app, or in its ``pyproject.toml``, gives another hash.
   isolation the SuperNode starts the superexec with its own environment, so the site's ``PATH``
   decides which ``flwr-clientapp`` runs. That is Flower's mechanism for choosing the ClientApp
   program, and ``fedfreeze site --approved-apps`` uses it: fedfreeze's runner (written by
-  ``fedfreeze.deploy.approval.write_runner``) comes first on the SuperNode's ``PATH``.
+  ``fedfreeze.state.approval.write_runner``) comes first on the SuperNode's ``PATH``.
 - Refusing before the ClientApp process starts (in the superexec) would send no reply: the
   coordinator would wait for the round's timeout and record "no reply". Inside the ClientApp
   process, Flower's own error handling turns the refusal into an error reply carrying its reason,
@@ -58,8 +58,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedfreeze.deploy.approval import ApprovalListError, load_approved
 from fedfreeze.errors import ConfigError
+from fedfreeze.state.approval import ApprovalListError, load_approved
 
 HOOKED_MODULE = "flwr.supernode.runtime.run_clientapp"
 HOOKS = ("pull_task_input", "install_from_fab")  # run_clientapp calls them in this order, then loads the app

@@ -4,7 +4,7 @@
 the public key, the end of its heartbeat), and every ``flwr`` command is a new Python process
 (1-2 s here). Flower's own HTTP client of the Control API (``ControlHttpClient``, what those
 commands use; Flower is pinned to 1.42.0) answers in milliseconds with every field. A coordinator
-that does not answer is a ``CoordinatorUnreachable`` (``launch.unreachable``), never an empty list.
+that does not answer is a ``CoordinatorUnreachable`` (``errors.unreachable``), never an empty list.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from flwr.proto.control_pb2 import ListNodesRequest, ListRunsRequest, Unregister
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 
-from fedfreeze.deploy.keys import fingerprint
-from fedfreeze.deploy.launch import LaunchError, unreachable
+from fedfreeze.errors import LaunchError, unreachable
+from fedfreeze.state.keys import fingerprint
 
 
 @dataclass(frozen=True)

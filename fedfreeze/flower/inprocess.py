@@ -23,8 +23,8 @@ from flwr.clientapp import ClientApp
 from fedfreeze.federation.config import SITE_SCHEDULE_KEYS, FedConfig
 from fedfreeze.federation.report import METRICS_FILE
 from fedfreeze.flower.client import client_app as project_client_app
+from fedfreeze.flower.federate import run_federation
 from fedfreeze.flower.local_grid import LocalGrid
-from fedfreeze.flower.server import run_federation
 from fedfreeze.models.checkpoints import names_a_file
 
 CONFIG_FILE = "fed.toml"

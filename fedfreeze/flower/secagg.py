@@ -5,7 +5,7 @@ Why not Flower's ``SecAggPlusWorkflow`` and ``secaggplus_mod`` (flwr 1.42.0, rea
 
 - the workflow runs only inside the legacy ``DefaultWorkflow``: ``__call__`` refuses any context but a
   ``LegacyContext``, and its stages call a legacy ``Strategy.configure_fit`` / ``aggregate_fit`` on
-  ``ClientProxy`` objects. fedfreeze's round loop is its own, on the Message API (``flower/server.py``:
+  ``ClientProxy`` objects. fedfreeze's round loop is its own, on the Message API (``flower/federate.py``:
   partial exchange, reply checks, failure records, resumable checkpoints), with Message-API strategies;
 - what it sums is the fit result's *model parameters*: floats clipped to ``clipping_range``,
   stochastically rounded, multiplied by the site's ``num_examples`` and averaged back. The sum of

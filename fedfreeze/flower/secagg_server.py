@@ -293,7 +293,7 @@ class SecureRound:
         return replies
 
     def _failure(self, node: int, reason: str) -> None:
-        """A site lost to the protocol, recorded as the round's failures are (flower/server.py's ``exchange``)."""
+        """A site lost to the protocol, recorded as the round's failures are (flower/grid_round.py's ``exchange``)."""
         site = self.names.get(node)
         self.record.failures.append({"node": node, "site": site, "reason": reason, "seconds": 0.0})
         log.warning("%s: %s failed: %s", self.session, site or f"node {node}", reason)

@@ -20,9 +20,9 @@ from fedfreeze.config import SiteConfig, TrainConfig, load_site_config
 from fedfreeze.data.dataset import load_image_set
 from fedfreeze.errors import ConfigError
 from fedfreeze.evaluation.delong import FoldScores, delong_test_over_folds
+from fedfreeze.init_from import check_init_config, load_init
 from fedfreeze.metrics import classification_metrics
 from fedfreeze.model_io import ModelCard, ScoreCalibration, load_model, make_card, read_card, save_model
-from fedfreeze.models.init_from import check_init_config, load_init
 from fedfreeze.sample_data import kermany_mini
 from fedfreeze.training.engine import extract_features, predict_scores, train_phase
 from tests.shipped import beside

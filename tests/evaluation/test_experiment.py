@@ -12,9 +12,10 @@ import torch
 
 from fedfreeze.cli import main
 from fedfreeze.errors import ConfigError, OutputError
-from fedfreeze.evaluation import experiment as runner
-from fedfreeze.evaluation.config import load_experiment, parse_experiment
-from fedfreeze.evaluation.experiment import ExperimentInterrupted, run_experiment
+from fedfreeze.experiment import runner
+from fedfreeze.experiment.config import load_experiment, parse_experiment
+from fedfreeze.experiment.runner import ExperimentInterrupted, run_experiment
+from fedfreeze.flower.inprocess import run_in_process
 from fedfreeze.outputs import partial_path
 from fedfreeze.sample_data import kermany_mini
 from tests.shipped import beside
@@ -89,7 +90,7 @@ def finished(tmp_path_factory, small_data):
     torch.set_num_threads(1)  # tiny convolutions: one thread is faster, and kinder to a shared machine
     try:
         with pytest.raises(ExperimentInterrupted):
-            run_experiment(load_experiment(config), out, progress=False, stop_after=2)
+            run_experiment(load_experiment(config), out, progress=False, stop_after=2, run_federation=run_in_process)
         before, trained, code = resume(config, out)
     finally:
         torch.set_num_threads(threads)
@@ -183,12 +184,26 @@ def test_changed_arm_or_protocol_is_refused(finished, small_data):
     root, out, _, _ = finished
     changed = EXPERIMENT.replace("train = {{ probe-epochs = 3 }}", "train = {{ probe-epochs = 4 }}")
     with pytest.raises(ConfigError, match="made with other settings for arm 'pooled'"):
-        run_experiment(load_experiment(write_config(root, small_data, changed)), out, progress=False, resume=True)
+        run_experiment(
+            load_experiment(write_config(root, small_data, changed)),
+            out,
+            progress=False,
+            resume=True,
+            run_federation=run_in_process,
+        )
     other_folds = EXPERIMENT.replace("folds = 2", "folds = 3")
     with pytest.raises(ConfigError, match="another protocol or data"):
-        run_experiment(load_experiment(write_config(root, small_data, other_folds)), out, progress=False, resume=True)
+        run_experiment(
+            load_experiment(write_config(root, small_data, other_folds)),
+            out,
+            progress=False,
+            resume=True,
+            run_federation=run_in_process,
+        )
     with pytest.raises(OutputError, match="exists and is not empty: give --force to replace it or --resume"):
-        run_experiment(load_experiment(write_config(root, small_data)), out, progress=False)
+        run_experiment(
+            load_experiment(write_config(root, small_data)), out, progress=False, run_federation=run_in_process
+        )
 
 
 def test_config_errors_name_the_field(tmp_path):
@@ -218,3 +233,10 @@ def test_config_errors_name_the_field(tmp_path):
     assert exp.comparisons() == [("a", "b")]
     assert exp.data_path == tmp_path / "x.csv"
     assert exp.arms["a"].fingerprint() != exp.arms["b"].fingerprint()
+
+
+def test_a_federated_arm_without_a_runner_is_refused(tmp_path, small_data):
+    """The harness imports no Flower adapter: the caller passes the federation's runner (the CLI does)."""
+    with pytest.raises(ConfigError, match="arm\\(s\\) federated are federated: pass run_federation"):
+        run_experiment(load_experiment(write_config(tmp_path, small_data)), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

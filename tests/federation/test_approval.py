@@ -32,10 +32,11 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fedfreeze.cli import main
-from fedfreeze.deploy import approval, launch, serve
+from fedfreeze.deploy import launch, serve
 from fedfreeze.flower import approval as runner
 from fedfreeze.flower import server as flower_server
 from fedfreeze.flower.local_grid import LocalGrid
+from fedfreeze.state import approval
 from tests.federation.conftest import read_metrics
 from tests.federation.processes import (
     Tracker,

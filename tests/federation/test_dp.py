@@ -20,7 +20,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedfreeze.flower import server
+from fedfreeze.flower import federate, strategies
 from fedfreeze.flower.client import dp_clipping_mod, handle_evaluate, handle_train
 from fedfreeze.flower.local_grid import LocalGrid
 from fedfreeze.model_io import load_model
@@ -73,7 +73,7 @@ class Recorder:
         return strategy
 
 
-REAL_MAKE_STRATEGY = server.make_strategy
+REAL_MAKE_STRATEGY = strategies.make_strategy
 
 
 def recording_client(raw: dict[tuple[str, int], dict[str, np.ndarray]]) -> ClientApp:
@@ -96,7 +96,7 @@ def run_dp(tmp: Path, site_folders: dict[str, Path], mode: str, monkeypatch: pyt
         tmp, rounds=2, extra=f'dp = "{mode}"\ndp-clipping-norm = {CLIP}\ndp-noise-multiplier = {NOISE}'
     )
     recorder = Recorder()
-    monkeypatch.setattr(server, "make_strategy", recorder.strategy)
+    monkeypatch.setattr(federate, "make_strategy", recorder.strategy)
     sent: dict[int, dict[str, np.ndarray]] = {}
     wire: dict[tuple[str, int], dict[str, np.ndarray]] = {}  # what each site sent, copied as it arrived
     raw: dict[tuple[str, int], dict[str, np.ndarray]] = {}
@@ -111,7 +111,9 @@ def run_dp(tmp: Path, site_folders: dict[str, Path], mode: str, monkeypatch: pyt
     run_config = {"config": str(config), "out-dir": str(out), "resume": False}
     grid = LocalGrid(recording_client(raw), node_configs(site_folders, tmp / "state"), run_config, on_reply=on_reply)
     np.random.seed(1234)  # Flower draws the noise from NumPy's global generator
-    server.run_federation(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    federate.run_federation(
+        grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     return {"metrics": metrics, "recorder": recorder, "sent": sent, "wire": wire, "raw": raw}
 

@@ -16,8 +16,8 @@ from flwr.clientapp import ClientApp
 
 from client.app import app as real_client
 from fedfreeze.flower.client import handle_evaluate, handle_train
+from fedfreeze.flower.federate import run_federation
 from fedfreeze.flower.local_grid import LocalGrid
-from fedfreeze.flower.server import run_federation
 from fedfreeze.model_io import load_model
 from tests.federation.conftest import fast_config, read_metrics
 from tests.federation.test_federation_inprocess import node_configs

@@ -23,8 +23,9 @@ from fedfreeze.evaluation.pooled import score_bin_edges, snap_threshold
 from fedfreeze.federation.config import FederationConfig, load_fed_config
 from fedfreeze.federation.site_runtime import SiteRuntime, validation_release
 from fedfreeze.flower.client import handle_evaluate, handle_train, orders_from
+from fedfreeze.flower.federate import run_federation
 from fedfreeze.flower.local_grid import LocalGrid
-from fedfreeze.flower.server import make_strategy, run_federation
+from fedfreeze.flower.strategies import make_strategy
 from fedfreeze.model_io import load_model
 from fedfreeze.provenance import DATA_KEYS
 from fedfreeze.sample_data import kermany_mini

@@ -16,8 +16,8 @@ from flwr.supercore.run import Run
 
 from client.app import app as real_client
 from fedfreeze.cli import main
+from fedfreeze.flower.federate import run_federation
 from fedfreeze.flower.local_grid import LocalGrid
-from fedfreeze.flower.server import run_federation
 from fedfreeze.model_card import CARD_MARKDOWN
 from fedfreeze.model_io import read_card
 from fedfreeze.provenance import manifest_sha256

@@ -20,6 +20,7 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 from fedfreeze.federation.coordinator import FederationFailed
 from fedfreeze.federation.protocol import METRICS, PROOF
 from fedfreeze.federation.records import RoundRecord
+from fedfreeze.flower import federate, grid_round
 from fedfreeze.flower import server as flower_server
 from fedfreeze.flower.local_grid import LocalGrid
 
@@ -98,7 +99,7 @@ def test_one_failure_per_site_with_its_cause_seconds_and_name(progress):
     grid = ScriptedGrid({1: "reply", 2: "unavailable", 3: "silent"})
     coord = coordinator(names={2: "site-b"})  # a previous round's reply named node 2
     record = RoundRecord(round=2, parts=["head"])
-    valid_msgs, valid = flower_server.exchange(
+    valid_msgs, valid = grid_round.exchange(
         grid, messages_for(grid, [1, 2, 3]), coord, None, None, record, with_arrays=True
     )
 
@@ -140,7 +141,7 @@ def test_too_few_replies_fail_the_round_and_keep_the_records():
         match=r"round 3: 1 valid replies of training sites, fewer than "
         r"min-sites = 2 \(1 failed, 0 rejected\)",
     ):
-        flower_server.exchange(grid, messages_for(grid, [1, 2]), coord, None, None, record, with_arrays=False)
+        grid_round.exchange(grid, messages_for(grid, [1, 2]), coord, None, None, record, with_arrays=False)
     assert coord.failed_round is record
     assert [(f["node"], f["site"]) for f in record.failures] == [(2, "site-b")]
 
@@ -177,7 +178,7 @@ def test_enough_sites_start_at_once_and_quietly(progress):
 
 def test_waiting_for_sites_names_the_registered_sites_that_are_not_connected(progress, monkeypatch, tmp_path):
     """The coordinator's registered sites (written by ``fedfreeze server``) name every node, connected or not."""
-    from fedfreeze.deploy import runstate, sitebook
+    from fedfreeze.state import runstate, sitebook
 
     sitebook.write_sites(
         tmp_path,
@@ -214,7 +215,7 @@ def test_a_failed_federation_is_one_line_in_flowers_log_not_a_traceback():
         import sys
 
         record.exc_info = sys.exc_info()
-    assert flower_server.OneLineFailure().filter(record)
+    assert federate.OneLineFailure().filter(record)
     text = logging.Formatter("%(levelname)s : %(message)s").format(record)
     assert text == "ERROR : the federation failed: round 1: 0 valid replies of training sites, fewer than min-sites = 2"
 
@@ -225,5 +226,5 @@ def test_a_failed_federation_is_one_line_in_flowers_log_not_a_traceback():
         import sys
 
         other.exc_info = sys.exc_info()
-    flower_server.OneLineFailure().filter(other)
+    federate.OneLineFailure().filter(other)
     assert "Traceback" in logging.Formatter().format(other)  # anything else keeps its traceback

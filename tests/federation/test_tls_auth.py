@@ -29,7 +29,7 @@ import pytest
 
 from fedfreeze.cli import main
 from fedfreeze.deploy import launch
-from fedfreeze.deploy.keys import fingerprint
+from fedfreeze.state.keys import fingerprint
 from tests.federation.processes import TAG_VAR, Tracker, check_completed, run_cli, site_folder, tracked, wait_online
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"

@@ -15,8 +15,8 @@ from fedfreeze.data.partition import assign_sites, write_sites
 from fedfreeze.errors import ConfigError
 from fedfreeze.evaluate import evaluate_model
 from fedfreeze.federation.config import load_fed_config
+from fedfreeze.flower.federate import run_federation
 from fedfreeze.flower.local_grid import LocalGrid
-from fedfreeze.flower.server import run_federation
 from fedfreeze.models.dual import merge_state
 from fedfreeze.models.registry import build_model
 from tests.lightweight.conftest import LWCNN_MODEL_TOML, MNIST_FIXTURE, lwcnn_config

@@ -18,8 +18,9 @@ from fedfreeze import __version__
 from fedfreeze.cli import main
 from fedfreeze.config import ModelConfig
 from fedfreeze.data.dataset import load_image_set
+from fedfreeze.flower.federate import run_fab_hash
 from fedfreeze.flower.local_grid import LocalGrid
-from fedfreeze.flower.server import run_fab_hash
+from fedfreeze.git_state import git_state, source_root
 from fedfreeze.model_card import CARD_MARKDOWN, render_card, wilson
 from fedfreeze.model_io import CARD_FILE, load_model, make_card, read_card, save_model
 from fedfreeze.models.registry import build_model
@@ -29,12 +30,10 @@ from fedfreeze.provenance import (
     DATA_MANIFEST,
     DATA_PATIENTS,
     data_summary,
-    git_state,
     manifest_sha256,
     provenance_line,
     sha256_to_words,
     site_data_metrics,
-    source_root,
     words_to_sha256,
 )
 from fedfreeze.sample_data import kermany_mini

@@ -13,6 +13,7 @@ from fedfreeze.errors import ConfigError
 from fedfreeze.evaluation.pooled import class_histograms, score_bin_edges
 from fedfreeze.federation.config import load_fed_config
 from fedfreeze.federation.coordinator import Coordinator
+from fedfreeze.federation.export import pooled_temperature
 from fedfreeze.model_io import load_model, make_card, save_model
 from fedfreeze.models.registry import build_model, equalize_histograms
 from fedfreeze.training.engine import extract_features, predict_scores, targets_for
@@ -91,6 +92,6 @@ def test_temperature_on_pooled_histograms_keeps_one_half_and_calibrates(tmp_path
     scores = 1.0 / (1.0 + np.exp(-6.0 * z))
     hist = class_histograms(y.astype(int), scores, score_bin_edges(coord.fed.score_bins))
     pooled = {"histograms": {"neg": hist[0].tolist(), "pos": hist[1].tolist()}}
-    calibration = coord._pooled_temperature({"pooled": pooled, "round": 4})
+    calibration = pooled_temperature(coord, {"pooled": pooled, "round": 4})
     assert calibration is not None and calibration.a == pytest.approx(1 / 3, rel=0.15)  # over-confident by 3
     assert calibration.apply(np.array([0.5]))[0] == pytest.approx(0.5)

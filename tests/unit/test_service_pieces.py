@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedfreeze.deploy import backup, logs, metrics, runstate
-from fedfreeze.deploy.keys import fingerprint
+from fedfreeze.deploy import backup, logs, metrics
 from fedfreeze.errors import ConfigError
+from fedfreeze.state import runstate
+from fedfreeze.state.keys import fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 

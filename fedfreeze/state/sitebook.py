@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedfreeze.deploy.runstate import STATE_VARIABLE
+from fedfreeze.state.runstate import STATE_VARIABLE
 
 SITES_FILE = "sites.json"
 

@@ -6,15 +6,20 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedfreeze.evaluation.analysis import POOLED
 from fedfreeze.evaluation.bootstrap import METRICS
-from fedfreeze.evaluation.report import NAMES, REPORT_FILE, format_cell, p_text
+from fedfreeze.experiment.report import NAMES, REPORT_FILE, format_cell, p_text
+
+if TYPE_CHECKING:
+    from fedfreeze.experiment.runner import FederationRunner
 
 
-def run_experiment_command(args: argparse.Namespace) -> int:
-    from fedfreeze.evaluation.config import load_experiment
-    from fedfreeze.evaluation.experiment import run_experiment
+def run_experiment_command(args: argparse.Namespace, *, run_federation: FederationRunner) -> int:
+    """Run the experiment ``args`` name; federated arms run through ``run_federation`` (from ``fedfreeze.cli``)."""
+    from fedfreeze.experiment.config import load_experiment
+    from fedfreeze.experiment.runner import run_experiment
 
     if args.threads:
         import torch
@@ -32,6 +37,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         force=args.force,
         resume=args.resume,
         outside_paths=args.allow_outside_paths,
+        run_federation=run_federation,
     )
     print_summary(summary, Path(args.out))
     return 0

@@ -5,7 +5,9 @@ For every fold (repeat x fold, each site keeping its own test fold; see ``folds.
 * ``site``: each site trains its own model on its training fold (the ``site-train`` schedule);
 * ``pooled``: one model trains on all sites' training folds put together (centralised);
 * ``federated``: the sites train one model together through the real ServerApp loop and ClientApp,
-  in process (``fedfreeze.flower.inprocess``), each holding only its training fold;
+  in process, each holding only its training fold: the federation runs through the runner the
+  caller passes (``FederationRunner``; the CLI passes ``fedfreeze.flower.inprocess.run_in_process``),
+  so this harness imports no Flower adapter;
 
 then the model(s) score each site's test fold. Each (fold, arm) result, with every test
 prediction, is written atomically to ``OUT/folds/<fold>/<arm>.json`` as soon as it is done, so a
@@ -22,7 +24,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -30,9 +32,31 @@ from fedfreeze.config import SiteConfig
 from fedfreeze.data.dataset import ImageSet, load_image_set
 from fedfreeze.data.overlap import check_distinct_patients_images
 from fedfreeze.errors import ConfigError, DataError, FedfreezeError
-from fedfreeze.evaluation.config import Arm, Experiment
 from fedfreeze.evaluation.folds import ExperimentFold, experiment_folds
+from fedfreeze.experiment.config import Arm, Experiment
 from fedfreeze.outputs import output_folder
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from fedfreeze.federation.config import FedConfig
+
+
+class FederationRunner(Protocol):
+    """Runs the federation of ``cfg`` over ``sites`` (name -> data folder) and returns its ``metrics.json``
+    (``fedfreeze.flower.inprocess.run_in_process`` is one)."""
+
+    def __call__(
+        self,
+        cfg: FedConfig,
+        out_dir: str | Path,
+        sites: Mapping[str, str | Path],
+        state_dir: str | Path,
+        *,
+        resume: bool = True,
+        device: str = "auto",
+    ) -> dict[str, Any]: ...
+
 
 RESULTS_DIR = "folds"
 WORK_DIR = "work"
@@ -258,10 +282,16 @@ def _train_local(
 
 
 def _train_federated(
-    arm: Arm, fold: ExperimentFold, data: ExperimentData, seed: int, device: Any, device_name: str, work: Path
+    arm: Arm,
+    fold: ExperimentFold,
+    data: ExperimentData,
+    seed: int,
+    device: Any,
+    device_name: str,
+    work: Path,
+    run_federation: FederationRunner,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """One federation over the sites' training folds, then the global model scores each test fold."""
-    from fedfreeze.flower.inprocess import run_in_process
     from fedfreeze.model_io import load_model
     from fedfreeze.training.engine import predict_scores
 
@@ -287,7 +317,7 @@ def _train_federated(
             )
         write_atomic(folder / "manifest.csv", "\n".join(lines) + "\n")
         sites[site] = folder
-    metrics = run_in_process(cfg, work / "federation", sites, work / "state", resume=True, device=device_name)
+    metrics = run_federation(cfg, work / "federation", sites, work / "state", resume=True, device=device_name)
     if metrics.get("status") != "completed":
         raise FedfreezeError(
             f"{fold.name} arm {arm.name}: the federation {metrics.get('status')}: {metrics.get('reason')}"
@@ -329,14 +359,20 @@ def run_fold_arm(
     cache: Any,
     work: Path,
     progress: bool,
+    run_federation: FederationRunner | None = None,
 ) -> dict[str, Any]:
-    """Train ``arm`` on ``fold`` and return its result record (every test prediction included)."""
+    """Train ``arm`` on ``fold`` and return its result record (every test prediction included);
+    a federated arm runs through ``run_federation``."""
     from fedfreeze.training.engine import resolve_device
 
     device = resolve_device(device_name)
     started = time.perf_counter()
     if arm.mode == "federated":
-        scores, training = _train_federated(arm, fold, data, seed, device, device_name, work)
+        if run_federation is None:
+            raise ConfigError(
+                f"arm {arm.name} is federated: pass run_federation (e.g. flower.inprocess.run_in_process)"
+            )
+        scores, training = _train_federated(arm, fold, data, seed, device, device_name, work, run_federation)
     else:
         scores, training = _train_local(arm, fold, data, seed, device, cache, progress)
     predictions: dict[str, list[Any]] = {"site": [], "patient_id": [], "source": [], "label": [], "score": []}
@@ -375,8 +411,13 @@ def run_experiment(
     force: bool = False,
     resume: bool = False,
     outside_paths: bool = False,
+    run_federation: FederationRunner | None = None,
 ) -> dict[str, Any]:
     """Run every (fold, arm) not finished yet, then write the analysis and the report.
+
+    Federated arms run through ``run_federation`` (the CLI passes
+    ``fedfreeze.flower.inprocess.run_in_process``); an experiment with a federated arm and no runner
+    is refused before any training.
 
     ``train=False`` only (re)writes the report from the finished results. ``stop_after`` stops
     (raising ``ExperimentInterrupted``) after that many newly finished results: for tests. The folder
@@ -386,6 +427,12 @@ def run_experiment(
     from fedfreeze.training.engine import resolve_device
 
     resolve_device(device)  # a device this machine lacks stops here, before any training
+    federated = [arm.name for arm in exp.arms.values() if arm.mode == "federated"]
+    if federated and run_federation is None and train:
+        raise ConfigError(
+            f"arm(s) {', '.join(federated)} are federated: pass run_federation "
+            "(e.g. fedfreeze.flower.inprocess.run_in_process)"
+        )
     with output_folder(
         out_dir, force=force, resume=resume or not train, resumable=True, inputs={"--data": exp.data_path}
     ) as output:
@@ -398,6 +445,7 @@ def run_experiment(
             stop_after=stop_after,
             command=command,
             outside_paths=outside_paths,
+            run_federation=run_federation,
         )
 
 
@@ -411,6 +459,7 @@ def _run_experiment(
     stop_after: int | None,
     command: str | None,
     outside_paths: bool,
+    run_federation: FederationRunner | None,
 ) -> dict[str, Any]:
     """``run_experiment``'s work, in the partial folder ``out``."""
     from tqdm.auto import tqdm
@@ -447,7 +496,15 @@ def _run_experiment(
                 seed = fold.repeat * s.folds + fold.fold
                 work = out / WORK_DIR / fold.name / arm.name
                 result = run_fold_arm(
-                    arm, fold, data, seed=seed, device_name=device, cache=cache, work=work, progress=progress
+                    arm,
+                    fold,
+                    data,
+                    seed=seed,
+                    device_name=device,
+                    cache=cache,
+                    work=work,
+                    progress=progress,
+                    run_federation=run_federation,
                 )
                 write_atomic(path, json.dumps(result) + "\n")
                 shutil.rmtree(work, ignore_errors=True)  # the federation's model, checkpoint and caches
@@ -487,7 +544,7 @@ def write_outputs(
 ) -> dict[str, Any]:
     """``summary.json``, ``predictions.csv``, ``report.md`` and the figures, from the finished results."""
     from fedfreeze.evaluation.analysis import analyze
-    from fedfreeze.evaluation.report import write_report
+    from fedfreeze.experiment.report import write_report
 
     s = exp.settings
     summary = analyze(

@@ -15,7 +15,7 @@ import numpy as np
 
 from fedfreeze.evaluation.analysis import POOLED
 from fedfreeze.evaluation.bootstrap import METRICS
-from fedfreeze.evaluation.config import MODES_TEXT, Experiment
+from fedfreeze.experiment.config import MODES_TEXT, Experiment
 from fedfreeze.metrics import auroc
 
 REPORT_FILE = "report.md"
