@@ -109,6 +109,19 @@ class OperatingPoint(Section):
         return f"site {self.site!r}: threshold {self.threshold:.4g}{ci} ({made}){promise}"
 
 
+def after_card_calibration(point: OperatingPoint, card: ScoreCalibration) -> OperatingPoint:
+    """``point``, fitted on a model's raw scores, re-expressed for scores the card's ``sigmoid(a0 * z + b0)``
+    has been applied to first (a site's calibration applies after the card's, ``InUse.apply``): the same
+    decisions and probabilities at the site. A federation's sites fit theirs before the coordinator fits
+    its pooled temperature (``federation.calibrate``), so the export re-expresses them."""
+    own = point.calibration or ScoreCalibration(method="temperature", a=1.0)
+    a = own.a / card.a  # a * z + b = (a / a0) * (a0 * z + b0) + b - a * b0 / a0
+    b = own.b - own.a * card.b / card.a
+    method: Literal["temperature", "platt"] = "temperature" if b == 0.0 else "platt"
+    fitted = f"{own.fitted_on}; re-expressed after the model's own calibration ({card.method})".lstrip("; ")
+    return point.model_copy(update={"calibration": ScoreCalibration(method=method, a=a, b=b, fitted_on=fitted)})
+
+
 def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 of a state dict's content (names, dtypes, shapes, values in name order).
 

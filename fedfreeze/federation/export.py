@@ -19,7 +19,7 @@ from fedfreeze.federation.provenance import federation_provenance, federation_th
 from fedfreeze.federation.records import RoundRecord
 from fedfreeze.model_io import make_card, model_sha256, save_model
 from fedfreeze.models.grouped import GroupedNet
-from fedfreeze.operating_point import ScoreCalibration
+from fedfreeze.operating_point import ScoreCalibration, after_card_calibration
 from fedfreeze.reference_scores import ReferenceScores, reference_from_histograms
 
 log = logging.getLogger("fedfreeze.coordinator")
@@ -64,6 +64,8 @@ def export_model(coord: Coordinator, final: RoundRecord | None = None) -> tuple[
         threshold = float(calibration.apply(np.array([threshold]))[0])
     sha = model_sha256(model)
     points = {site: p for site, p in coord.shared_points.items() if p.model_sha256 == sha}
+    if calibration is not None:  # sites fitted theirs on raw scores; a site's applies after the card's
+        points = {site: after_card_calibration(p, calibration) for site, p in points.items()}
     chosen["operating_points"] = sorted(points)
     chosen["operating_points_for_other_weights"] = sorted(set(coord.shared_points) - set(points))
     provenance = federation_provenance(

@@ -108,3 +108,27 @@ def test_scores_at_a_site_apply_its_calibration_after_the_cards(model_dir: Path,
     cal = ScoreCalibration(method="temperature", a=2.0)
     shifted = cal.apply(raw)
     assert np.all((shifted > 0.5) == (raw > 0.5)) and not np.allclose(shifted, raw)
+
+
+@pytest.mark.parametrize(
+    "own", [None, ScoreCalibration(method="temperature", a=1.7), ScoreCalibration(method="platt", a=0.6, b=-0.4)]
+)
+@pytest.mark.parametrize(
+    "card_cal", [ScoreCalibration(method="temperature", a=0.5), ScoreCalibration(method="platt", a=1.3, b=0.7)]
+)
+def test_a_point_fitted_on_raw_scores_keeps_its_decisions_after_the_cards_calibration(
+    own: ScoreCalibration | None, card_cal: ScoreCalibration
+) -> None:
+    """A federation's sites fit on raw scores; the export adds a pooled temperature before theirs applies."""
+    from fedfreeze.operating_point import InUse, after_card_calibration
+
+    raw = np.random.default_rng(0).random(500)
+    fitted = point("a", 0.62, "sha", own)
+    at_site = fitted.calibration.apply(raw) if fitted.calibration is not None else raw  # as the site fitted it
+    moved = after_card_calibration(fitted, card_cal)
+    use = InUse(moved.threshold, moved.calibration, "a", moved, True, "")
+    scored = use.apply(card_cal.apply(raw))  # what evaluate does: the card's calibration, then the site's
+    np.testing.assert_allclose(scored, at_site, atol=1e-9)
+    assert np.array_equal(scored >= moved.threshold, at_site >= fitted.threshold)
+    naive = InUse(fitted.threshold, fitted.calibration, "a", fitted, True, "").apply(card_cal.apply(raw))
+    assert not np.allclose(naive, at_site)  # without re-expressing, the site would run at another point
