@@ -24,7 +24,6 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
     FedMedian,
-    FedProx,
     FedTrimmedAvg,
     Strategy,
 )
@@ -54,6 +53,7 @@ from fedfreeze.federation.report import write_report
 from fedfreeze.federation.secure_stats import SecureSum
 from fedfreeze.flower.approval import refusal_in
 from fedfreeze.flower.fedavgm import KeyedFedAvgM
+from fedfreeze.flower.fedprox import OrderedFedProx
 from fedfreeze.flower.secagg_server import SecureRound
 from fedfreeze.outputs import output_folder
 
@@ -80,7 +80,7 @@ def make_strategy(cfg: FedConfig, sites: int | None = None) -> Strategy:
         common["weighted_by_key"] = "dp-weight"  # accounted DP needs every site weighted equally
     strategy: Strategy
     if fed.strategy == "fedprox":
-        strategy = FedProx(proximal_mu=fed.proximal_mu, **common)
+        strategy = OrderedFedProx(proximal_mu=fed.proximal_mu, **common)
     elif fed.strategy == "fedavgm":
         strategy = KeyedFedAvgM(server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum, **common)
     elif fed.strategy == "trimmed-mean":

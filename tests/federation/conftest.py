@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from fedfreeze.config import ModelConfig, TrainConfig
+from fedfreeze.federation.protocol import RoundOrders
 from fedfreeze.sample_data import kermany_mini
 from tests.shipped import beside
 
@@ -31,6 +34,35 @@ def fast_config(tmp: Path, *, rounds: int = 3, min_sites: int = 2, extra: str = 
     path = tmp / name
     path.write_text(FAST_FED.format(rounds=rounds, min_sites=min_sites, extra=extra))
     return path
+
+
+def plain_orders(**changes: Any) -> RoundOrders:
+    """Orders for round 1 of a probe on default configs, with ``changes``: a test's own orders, as a
+    coordinator might send them."""
+    values: dict[str, Any] = {
+        "round": 1,
+        "stage": "single",
+        "parts": frozenset({"head"}),
+        "local_epochs": 1,
+        "model": ModelConfig(),
+        "train": TrainConfig(),
+        "adapter_groups": (),
+        "bn_policy": "average",
+        "bn_stats": "frozen",
+        "partial_replies": False,
+        "proximal_mu": 0.0,
+        "lr_scale": 1.0,
+        "val_fraction": 0.25,
+        "threshold": 0.5,
+        "score_bins": 100,
+        "min_cell_count": 5,
+        "cell_edges": (),
+        "secure_aggregation": False,
+        "seed": 0,
+        "dp_weight": False,
+        "evaluation_sites": (),
+    }
+    return RoundOrders(**(values | changes))
 
 
 @pytest.fixture(scope="session")

@@ -371,7 +371,7 @@ def test_fedbn_keeps_batchnorm_at_each_site(tmp_path, site_folders, honest):
     "name, expected",
     [
         ("fedavg", "FedAvg"),
-        ("fedprox", "FedProx"),
+        ("fedprox", "OrderedFedProx"),
         ("fedavgm", "KeyedFedAvgM"),
         ("trimmed-mean", "FedTrimmedAvg"),
         ("median", "FedMedian"),
