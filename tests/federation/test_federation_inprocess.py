@@ -346,6 +346,7 @@ def test_too_few_valid_replies_fail_the_run_and_resume_continues(tmp_path, site_
     resumed = run(tmp_path / "out", config, nodes, resume=True)
     assert resumed["status"] == "completed", resumed["reason"]
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]  # nothing lost, nothing counted twice
+    assert failed["resumed_after"] is None and resumed["resumed_after"] == 1  # the summary's "rounds 2-3 in this run"
 
 
 def test_fedbn_keeps_batchnorm_at_each_site(tmp_path, site_folders, honest):
