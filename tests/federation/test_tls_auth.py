@@ -179,7 +179,7 @@ def test_tls_and_site_authentication_on_loopback(tracker: Tracker, tmp_path: Pat
             tmp_path / "logs" / "run.log",
         )
         assert code == 0, log[-3000:]
-        assert "federation completed: 1 rounds" in log
+        assert "federation completed: 1 of 1 round (1 probe)" in log
         metrics = json.loads((out / "metrics.json").read_text())
         check_completed(metrics, rounds=1)
         assert sorted(s["site"] for s in metrics["final"]["sites"]) == ["site-a", "site-b"]
