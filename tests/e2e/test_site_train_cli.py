@@ -54,6 +54,7 @@ def test_metrics_file_has_folds_and_summary(trained):
     assert (trained / "model.json").is_file() and (trained / "weights.pt").is_file()
 
 
+@pytest.mark.process
 def test_evaluate_json_contract_on_unseen_patients(trained):
     proc = subprocess.run(
         [
