@@ -122,20 +122,21 @@ def rounds_done(metrics: dict[str, Any]) -> str:
     Why not the one count: a run that stopped early (patience, a failure) ran fewer than it planned, a
     resumed run ran only its last rounds in this process (and its seconds count only those), and the
     final evaluation after the last round is no round at all."""
-    fed = metrics.get("config", {}).get("federation", {})
-    done, planned = int(metrics["completed_rounds"]), int(metrics["rounds_planned"])
+    fed = (metrics.get("config") or {}).get("federation", {})
+    done, planned = int(metrics["completed_rounds"]), metrics.get("rounds_planned")
     dual, probe = int(fed.get("dual-rounds", 0)), int(fed.get("probe-rounds", 0))
     kinds = [
         (min(done, dual), "dual-stage"),
         (min(max(done - dual, 0), probe), "probe"),
         (max(done - dual - probe, 0), "fine-tuning"),
     ]
-    split = ", ".join(f"{n} {kind}" for n, kind in kinds if n)
+    split = ", ".join(f"{n} {kind}" for n, kind in kinds if n) if fed else ""  # no config: kinds unknown
     after = metrics.get("resumed_after")
     if after:
         ran = f"rounds {after + 1}-{done} in this run" if done > after else "no round in this run"
         split += f"{'; ' if split else ''}{ran}, resumed after round {after}"
-    return f"{done} of {planned} round{'s' if planned != 1 else ''}" + (f" ({split})" if split else "")
+    of = f"{done}" if planned is None else f"{done} of {planned}"  # (a metrics.json of an earlier version)
+    return f"{of} round{'s' if (done if planned is None else planned) != 1 else ''}" + (f" ({split})" if split else "")
 
 
 def plot_rounds(records: list[RoundRecord], path: Path, rounds: int) -> None:

@@ -19,6 +19,7 @@ def metrics(done: int, **extra: Any) -> dict[str, Any]:
 def test_summary_counts_rounds_by_kind_against_the_plan():
     assert rounds_done(metrics(6)) == "6 of 6 rounds (3 probe, 3 fine-tuning)"
     assert rounds_done(metrics(2)) == "2 of 6 rounds (2 probe)"  # stopped early (patience, a failure)
+    assert rounds_done({"completed_rounds": 2}) == "2 rounds"  # a metrics.json without the plan
 
 
 def test_summary_of_a_resumed_run_says_which_rounds_this_run_ran():
