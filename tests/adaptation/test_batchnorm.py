@@ -69,6 +69,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_adapted_folder_differs_only_in_running_statistics(model_dir: Path, test_rows, tmp_path: Path) -> None:
     data = write_rows(tmp_path / "site.csv", test_rows[::2], ["path", "patient_id"])
     bn_out, keep_out = tmp_path / "bn", tmp_path / "keep"

@@ -21,6 +21,8 @@ from fedfreeze.sample_data import kermany_mini
 from fedfreeze.training.engine import predict_scores
 from tests.shipped import beside
 
+pytestmark = pytest.mark.slow  # each test runs, or shares, a federation or a trained model
+
 PROBE_ONLY = """
 [model]
 input-size = 96

@@ -15,6 +15,8 @@ from fedfreeze.model_io import read_card
 from fedfreeze.provenance import manifest_sha256
 from fedfreeze.sample_data import kermany_mini
 
+pytestmark = pytest.mark.slow  # each test runs, or shares, a federation or a trained model
+
 PROBE_ONLY = """
 [model]
 input-size = 64

@@ -12,6 +12,8 @@ import pytest
 from fedfreeze.cli import main
 from fedfreeze.sample_data import kermany_mini
 
+pytestmark = pytest.mark.slow  # each test runs, or shares, a federation or a trained model
+
 FAST = """
 [model]
 input-size = 128

@@ -163,6 +163,7 @@ def adapted(root, init_dir, small_data) -> dict:
     return {"out": out, "starts": starts, "stdout": stdout, "metrics": json.loads((out / "metrics.json").read_text())}
 
 
+@pytest.mark.slow
 def test_every_fold_and_the_refit_start_from_the_folders_weights(adapted, init_dir, small_images):
     saved = _weights(init_dir)
     assert len(adapted["starts"]) == 3  # two folds and the refit
@@ -359,6 +360,7 @@ def test_adapter_rule(init_dir):
         check_init_config(plain, SiteConfig.model_validate({"model": {"input-size": 96, "num-classes": 3}}), folder)
 
 
+@pytest.mark.slow
 def test_new_adapters_leave_the_function_unchanged_and_bn_stats_stay_frozen(init_dir, small_images):
     cfg = SiteConfig.model_validate(
         {

@@ -99,6 +99,7 @@ def honest(tmp_path_factory, site_folders):
     return tmp, metrics, audit
 
 
+@pytest.mark.slow
 def test_federation_completes_with_the_schedule(honest):
     _, metrics, _ = honest
     assert metrics["status"] == "completed", metrics["reason"]
@@ -108,6 +109,7 @@ def test_federation_completes_with_the_schedule(honest):
     assert final["n"] == sum(s["val_n"] for s in metrics["final"]["sites"])
 
 
+@pytest.mark.slow
 def test_federated_model_beats_chance_on_unseen_patients(honest):
     _, metrics, _ = honest
     result = evaluate_model(metrics["model"], kermany_mini("test"))
@@ -116,6 +118,7 @@ def test_federated_model_beats_chance_on_unseen_patients(honest):
     assert result["threshold"] == pytest.approx(metrics["threshold"])
 
 
+@pytest.mark.slow
 def test_only_the_rounds_trainable_arrays_travel(honest):
     _, metrics, audit = honest
     model, _ = load_model(metrics["model"])
@@ -181,6 +184,7 @@ def audit_metrics(record: dict, orders) -> list[str]:
     return problems
 
 
+@pytest.mark.slow
 def test_no_reply_singles_out_a_validation_case(honest, site_folders):
     """The message audit over a whole run: every reply a site sent (train and evaluate) holds the
     round's model arrays, its name, role and frozen-weight hash, site-level totals and timings, and
@@ -217,6 +221,7 @@ def test_no_reply_singles_out_a_validation_case(honest, site_folders):
     assert singled_out >= 10, singled_out
 
 
+@pytest.mark.slow
 def test_pooled_figures_hold_sklearn_on_the_concatenated_predictions(honest, site_folders):
     """From cells of at least min-cell-count cases the pooled figures are estimates: the exact figures
     of the concatenated raw scores lie in the ranges the cells fix, and so do the estimates."""
@@ -311,6 +316,7 @@ TAMPERS = {
 }
 
 
+@pytest.mark.slow
 def test_bad_replies_are_rejected_and_leave_no_trace(tmp_path, site_folders, honest):
     _, honest_metrics, _ = honest
     extra = {f"bad-{kind}": "site-a" for kind in TAMPERS}
@@ -336,6 +342,7 @@ def test_bad_replies_are_rejected_and_leave_no_trace(tmp_path, site_folders, hon
         assert torch.allclose(bad.state_dict()[key].float(), value.float(), atol=1e-4), key
 
 
+@pytest.mark.slow
 def test_too_few_valid_replies_fail_the_run_and_resume_continues(tmp_path, site_folders):
     config = fast_config(tmp_path, min_sites=3)
     nodes = node_configs(site_folders, tmp_path / "state")
