@@ -20,6 +20,8 @@ from fedfreeze.models.registry import build_model
 from fedfreeze.training.engine import predict_scores
 from tests.adaptation.conftest import CLASSES, SIZE, STORED_THRESHOLD, write_rows
 
+pytestmark = pytest.mark.slow  # its tests share a trained model folder, minutes to make on 2 cores
+
 
 def split_by_patient(rows: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Alternate patients (sorted by id) into a fitting half and a held-out half."""
@@ -32,7 +34,6 @@ def adapt(args: list[str]) -> int:
     return main(["adapt", *args])
 
 
-@pytest.mark.slow
 def test_labelled_adaptation_makes_a_site_operating_point_that_evaluate_uses(
     model_dir: Path, test_rows, tmp_path: Path, capsys
 ) -> None:
@@ -120,7 +121,6 @@ def test_a_second_site_adds_its_own_operating_point(model_dir: Path, test_rows, 
     assert two["calibration"] is None and two["threshold"] == one["threshold"] == STORED_THRESHOLD
 
 
-@pytest.mark.slow
 def test_a_head_refit_changes_the_head_and_runs_at_one_half(model_dir: Path, test_rows, tmp_path: Path) -> None:
     fitting, held_out = split_by_patient(test_rows)
     fit_csv = write_rows(tmp_path / "fit.csv", fitting, ["path", "label", "patient_id"])
@@ -168,7 +168,6 @@ def run(args: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_bad_inputs_exit_2_with_one_line(
     model_dir: Path, test_rows, tmp_path: Path, three_class_model: Path, capsys
 ) -> None:

@@ -27,6 +27,8 @@ from fedfreeze.sample_data import kermany_mini
 from fedfreeze.training.engine import extract_features, predict_scores, train_phase
 from tests.shipped import beside
 
+pytestmark = pytest.mark.slow  # its tests share a trained model folder, minutes to make on 2 cores
+
 ADAPT_TOML = """
 [model]
 input-size = 96
@@ -163,7 +165,6 @@ def adapted(root, init_dir, small_data) -> dict:
     return {"out": out, "starts": starts, "stdout": stdout, "metrics": json.loads((out / "metrics.json").read_text())}
 
 
-@pytest.mark.slow
 def test_every_fold_and_the_refit_start_from_the_folders_weights(adapted, init_dir, small_images):
     saved = _weights(init_dir)
     assert len(adapted["starts"]) == 3  # two folds and the refit
@@ -360,7 +361,6 @@ def test_adapter_rule(init_dir):
         check_init_config(plain, SiteConfig.model_validate({"model": {"input-size": 96, "num-classes": 3}}), folder)
 
 
-@pytest.mark.slow
 def test_new_adapters_leave_the_function_unchanged_and_bn_stats_stay_frozen(init_dir, small_images):
     cfg = SiteConfig.model_validate(
         {

@@ -356,6 +356,7 @@ def test_too_few_valid_replies_fail_the_run_and_resume_continues(tmp_path, site_
     assert failed["resumed_after"] is None and resumed["resumed_after"] == 1  # the summary's "rounds 2-3 in this run"
 
 
+@pytest.mark.slow
 def test_fedbn_keeps_batchnorm_at_each_site(tmp_path, site_folders, honest):
     config = fast_config(tmp_path, extra='bn-policy = "local"\nstrategy = "fedprox"\nproximal-mu = 0.1')
     audit: list = []
@@ -392,6 +393,7 @@ def test_strategy_choice(name, expected):
     assert strategy.min_train_nodes == 3
 
 
+@pytest.mark.slow
 def test_fedavgm_runs_when_the_round_sends_other_arrays(tmp_path, site_folders):
     """Round 3 sends layer4 beside the head: Flower's own FedAvgM fails there (test_fedavgm.py)."""
     config = fast_config(tmp_path, rounds=3, extra='strategy = "fedavgm"\nserver-momentum = 0.5')
