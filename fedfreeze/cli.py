@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedfreeze import __version__
 from fedfreeze.errors import FedfreezeError
 
 if TYPE_CHECKING:
@@ -158,13 +159,14 @@ def _print_federation(metrics: dict, out: Path) -> None:
     (AUROC takes none; a multi-class decision is the arg-max), and an estimate from cells is shown to
     the decimals its range supports."""
     from fedfreeze.federation.estimates import decimals_for
+    from fedfreeze.federation.report import rounds_done
 
     exported = metrics.get("exported") or {}
     final = exported.get("pooled") or (metrics.get("final") or {}).get("pooled") or {}
     at = final.get("at_threshold_next") or final.get("at_threshold_used") or {}
     mean = (metrics.get("final") or {}).get("weighted_mean") or {}
     print(
-        f"\nfederation {metrics['status']}: {metrics['completed_rounds']} rounds, "
+        f"\nfederation {metrics['status']}: {rounds_done(metrics)}, "
         f"uplink {metrics['totals']['bytes_up'] / 1e6:.2f} MB in all, {metrics['totals']['seconds']:.0f} s"
     )
     which = (
@@ -610,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fedfreeze.adaptation.threshold_rules import RULES
 
     parser = argparse.ArgumentParser(prog="fedfreeze", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fedfreeze {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("site-train", help="cross-validate and fine-tune a pretrained CNN on one site's data")

@@ -40,7 +40,8 @@ def load_image_set(
     antialiased, without keeping the aspect ratio (as the Kermany uploader
     did), and converted to `channels` (1 grey, 3 RGB with grey replicated).
     Labels are integers in [0, num_classes) or names from `class_names`;
-    `num_classes` defaults to 2, or to len(class_names). A set with one class
+    `num_classes` defaults to 2, or to len(class_names); without `class_names`, a manifest's
+    `label_name` column names the classes. A set with one class
     or none loads fine: callers that need two call `require_classes`.
     `labels="optional"` (an opt-in for readers that can use unlabelled images,
     such as ``fedfreeze adapt``) lets a manifest without a `label` column load
@@ -81,6 +82,7 @@ def load_image_set(
             progress=progress,
             labels=labels,
             outside_paths=outside_paths,
+            named_by_column=class_names is None,
         )
     raise DataError(
         f"cannot tell how to read {path}: expected a .csv manifest, a .npz file or a folder of MNIST IDX files"

@@ -1,4 +1,4 @@
-"""CSV manifests: one row per image file, `path,label[,patient_id][,site]`.
+"""CSV manifests: one row per image file, `path,label[,patient_id][,site][,label_name]`.
 
 A header line is required; other columns are ignored. Paths are relative to
 the manifest's folder and must stay inside it: an absolute path or one that
@@ -10,6 +10,10 @@ row is its own patient (its resolved path is the id), so patient-level splits
 degrade to image-level ones. Every row is checked before any image is
 decoded, and nothing is skipped: a bad row is a DataError naming the
 manifest and its line number (the header is line 1).
+
+An optional `label_name` column names each row's class (`0,normal`): where no class names are
+configured (``model.class-names``), the classes take their names from it, so outputs a person reads
+say "pneumonia", not "1". Two names for one label, or one name for two labels, is a DataError.
 
 A missing `label` column is an error, except for a reader that can use
 unlabelled images (``fedfreeze adapt`` at a new site) and opts in with
@@ -37,6 +41,7 @@ from fedfreeze.errors import DataError
 
 REQUIRED_COLUMNS = ("path", "label")
 OPTIONAL_COLUMNS = ("patient_id", "site")
+NAME_COLUMN = "label_name"  # optional, and may be empty: the class names where none are configured
 LabelPolicy = Literal["required", "optional"]
 PROGRESS_MIN_IMAGES = 50
 
@@ -50,6 +55,7 @@ class ManifestRow:
     label: int | None  # None only for a manifest read with labels="optional" that has no label column
     patient_id: str
     site: str | None
+    label_name: str | None = None  # the optional `label_name` column
 
 
 def read_manifest(
@@ -96,7 +102,8 @@ def _read_rows(
     repeated = sorted({name for name in columns if name and columns.count(name) > 1})
     if repeated:
         raise DataError(f"manifest {manifest} line 1: column(s) {', '.join(repeated)} appear more than once")
-    position = {name: columns.index(name) for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if name in columns}
+    known = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS, NAME_COLUMN)
+    position = {name: columns.index(name) for name in known if name in columns}
 
     rows: list[ManifestRow] = []
     first_line_of: dict[Path, int] = {}
@@ -149,7 +156,27 @@ def _check_row(
         label=label,
         patient_id=values.get("patient_id") or str(path),
         site=values.get("site"),
+        label_name=values.get(NAME_COLUMN) or None,
     )
+
+
+def names_from_column(manifest: Path, rows: Sequence[ManifestRow], defaults: Sequence[str]) -> list[str]:
+    """The class names a manifest's `label_name` column gives (a class no row names keeps its default)."""
+    names = list(defaults)
+    first: dict[int, ManifestRow] = {}
+    for row in rows:
+        if row.label is None or row.label_name is None:
+            continue
+        seen = first.setdefault(row.label, row)
+        if seen.label_name != row.label_name:
+            raise DataError(
+                f"manifest {manifest} line {row.line}: label {row.label} is named {row.label_name!r}, "
+                f"but {seen.label_name!r} on line {seen.line}"
+            )
+        names[row.label] = row.label_name
+    if len(set(names)) != len(names):
+        raise DataError(f"manifest {manifest}: its label_name column names two classes alike: {names}")
+    return names
 
 
 def load_manifest(
@@ -161,10 +188,15 @@ def load_manifest(
     progress: bool = True,
     labels: LabelPolicy = "required",
     outside_paths: bool = False,
+    named_by_column: bool = False,
 ) -> ImageSet:
-    """Decode every image listed in `manifest` into an ImageSet (see `load_image_set`)."""
+    """Decode every image listed in `manifest` into an ImageSet (see `load_image_set`).
+
+    ``named_by_column``: no class names were configured; the `label_name` column, if any, gives them."""
     manifest = Path(manifest)
     rows = read_manifest(manifest, class_names, labels=labels, outside_paths=outside_paths)
+    if named_by_column:
+        class_names = names_from_column(manifest, rows, class_names)
     images = torch.empty((len(rows), channels, image_size, image_size), dtype=torch.uint8)
     show = progress and len(rows) > PROGRESS_MIN_IMAGES
     bar = tqdm(rows, desc=f"decoding {manifest.name}", unit="img", disable=not show, file=sys.stderr)

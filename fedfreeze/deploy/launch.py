@@ -67,6 +67,15 @@ def bin_dir() -> Path:
 TAG_VARIABLE = "FEDFREEZE_LAUNCH_TAG"
 
 
+QUIET_WARNINGS = (
+    # Ray's ray.init: "Tip: In future versions of Ray, Ray will no longer override accelerator visible
+    # devices env var if num_gpus=0", a FutureWarning about Ray's own defaults, at every simulation start
+    "ignore::FutureWarning:ray._private.worker",
+    # typer (Flower's CLI) on ``import flwr``: Click 8.2's deprecation of two of its functions
+    "ignore::DeprecationWarning:typer",
+)
+
+
 def flower_env(
     flwr_home: Path | None = None, extra: Mapping[str, str] | None = None, tag: str | None = None
 ) -> dict[str, str]:
@@ -85,6 +94,9 @@ def flower_env(
     # that send: a site or coordinator talks to nothing but each other, and stops without the wait
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # warnings of Flower's dependencies that no user can act on, filtered in every process Flower starts
+    # (the filters of fedfreeze/flower/__init__.py reach only the processes that import fedfreeze)
+    env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), *QUIET_WARNINGS]))
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     env.update(extra or {})

@@ -95,6 +95,7 @@ class Coordinator:
         # federation.cell-edges = "pooled-quantiles": where sites cut their cells first, from the last pooled scores
         self.cell_edges: tuple[int, ...] = ()
         self.completed = 0
+        self.resumed_after: int | None = None  # --resume: the rounds completed by an earlier process
         self.history: list[RoundRecord] = []
         # federation.export = "best": the global model with the best pooled validation AUROC so far
         # (the model a round's sites scored before training: the one after the previous round)
@@ -549,6 +550,7 @@ class Coordinator:
             if (folder / f"{name}.pt").is_file():
                 setattr(self, name, torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=True))
         self.completed = int(progress["completed_rounds"])
+        self.resumed_after = self.completed
         self.threshold = float(progress["threshold"])
         self.cell_edges = tuple(int(e) for e in progress.get("cell_edges", ()))
         self.history = [RoundRecord(**r) for r in progress["history"]]

@@ -55,7 +55,7 @@ class RoundOrders:
     bn_policy: Literal["average", "local"]
     bn_stats: Literal["frozen", "update"]  # resolved: whether trainable BatchNorm statistics train and travel
     partial_replies: bool  # dynamic freezing: a site returns only the arrays it updated
-    proximal_mu: float  # FedProx's key name ("proximal-mu"), which Flower's FedProx also writes
+    proximal_mu: float  # FedProx's weight, sent here only (flower/fedprox.py: Flower's FedProx writes it no more)
     lr_scale: float  # a factor on the round's learning rates (the dual stage's decay)
     val_fraction: float
     threshold: float

@@ -74,6 +74,7 @@ def write_report(
         "interrupted": interrupted,
         "completed_rounds": coord.completed,
         "rounds_planned": coord.fed.rounds,
+        "resumed_after": coord.resumed_after,  # the rounds before it ran in an earlier process (--resume)
         "threshold": coord.threshold,
         "threshold_rule": str(coord.fed.threshold),
         "model": str(model_dir) if model_dir else None,
@@ -102,8 +103,53 @@ def write_report(
     return out / METRICS_FILE
 
 
+# rounds.png's left panel: (rounds.csv column, legend label, line style). Three sources, told apart by
+# style: the pooled validation of the training sites (solid), the weighted mean of the sites' own figures
+# (dashed: what other frameworks report), the evaluation-only sites, which never train (dotted)
+ROUND_LINES = (
+    ("pooled_auroc", "pooled validation AUROC", "-"),
+    ("pooled_balanced_accuracy", "pooled validation balanced accuracy", "-"),
+    ("pooled_f1", "pooled validation F1", "-"),
+    ("weighted_mean_auroc", "weighted mean of the sites' own AUROCs", "--"),
+    ("evaluation_sites_auroc", "evaluation-only sites: pooled AUROC", ":"),
+    ("evaluation_sites_balanced_accuracy", "evaluation-only sites: pooled balanced accuracy", ":"),
+)
+
+
+def rounds_done(metrics: dict[str, Any]) -> str:
+    """The rounds a federation ran, as its summary prints them: "6 of 6 rounds (3 probe, 3 fine-tuning)".
+
+    Why not the one count: a run that stopped early (patience, a failure) ran fewer than it planned, a
+    resumed run ran only its last rounds in this process (and its seconds count only those), and the
+    final evaluation after the last round is no round at all."""
+    fed = (metrics.get("config") or {}).get("federation", {})
+    done, planned = int(metrics["completed_rounds"]), metrics.get("rounds_planned")
+    dual, probe = int(fed.get("dual-rounds", 0)), int(fed.get("probe-rounds", 0))
+    kinds = [
+        (min(done, dual), "dual-stage"),
+        (min(max(done - dual, 0), probe), "probe"),
+        (max(done - dual - probe, 0), "fine-tuning"),
+    ]
+    split = ", ".join(f"{n} {kind}" for n, kind in kinds if n) if fed else ""  # no config: kinds unknown
+    after = metrics.get("resumed_after")
+    if after:
+        ran = f"rounds {after + 1}-{done} in this run" if done > after else "no round in this run"
+        split += f"{'; ' if split else ''}{ran}, resumed after round {after}"
+    of = f"{done}" if planned is None else f"{done} of {planned}"  # (a metrics.json of an earlier version)
+    return f"{of} round{'s' if (done if planned is None else planned) != 1 else ''}" + (f" ({split})" if split else "")
+
+
 def plot_rounds(records: list[RoundRecord], path: Path, rounds: int) -> None:
     """Pooled validation metrics and bytes per round (each point: the global model a round received)."""
+    import matplotlib.pyplot as plt
+
+    fig = rounds_figure(records, rounds)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def rounds_figure(records: list[RoundRecord], rounds: int) -> Any:
+    """The figure of ``rounds.png`` (a matplotlib ``Figure``), apart from writing it, so a test can read its lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,23 +158,12 @@ def plot_rounds(records: list[RoundRecord], path: Path, rounds: int) -> None:
     rows = [round_row(r) for r in records]
     x = [r["round"] - 1 for r in rows]  # the round after which the evaluated model was made
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (
-        ("pooled_auroc", "pooled AUROC"),
-        ("pooled_balanced_accuracy", "pooled balanced accuracy"),
-        ("pooled_f1", "pooled F1"),
-        ("weighted_mean_auroc", "weighted mean of site AUROCs"),
-    ):
+    for key, label, style in ROUND_LINES:
         ys = [r[key] for r in rows]
         if any(y is not None for y in ys):
-            ax1.plot(
-                x,
-                [float("nan") if y is None else y for y in ys],
-                marker="o",
-                label=label,
-                linestyle="--" if key.startswith("weighted") else "-",
-            )
+            ax1.plot(x, [float("nan") if y is None else y for y in ys], marker="o", label=label, linestyle=style)
     ax1.set_xlabel("global model after round")
-    ax1.set_ylabel("validation metric (pooled over sites)")
+    ax1.set_ylabel("validation metric")
     ax1.set_ylim(0.0, 1.02)
     ax1.legend(loc="lower right", fontsize=8)
     ax1.grid(alpha=0.3)
@@ -147,8 +182,7 @@ def plot_rounds(records: list[RoundRecord], path: Path, rounds: int) -> None:
             rotation=90,
         )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -25,7 +25,9 @@ Regularizer = Callable[[], torch.Tensor] | None
 
 
 class StandardStage:
-    """A pretrained single-input model: the round's parts train (the head alone on cached features)."""
+    """A pretrained single-input model: the round's parts train (the head alone on cached features).
+
+    Every stage obeys the orders' ``bn_stats`` and ``lr_scale`` as sent (the coordinator decided them)."""
 
     def build(self, cfg: ModelConfig, orders: RoundOrders) -> GroupedNet:
         model, _ = build_model(cfg, list(orders.adapter_groups), orders.train.adapter_rank)
@@ -59,6 +61,8 @@ class StandardStage:
             features=features,
             regularizer=regularizer,
             engine_cache=engine_cache,
+            bn_stats=orders.bn_stats,  # the coordinator's decision, never re-derived here
+            lr_scale=orders.lr_scale,
         )
 
 
@@ -85,17 +89,18 @@ class DualStage(StandardStage):
         regularizer: Regularizer,
         engine_cache: Path | None = None,  # the dual model trains every layer: no frozen prefix to run elsewhere
     ) -> list[EpochLog]:
-        dual_cfg = train_cfg.dual.model_copy(update={"lr": train_cfg.dual.lr * orders.lr_scale})
         return list(
             train_dual(
                 cast(DualNet, model),
                 data.images,
                 data.labels,
-                train_cfg.model_copy(update={"dual": dual_cfg}),
+                train_cfg,
                 epochs=orders.local_epochs,
                 rng=rng,
                 device=device,
                 regularizer=regularizer,
+                bn_stats=orders.bn_stats,
+                lr_scale=orders.lr_scale,
             )
         )
 

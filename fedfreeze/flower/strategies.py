@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
 
 from fedfreeze.federation.config import FedConfig
 from fedfreeze.flower.fedavgm import KeyedFedAvgM
+from fedfreeze.flower.fedprox import OrderedFedProx
 from fedfreeze.flower.privacy import with_dp
 
 
@@ -34,7 +35,7 @@ def make_strategy(cfg: FedConfig, sites: int | None = None) -> Strategy:
         common["weighted_by_key"] = "dp-weight"  # accounted DP needs every site weighted equally
     strategy: Strategy
     if fed.strategy == "fedprox":
-        strategy = FedProx(proximal_mu=fed.proximal_mu, **common)
+        strategy = OrderedFedProx(proximal_mu=fed.proximal_mu, **common)
     elif fed.strategy == "fedavgm":
         strategy = KeyedFedAvgM(server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum, **common)
     elif fed.strategy == "trimmed-mean":

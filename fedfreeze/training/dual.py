@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from fedfreeze.models.grouped import GroupedNet
 from fedfreeze.training.dual_augment import DualAugmentSettings, augment_dual
 from fedfreeze.training.engine import EpochLog, extract_features, fit, loss_fn, run_epochs, targets_for, to_unit
 from fedfreeze.training.freezing import apply_parts
+from fedfreeze.training.optim import check_lr_scale
 
 DUAL_STAGE = "dual"
 MERGED_STAGE = "merged"
@@ -47,17 +49,19 @@ def augment_settings(cfg: DualConfig) -> DualAugmentSettings:
 
 
 def dual_optimizer(
-    model: DualNet, cfg: TrainConfig, total_steps: int
+    model: DualNet, cfg: TrainConfig, total_steps: int, lr_scale: float = 1.0
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
-    """AdamW over every trainable parameter at ``train.dual.lr`` (no decay on biases and norm weights)
-    and a one-cycle schedule over the stage's steps."""
+    """AdamW over every trainable parameter at ``train.dual.lr`` times ``lr_scale`` (no decay on biases
+    and norm weights) and a one-cycle schedule over the stage's steps."""
+    check_lr_scale(lr_scale)
+    lr = cfg.dual.lr * lr_scale
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.dual.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.dual.lr)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
-        max_lr=cfg.dual.lr,
+        max_lr=lr,
         total_steps=max(total_steps, 1),
         pct_start=0.3,
         anneal_strategy="cos",
@@ -101,21 +105,25 @@ def train_dual(
     first_epoch: int = 0,
     on_epoch: Callable[[EpochLog], None] | None = None,
     regularizer: Callable[[], torch.Tensor] | None = None,
+    bn_stats: Literal["frozen", "update"] = "update",
+    lr_scale: float = 1.0,
 ) -> list[StageEpochLog]:
     """Train both sub-models of ``model`` for ``epochs`` epochs: A on ``images``, B on augmented copies.
 
     ``regularizer`` adds a term to every step's loss (FedProx's proximal term in a federation).
-    The logged loss is the mean of the sub-models' losses.
+    The logged loss is the mean of the sub-models' losses. ``bn_stats`` (by default ``"update"``: from
+    scratch, BatchNorm learns its statistics) and ``lr_scale`` (on ``train.dual.lr``) are a federation
+    round's orders (``RoundOrders``), obeyed as sent.
     """
     with flushed_denormals():
-        model.update_bn_stats = True  # from scratch: BatchNorm learns its statistics
+        model.update_bn_stats = bn_stats == "update"
         apply_parts(model, model.parts)
         model.to(device).train()
         settings = augment_settings(cfg.dual)
         n = len(labels)
         batch = min(cfg.batch_size, n)
         steps_per_epoch = max(n // batch, 1)
-        optimizer, scheduler = dual_optimizer(model, cfg, steps_per_epoch * epochs)
+        optimizer, scheduler = dual_optimizer(model, cfg, steps_per_epoch * epochs, lr_scale)
         all_targets = targets_for(labels, model.num_classes, cfg.label_smoothing)
 
         def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -222,6 +222,8 @@ def train_phase(
     regularizer: Callable[[], torch.Tensor] | None = None,
     freeze_scores: dict[str, float] | None = None,
     engine_cache: Path | None = None,
+    bn_stats: Literal["frozen", "update"] | None = None,
+    lr_scale: float = 1.0,
 ) -> list[EpochLog]:
     """Train ``parts`` for ``epochs`` epochs with one AdamW + one-cycle schedule.
 
@@ -233,10 +235,13 @@ def train_phase(
     batch size, freezing rate and activation storage are fitted to the budget. Every ``EpochLog``
     names the parameters that were updated. When BatchNorm learns its statistics (``bn-stats =
     "update"``, or ``"auto"`` from random weights) they are re-estimated over ``images`` at the end.
+    ``bn_stats`` and ``lr_scale`` are a federation round's orders (``RoundOrders``), obeyed as sent: the
+    coordinator resolved the BatchNorm mode, so only a caller outside a federation leaves it to
+    ``resolve_bn_stats``; ``lr_scale`` multiplies every learning rate.
     The frozen prefix runs through the inference engine where ``wants_engine`` says so (its graphs kept
     in ``engine_cache``, default ``default_cache_dir()``), the trainable groups in torch at ``cfg.precision``.
     """
-    model.update_bn_stats = resolve_bn_stats(cfg, model.pretrained) == "update"
+    model.update_bn_stats = (bn_stats or resolve_bn_stats(cfg, model.pretrained)) == "update"
     apply_parts(model, parts)
     model.to(device).train()
     head_only = is_probe(parts)
@@ -247,7 +252,7 @@ def train_phase(
     plan = plan_phase(model, parts, cfg, n=n, example=example)
     batch = min(plan.choice.batch_size, n)
     steps_per_epoch = max(n // batch, 1)
-    optimizer, scheduler = make_optimizer(model, parts, cfg, steps_per_epoch * epochs)
+    optimizer, scheduler = make_optimizer(model, parts, cfg, steps_per_epoch * epochs, lr_scale)
     freezer = None
     if plan.choice.rate is not None and not head_only:
         dyn = cfg.dynamic_freeze

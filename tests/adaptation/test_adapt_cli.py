@@ -20,6 +20,8 @@ from fedfreeze.models.registry import build_model
 from fedfreeze.training.engine import predict_scores
 from tests.adaptation.conftest import CLASSES, SIZE, STORED_THRESHOLD, write_rows
 
+pytestmark = pytest.mark.slow  # its tests share a trained model folder, minutes to make on 2 cores
+
 
 def split_by_patient(rows: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """Alternate patients (sorted by id) into a fitting half and a held-out half."""

@@ -35,6 +35,7 @@ def model() -> torch.nn.Module:
     return net
 
 
+@pytest.mark.slow
 def test_only_running_statistics_change_and_all_layers_move(model, test_set) -> None:
     images = torch.nn.functional.interpolate(test_set.images.float(), size=64).to(torch.uint8)
     model.frozen = frozenset(list(model.groups)[:3])  # frozen groups too: every layer, whatever trains
@@ -53,6 +54,7 @@ def test_only_running_statistics_change_and_all_layers_move(model, test_set) -> 
     assert not model.training and not any(m.training for m in model.modules())  # modes restored
 
 
+@pytest.mark.slow
 def test_matches_torch_update_bn(model, test_set) -> None:
     images = torch.nn.functional.interpolate(test_set.images.float(), size=64).to(torch.uint8)[:70]
     reference = build_model(ModelConfig(weights="none", input_size=64))[0]
@@ -69,6 +71,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_adapted_folder_differs_only_in_running_statistics(model_dir: Path, test_rows, tmp_path: Path) -> None:
     data = write_rows(tmp_path / "site.csv", test_rows[::2], ["path", "patient_id"])
     bn_out, keep_out = tmp_path / "bn", tmp_path / "keep"

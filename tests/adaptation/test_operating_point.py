@@ -49,6 +49,7 @@ def test_state_hash_follows_the_values_not_the_order() -> None:
     assert state_sha256(a) != state_sha256({"x": torch.zeros(3, dtype=torch.float64), "y": torch.ones(2)})
 
 
+@pytest.mark.slow
 def test_operating_points_survive_save_and_load_and_evaluate_uses_them(
     model_dir: Path, test_set, test_scores, tmp_path: Path
 ) -> None:
@@ -83,6 +84,7 @@ def test_operating_points_survive_save_and_load_and_evaluate_uses_them(
     assert "operating points held for: a, b" in other["operating_point"]["line"]
 
 
+@pytest.mark.slow
 def test_a_folder_without_operating_points_says_its_threshold_was_not_validated(model_dir: Path, capsys) -> None:
     from fedfreeze.sample_data import kermany_mini
 

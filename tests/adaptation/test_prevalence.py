@@ -84,6 +84,7 @@ def resample(rows: list[dict[str, str]], positives: int, negatives: int, seed: i
     ]
 
 
+@pytest.mark.slow
 def test_adapt_estimates_known_prevalences_of_real_images(model_dir: Path, test_rows, tmp_path: Path) -> None:
     """kermany_mini/test.csv (50/50) resampled to ~20 % and ~80 % pneumonia, given to adapt without labels.
 
@@ -125,6 +126,7 @@ def test_adapt_estimates_known_prevalences_of_real_images(model_dir: Path, test_
     assert estimates["low"] < 0.5 < estimates["high"]
 
 
+@pytest.mark.slow
 def test_prior_shift_keeps_decisions_and_accuracy_objective_moves_them(
     model_dir: Path, test_rows, test_set, test_scores, tmp_path: Path, capsys
 ) -> None:
@@ -205,6 +207,7 @@ def test_prior_shift_keeps_decisions_and_accuracy_objective_moves_them(
     assert (raw >= 1 / (1 + np.exp(shift))).sum() < (raw >= 0.4).sum()
 
 
+@pytest.mark.slow
 def test_the_check_vouches_for_em_where_only_the_class_mix_changed(model_dir: Path, tmp_path: Path, capsys) -> None:
     """kermany_mini/train (300 images) is what the fixture's reference scores come from: its scores fit
     a reference mixture, so EM runs without --allow-unverified and the record says it was vouched for."""

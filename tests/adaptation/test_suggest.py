@@ -41,6 +41,7 @@ def test_more_patients_than_the_site_holds_is_refused() -> None:
         suggest_patients(np.array([0.1, 0.2, 0.3]), ["a", "b", "c"], 5)
 
 
+@pytest.mark.slow
 def test_the_command_writes_a_manifest_to_fill_in(model_dir: Path, test_rows, tmp_path: Path, capsys) -> None:
     site = write_rows(tmp_path / "site.csv", test_rows, ["path", "patient_id"])
     out = tmp_path / "to-label.csv"

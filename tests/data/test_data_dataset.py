@@ -13,6 +13,7 @@ from PIL import Image
 from fedfreeze.data import ImageSet, load_image_set
 from fedfreeze.errors import ConfigError, DataError
 from fedfreeze.sample_data import kermany_mini
+from tests.shipped import beside
 
 CLASSES = ["normal", "pneumonia"]
 
@@ -152,7 +153,13 @@ def test_dispatcher_rejects_unknown_inputs(tmp_path: Path, train_manifest: Path)
         load_image_set(train_manifest, image_size=32, class_names=["a", "a"])
 
 
-def test_default_class_names_are_indices(train_manifest: Path) -> None:
+def test_default_class_names_come_from_the_label_name_column(train_manifest: Path) -> None:
     loaded = load_image_set(train_manifest, image_size=8, progress=False)
-    assert loaded.class_names == ["0", "1"]
+    assert loaded.class_names == ["normal", "pneumonia"]  # the shipped manifest's label_name column
     assert loaded.class_counts() == [120, 180]
+
+
+def test_default_class_names_are_indices_without_a_label_name_column(tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,label\n" + f"{beside(tmp_path, 'images/normal/IM-0199-0001.jpeg')},0\n")
+    assert load_image_set(manifest, image_size=8, progress=False).class_names == ["0", "1"]

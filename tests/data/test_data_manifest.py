@@ -206,3 +206,25 @@ def test_paths_inside_the_folder_load_and_outputs_name_them_relative_to_it(
     assert data.source_names() == ["imgs/0.jpeg", "imgs/1.jpeg"]
     outside = load(write_manifest([["path", "label"], [sample_images[0], 0]], name="out.csv", folder=folder))
     assert outside.source_names() == [str(sample_images[0])]  # allowed outside: named in full
+
+
+def test_label_name_column_names_the_classes_when_none_are_configured(
+    write_manifest: WriteManifest, sample_images: list[Path]
+) -> None:
+    normal, pneumonia = sample_images[0], sample_images[3]
+    manifest = write_manifest([["path", "label", "label_name"], [normal, 0, "normal"], [pneumonia, 1, "pneumonia"]])
+    assert load(manifest).class_names == CLASSES
+    configured = ["healthy", "sick"]  # model.class-names wins over the column
+    assert load(manifest, class_names=configured).class_names == configured
+
+
+def test_label_name_column_that_contradicts_itself_is_refused(
+    write_manifest: WriteManifest, sample_images: list[Path]
+) -> None:
+    a, b, c = sample_images[:3]
+    two_names = write_manifest([["path", "label", "label_name"], [a, 0, "normal"], [b, 0, "healthy"]], name="a.csv")
+    with pytest.raises(DataError, match=r"line 3: label 0 is named 'healthy', but 'normal' on line 2"):
+        load(two_names)
+    one_name = write_manifest([["path", "label", "label_name"], [a, 0, "x"], [c, 1, "x"]], name="b.csv")
+    with pytest.raises(DataError, match=r"names two classes alike: \['x', 'x'\]"):
+        load(one_name)

@@ -511,6 +511,7 @@ def test_concurrency(case: Case, tmp_path: Path, site: Site) -> None:
 
 
 # ------------------------------------------------------------------ interruption
+@pytest.mark.process
 def test_interruption_leaves_the_previous_folder_untouched(tmp_path: Path, site: Site) -> None:
     """SIGINT while site-train re-runs with --force: exit 130, 'interrupted', the finished folder as it
     was, no partial folder or lock left beside it."""

@@ -21,6 +21,8 @@ from fedfreeze.sample_data import kermany_mini
 from fedfreeze.training.engine import predict_scores
 from tests.shipped import beside
 
+pytestmark = pytest.mark.slow  # each test runs, or shares, a federation or a trained model
+
 PROBE_ONLY = """
 [model]
 input-size = 96
@@ -182,7 +184,7 @@ def test_one_class_data_exits_2_with_one_line_and_the_defined_figures(trained, n
     assert code == 2
     err_lines = captured.err.strip().splitlines()
     assert len(err_lines) == 1, captured.err
-    assert str(normal_only) in err_lines[0] and "only class '0'" in err_lines[0]
+    assert str(normal_only) in err_lines[0] and "only class 'normal'" in err_lines[0]  # named by label_name
     assert "AUROC and balanced accuracy are undefined" in err_lines[0]
     labels, scores, _ = _direct_scores(trained, normal_only)
     threshold = read_card(trained).threshold

@@ -15,6 +15,8 @@ from fedfreeze.model_io import read_card
 from fedfreeze.provenance import manifest_sha256
 from fedfreeze.sample_data import kermany_mini
 
+pytestmark = pytest.mark.slow  # each test runs, or shares, a federation or a trained model
+
 PROBE_ONLY = """
 [model]
 input-size = 64
@@ -54,7 +56,7 @@ def test_site_train_records_its_provenance(trained):
     assert p.config == report["config"]
     [site] = p.sites
     assert (site.images, site.patients) == (300, 235)  # kermany_mini/ATTRIBUTION.md
-    assert site.class_counts == {"0": 120, "1": 180}
+    assert site.class_counts == {"normal": 120, "pneumonia": 180}  # named by the manifest's label_name column
     assert site.manifest_sha256 == manifest_sha256(kermany_mini("train"))
     assert p.threshold.rule == "youden-oof" and p.threshold.value == card.threshold
     assert p.rounds == [] and p.metrics["cross_validation"]["summary"] == report["summary"]
@@ -63,7 +65,8 @@ def test_site_train_records_its_provenance(trained):
 def test_site_train_writes_the_card(trained):
     text = (trained / CARD_MARKDOWN).read_text()
     assert "`model: site-train, fedfreeze " in text and "not a federation, 1 site (300 images)" in text
-    assert re.search(r"\| train\.csv \| training \| 300 \| 235 \| 0 120, 1 180 \|", text)
+    assert re.search(r"\| train\.csv \| training \| 300 \| 235 \| normal 120, pneumonia 180 \|", text)
+    assert "0 = normal, 1 = pneumonia" in text
     assert "### Cross-validation at the site (2 folds" in text
     assert "rule `youden-oof`" in text
     assert "Trained on the Kermany et al. 2018 chest X-rays" in text  # the shipped paediatric data, by its path

@@ -12,6 +12,8 @@ import pytest
 from fedfreeze.cli import main
 from fedfreeze.sample_data import kermany_mini
 
+pytestmark = pytest.mark.slow  # each test runs, or shares, a federation or a trained model
+
 FAST = """
 [model]
 input-size = 128
@@ -54,6 +56,7 @@ def test_metrics_file_has_folds_and_summary(trained):
     assert (trained / "model.json").is_file() and (trained / "weights.pt").is_file()
 
 
+@pytest.mark.process
 def test_evaluate_json_contract_on_unseen_patients(trained):
     proc = subprocess.run(
         [

@@ -27,6 +27,8 @@ from fedfreeze.sample_data import kermany_mini
 from fedfreeze.training.engine import extract_features, predict_scores, train_phase
 from tests.shipped import beside
 
+pytestmark = pytest.mark.slow  # its tests share a trained model folder, minutes to make on 2 cores
+
 ADAPT_TOML = """
 [model]
 input-size = 96

@@ -116,6 +116,7 @@ def resume(config: Path, out: Path) -> tuple[dict[Path, bytes], list[str], int]:
     return before, trained, code
 
 
+@pytest.mark.slow
 def test_resume_trains_only_what_was_missing(finished):
     _, out, before, trained = finished
     assert sorted(str(p) for p in before) == ["r1-f1/federated.json", "r1-f1/site-alone.json"]

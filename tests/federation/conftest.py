@@ -4,35 +4,88 @@ from __future__ import annotations
 
 import csv
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from fedfreeze.config import ModelConfig, TrainConfig
+from fedfreeze.federation.protocol import RoundOrders
 from fedfreeze.sample_data import kermany_mini
+from tests.federation.processes import Tracker, tracked
 from tests.shipped import beside
 
-FAST_FED = """
-[model]
-input-size = 64
-[train]
-batch-size = 16
-[federation]
-rounds = {rounds}
-probe-rounds = 2
-probe-local-epochs = 5
-local-epochs = 1
-unfreeze = {{ layer4 = 0.0 }}
-score-bins = 100
-min-sites = {min_sites}
-{extra}
-"""
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return str(value)
+
+
+def small_config(train: str = "", **federation: Any) -> str:
+    """The small, fast TOML the federation tests run (64 px, batch 16, 100 score bins, two sites),
+    with ``federation``'s keys (snake_case here, kebab-case in the file) and extra ``train`` lines."""
+    keys = {"score_bins": 100, "min_sites": 2} | federation
+    lines = [f"{key.replace('_', '-')} = {toml_value(value)}" for key, value in keys.items()]
+    return "\n".join(["", "[model]", "input-size = 64", "[train]", "batch-size = 16", *filter(None, [train])]) + (
+        "\n[federation]\n" + "\n".join(lines) + "\n"
+    )
 
 
 def fast_config(tmp: Path, *, rounds: int = 3, min_sites: int = 2, extra: str = "", name: str = "fed.toml") -> Path:
+    """Probe rounds 1-2 (five local epochs), then layer4 joins (one local epoch); ``extra``: [federation] lines."""
     path = tmp / name
-    path.write_text(FAST_FED.format(rounds=rounds, min_sites=min_sites, extra=extra))
+    fast = small_config(
+        rounds=rounds,
+        probe_rounds=2,
+        probe_local_epochs=5,
+        local_epochs=1,
+        unfreeze={"layer4": 0.0},
+        min_sites=min_sites,
+    )
+    path.write_text(fast + extra + "\n")
     return path
+
+
+def plain_orders(**changes: Any) -> RoundOrders:
+    """Orders for round 1 of a probe on default configs, with ``changes``: a test's own orders, as a
+    coordinator might send them."""
+    values: dict[str, Any] = {
+        "round": 1,
+        "stage": "single",
+        "parts": frozenset({"head"}),
+        "local_epochs": 1,
+        "model": ModelConfig(),
+        "train": TrainConfig(),
+        "adapter_groups": (),
+        "bn_policy": "average",
+        "bn_stats": "frozen",
+        "partial_replies": False,
+        "proximal_mu": 0.0,
+        "lr_scale": 1.0,
+        "val_fraction": 0.25,
+        "threshold": 0.5,
+        "score_bins": 100,
+        "min_cell_count": 5,
+        "cell_edges": (),
+        "secure_aggregation": False,
+        "seed": 0,
+        "dp_weight": False,
+        "evaluation_sites": (),
+    }
+    return RoundOrders(**(values | changes))
+
+
+@pytest.fixture
+def tracker(tmp_path: Path) -> Iterator[Tracker]:
+    """Every process a test starts carries the tracker's tag; those left running are killed at its end."""
+    with tracked(tmp_path) as track:
+        yield track
 
 
 @pytest.fixture(scope="session")

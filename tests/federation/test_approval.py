@@ -23,7 +23,6 @@ import json
 import logging
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,32 +36,20 @@ from fedfreeze.flower import approval as runner
 from fedfreeze.flower import server as flower_server
 from fedfreeze.flower.local_grid import LocalGrid
 from fedfreeze.state import approval
-from tests.federation.conftest import read_metrics
+from tests.federation.conftest import read_metrics, small_config
 from tests.federation.processes import (
     Tracker,
     check_completed,
     messages,
     run_cli,
     site_folder,
-    tracked,
     wait_online,
 )
 
 HASH_A = "b0be482c70e9f87d04a33faf5246f39e03bea3c2b93ca7b49bf7e65f9a99e98a"
 HASH_B = "0123456789abcdef" * 4
 CONNECTION = "fedfreeze-approval"
-ONE_ROUND = """
-[model]
-input-size = 64
-[train]
-batch-size = 16
-[federation]
-rounds = 1
-probe-rounds = 1
-probe-local-epochs = 1
-score-bins = 100
-min-sites = 2
-"""
+ONE_ROUND = small_config(rounds=1, probe_rounds=1, probe_local_epochs=1)
 
 
 # ---------------------------------------------------------------------------------------- the list
@@ -269,12 +256,7 @@ def copy_app(to: Path) -> Path:
     return to
 
 
-@pytest.fixture
-def tracker(tmp_path: Path) -> Iterator[Tracker]:
-    with tracked(tmp_path) as track:
-        yield track
-
-
+@pytest.mark.process
 def test_an_approved_app_runs_and_a_changed_one_is_refused_at_every_site(tracker: Tracker, tmp_path: Path):
     approved_hash = runner.app_hash(launch.APP_DIR).fab_hash
     changed = copy_app(tmp_path / "changed-app")

@@ -25,13 +25,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fedfreeze.deploy import launch
 from fedfreeze.outputs import partial_path
+from tests.federation.conftest import small_config
 from tests.federation.processes import (
     Tracker,
     check_completed,
@@ -39,35 +39,16 @@ from tests.federation.processes import (
     record_timing,
     run_cli,
     site_folder,
-    tracked,
     wait_online,
 )
 
 pytestmark = [pytest.mark.process, pytest.mark.slow]
 
-CONFIG = """
-[model]
-input-size = 64
-[train]
-batch-size = 16
-[federation]
-rounds = 4
-probe-rounds = 3
-probe-local-epochs = 5
-local-epochs = 1
-unfreeze = { layer4 = 0.0 }
-score-bins = 100
-min-sites = 2
-site-wait = 120
-"""
+CONFIG = small_config(
+    rounds=4, probe_rounds=3, probe_local_epochs=5, local_epochs=1, unfreeze={"layer4": 0.0}, site_wait=120
+)
 CONNECTION = "fedfreeze-restart"
 ROLE = "FEDFREEZE_TEST_ROLE"
-
-
-@pytest.fixture
-def tracker(tmp_path: Path) -> Iterator[Tracker]:
-    with tracked(tmp_path) as track:
-        yield track
 
 
 def wait_for_round(metrics_path: Path, rounds: int, run: subprocess.Popen, timeout: float = 180.0) -> dict:

@@ -131,6 +131,7 @@ def run_site_entrypoint(tmp_path: Path, **settings: str) -> subprocess.Completed
     return subprocess.run(["sh", str(DOCKER / "site-entrypoint.sh")], capture_output=True, text=True, env=env)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "threads, expected",
     [(None, None), ("", None), ("0", None), ("2", "2"), ("${SITE_THREADS:-}", "refused")],
@@ -181,12 +182,14 @@ def test_build_context_and_git_keep_secrets_and_wheelhouses_out():
         assert entry in gitignore
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("script", sorted(p.name for p in DOCKER.glob("*.sh")))
 def test_shell_scripts_parse(script):
     proc = subprocess.run(["bash", "-n", str(DOCKER / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("listed", [True, False])
 def test_site_entrypoint_passes_the_approved_apps_list_when_there_is_one(tmp_path: Path, listed: bool):
     """A list file in place: the site runs approved apps only (`--approved-apps FILE`); none: no option,

@@ -27,6 +27,8 @@ from fedfreeze.model_io import load_model
 from tests.federation.conftest import fast_config
 from tests.federation.test_federation_inprocess import node_configs
 
+pytestmark = pytest.mark.slow  # each test runs, or shares, a federation or a trained model
+
 CLIP = 0.05  # far below what a probe round's update measures (> 0.1), so every update is clipped
 NOISE = 0.5
 SITES = 3

@@ -90,6 +90,7 @@ def test_a_site_memory_budget_must_be_a_positive_number(tmp_path):
     assert runtime_for(context).max_train_memory_mb == 512.0
 
 
+@pytest.mark.slow
 def test_sites_return_only_what_they_trained_and_each_key_averages_over_its_senders(tmp_path: Path, site_folders):
     config = tmp_path / "fed.toml"
     config.write_text(DYNAMIC_FED)

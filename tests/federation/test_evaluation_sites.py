@@ -19,6 +19,8 @@ from tests.federation.conftest import fast_config
 from tests.federation.test_federation_inprocess import node_configs, run
 from tests.shipped import beside
 
+pytestmark = pytest.mark.slow  # each test runs, or shares, a federation or a trained model
+
 
 @pytest.fixture(scope="module")
 def held_out_folder(tmp_path_factory) -> Path:

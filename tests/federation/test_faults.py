@@ -23,6 +23,8 @@ from tests.federation.conftest import fast_config, read_metrics
 from tests.federation.test_federation_inprocess import node_configs
 from tests.shipped import beside
 
+pytestmark = pytest.mark.slow  # each test runs, or shares, a federation or a trained model
+
 
 class ScriptedGrid(LocalGrid):
     """A LocalGrid whose nodes go silent, leave or join at given rounds."""

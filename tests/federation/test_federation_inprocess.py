@@ -100,6 +100,7 @@ def honest(tmp_path_factory, site_folders):
     return tmp, metrics, audit
 
 
+@pytest.mark.slow
 def test_federation_completes_with_the_schedule(honest):
     _, metrics, _ = honest
     assert metrics["status"] == "completed", metrics["reason"]
@@ -109,6 +110,7 @@ def test_federation_completes_with_the_schedule(honest):
     assert final["n"] == sum(s["val_n"] for s in metrics["final"]["sites"])
 
 
+@pytest.mark.slow
 def test_federated_model_beats_chance_on_unseen_patients(honest):
     _, metrics, _ = honest
     result = evaluate_model(metrics["model"], kermany_mini("test"))
@@ -117,6 +119,7 @@ def test_federated_model_beats_chance_on_unseen_patients(honest):
     assert result["threshold"] == pytest.approx(metrics["threshold"])
 
 
+@pytest.mark.slow
 def test_only_the_rounds_trainable_arrays_travel(honest):
     _, metrics, audit = honest
     model, _ = load_model(metrics["model"])
@@ -182,6 +185,7 @@ def audit_metrics(record: dict, orders) -> list[str]:
     return problems
 
 
+@pytest.mark.slow
 def test_no_reply_singles_out_a_validation_case(honest, site_folders):
     """The message audit over a whole run: every reply a site sent (train and evaluate) holds the
     round's model arrays, its name, role and frozen-weight hash, site-level totals and timings, and
@@ -218,6 +222,7 @@ def test_no_reply_singles_out_a_validation_case(honest, site_folders):
     assert singled_out >= 10, singled_out
 
 
+@pytest.mark.slow
 def test_pooled_figures_hold_sklearn_on_the_concatenated_predictions(honest, site_folders):
     """From cells of at least min-cell-count cases the pooled figures are estimates: the exact figures
     of the concatenated raw scores lie in the ranges the cells fix, and so do the estimates."""
@@ -312,6 +317,7 @@ TAMPERS = {
 }
 
 
+@pytest.mark.slow
 def test_bad_replies_are_rejected_and_leave_no_trace(tmp_path, site_folders, honest):
     _, honest_metrics, _ = honest
     extra = {f"bad-{kind}": "site-a" for kind in TAMPERS}
@@ -337,6 +343,7 @@ def test_bad_replies_are_rejected_and_leave_no_trace(tmp_path, site_folders, hon
         assert torch.allclose(bad.state_dict()[key].float(), value.float(), atol=1e-4), key
 
 
+@pytest.mark.slow
 def test_too_few_valid_replies_fail_the_run_and_resume_continues(tmp_path, site_folders):
     config = fast_config(tmp_path, min_sites=3)
     nodes = node_configs(site_folders, tmp_path / "state")
@@ -347,8 +354,10 @@ def test_too_few_valid_replies_fail_the_run_and_resume_continues(tmp_path, site_
     resumed = run(tmp_path / "out", config, nodes, resume=True)
     assert resumed["status"] == "completed", resumed["reason"]
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]  # nothing lost, nothing counted twice
+    assert failed["resumed_after"] is None and resumed["resumed_after"] == 1  # the summary's "rounds 2-3 in this run"
 
 
+@pytest.mark.slow
 def test_fedbn_keeps_batchnorm_at_each_site(tmp_path, site_folders, honest):
     config = fast_config(tmp_path, extra='bn-policy = "local"\nstrategy = "fedprox"\nproximal-mu = 0.1')
     audit: list = []
@@ -372,7 +381,7 @@ def test_fedbn_keeps_batchnorm_at_each_site(tmp_path, site_folders, honest):
     "name, expected",
     [
         ("fedavg", "FedAvg"),
-        ("fedprox", "FedProx"),
+        ("fedprox", "OrderedFedProx"),
         ("fedavgm", "KeyedFedAvgM"),
         ("trimmed-mean", "FedTrimmedAvg"),
         ("median", "FedMedian"),
@@ -385,6 +394,7 @@ def test_strategy_choice(name, expected):
     assert strategy.min_train_nodes == 3
 
 
+@pytest.mark.slow
 def test_fedavgm_runs_when_the_round_sends_other_arrays(tmp_path, site_folders):
     """Round 3 sends layer4 beside the head: Flower's own FedAvgM fails there (test_fedavgm.py)."""
     config = fast_config(tmp_path, rounds=3, extra='strategy = "fedavgm"\nserver-momentum = 0.5')

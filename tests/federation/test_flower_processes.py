@@ -27,31 +27,14 @@ from fedfreeze.deploy import launch
 from fedfreeze.model_card import CARD_MARKDOWN
 from fedfreeze.model_io import read_card
 from fedfreeze.sample_data import kermany_mini
-from tests.federation.conftest import read_metrics
-from tests.federation.processes import TAG_VAR, Tracker, check_completed, run_cli, site_folder, tracked, wait_online
+from tests.federation.conftest import read_metrics, small_config
+from tests.federation.processes import TAG_VAR, Tracker, check_completed, run_cli, site_folder, wait_online
 
-SMALL_CONFIG = """
-[model]
-input-size = 64
-[train]
-batch-size = 16
-[federation]
-rounds = 3
-probe-rounds = 2
-probe-local-epochs = 5
-local-epochs = 1
-unfreeze = { layer4 = 0.0 }
-score-bins = 100
-min-sites = 2
-"""
+pytestmark = pytest.mark.process
+
+SMALL_CONFIG = small_config(rounds=3, probe_rounds=2, probe_local_epochs=5, local_epochs=1, unfreeze={"layer4": 0.0})
 
 CONNECTION = "fedfreeze-test"
-
-
-@pytest.fixture
-def tracker(tmp_path: Path) -> Iterator[Tracker]:
-    with tracked(tmp_path) as track:
-        yield track
 
 
 def evaluate_json(model: Path, capsys: pytest.CaptureFixture[str]) -> dict:

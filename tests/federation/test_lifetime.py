@@ -25,7 +25,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ import pytest
 from fedfreeze.deploy import launch
 from fedfreeze.flower.approval import app_hash
 from fedfreeze.outputs import partial_path
+from tests.federation.conftest import small_config
 from tests.federation.processes import (
     Tracker,
     age_seconds,
@@ -41,35 +41,31 @@ from tests.federation.processes import (
     messages,
     record_timing,
     site_folder,
-    tracked,
     wait_online,
 )
 
 pytestmark = [pytest.mark.process, pytest.mark.slow]
 
 ROLE = "FEDFREEZE_TEST_ROLE"  # marks every process of the coordinator, of a site, of the operator's run
-SLOW_SECOND_ROUND = """
-[model]
-input-size = 64
-[train]
-batch-size = 16
-[federation]
-rounds = 2
-probe-rounds = 1
-probe-local-epochs = 2
-local-epochs = 40
-unfreeze = {{ layer4 = 0.0 }}
-score-bins = 100
-min-sites = {min_sites}
-site-wait = 60
-"""
+
+
+def slow_second_round(min_sites: int) -> str:
+    return small_config(
+        rounds=2,
+        probe_rounds=1,
+        probe_local_epochs=2,
+        local_epochs=40,
+        unfreeze={"layer4": 0.0},
+        min_sites=min_sites,
+        site_wait=60,
+    )
 
 
 @pytest.fixture
-def tracker(tmp_path: Path) -> Iterator[Tracker]:
-    with tracked(tmp_path) as track:
-        track.env["HOME"] = str(tmp_path / "home")
-        yield track
+def tracker(tracker: Tracker, tmp_path: Path) -> Tracker:
+    """The shared tracker (tests/federation/conftest.py), with HOME in the test's folder."""
+    tracker.env["HOME"] = str(tmp_path / "home")  # whatever Flower would put in ~/.flwr would land here
+    return tracker
 
 
 def fedfreeze(tracker: Tracker, tmp_path: Path, role: str, *args: str) -> launch.Managed:
@@ -143,7 +139,7 @@ def test_a_site_killed_mid_round_then_the_coordinator_stopped_leave_nothing_runn
         home = launch.write_flwr_home(tmp_path / "cli", [launch.Connection("c", address)])
         wait_online("c", tracker.env_with(FLWR_HOME=str(home)), 2, [link, *sites.values()])
         config = tmp_path / "fed.toml"
-        config.write_text(SLOW_SECOND_ROUND.format(min_sites=2))
+        config.write_text(slow_second_round(min_sites=2))
         out = tmp_path / "fed"
         run = submit(tracker, tmp_path, address, config, out)
         clientapp = clientapp_training("site-b", 1, out, run, tracker)
@@ -264,7 +260,7 @@ def test_a_site_killed_during_the_approval_check_leaves_nothing_running(tracker:
         approved.serving.clear()  # from now on a reader of the list waits: the runner, in its check
 
         config = tmp_path / "fed.toml"
-        config.write_text(SLOW_SECOND_ROUND.format(min_sites=1))
+        config.write_text(slow_second_round(min_sites=1))
         run = submit(tracker, tmp_path, address, config, tmp_path / "fed")
         deadline = time.monotonic() + 120
         runner = None

@@ -19,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,34 +26,23 @@ import pytest
 from fedfreeze.cli import build_parser, main
 from fedfreeze.deploy import launch
 from fedfreeze.outputs import partial_path
-from tests.federation.conftest import read_metrics
-from tests.federation.processes import Tracker, messages, record_timing, run_cli, site_folder, tracked, wait_online
+from tests.federation.conftest import read_metrics, small_config
+from tests.federation.processes import Tracker, messages, record_timing, run_cli, site_folder, wait_online
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 SITE_VAR = "FEDFREEZE_TEST_SITE"  # marks every process of one site (the SuperNode's children inherit it)
 # Round 1 probes the head (quick); round 2 fine-tunes layer4 for many epochs: long enough to kill a
 # site in the middle of its training.
-SLOW_SECOND_ROUND = """
-[model]
-input-size = 64
-[train]
-batch-size = 16
-[federation]
-rounds = 2
-probe-rounds = 1
-probe-local-epochs = 2
-local-epochs = 40
-unfreeze = { layer4 = 0.0 }
-score-bins = 100
-min-sites = 2
-"""
+SLOW_SECOND_ROUND = small_config(
+    rounds=2, probe_rounds=1, probe_local_epochs=2, local_epochs=40, unfreeze={"layer4": 0.0}
+)
 
 
 @pytest.fixture
-def tracker(tmp_path: Path) -> Iterator[Tracker]:
-    with tracked(tmp_path) as track:
-        track.env["HOME"] = str(tmp_path / "home")  # whatever Flower would put in ~/.flwr would land here
-        yield track
+def tracker(tracker: Tracker, tmp_path: Path) -> Tracker:
+    """The shared tracker (tests/federation/conftest.py), with HOME in the test's folder."""
+    tracker.env["HOME"] = str(tmp_path / "home")  # whatever Flower would put in ~/.flwr would land here
+    return tracker
 
 
 # ---------------------------------------------------------------------------------------- refusals, help
@@ -110,6 +98,7 @@ def listening(port: int) -> list[str]:
     return found
 
 
+@pytest.mark.process
 def test_insecure_coordinator_is_loopback_only_and_a_busy_site_port_is_refused(tracker: Tracker, tmp_path: Path):
     port = launch.free_port()
     link = launch.Managed(
@@ -236,6 +225,7 @@ def age_seconds(pid: int) -> float:
     return uptime - started / os.sysconf("SC_CLK_TCK")
 
 
+@pytest.mark.process
 def test_tls_deployment_kill_a_site_mid_round(tracker: Tracker, tmp_path: Path, capsys):
     owner = str(os.getuid())
     secrets, public = tmp_path / "secrets", tmp_path / "site-keys"
@@ -451,6 +441,7 @@ def test_tls_deployment_kill_a_site_mid_round(tracker: Tracker, tmp_path: Path, 
     assert not left, f"still running: {left}"
 
 
+@pytest.mark.process
 def test_make_certs_help_is_a_usage_message():
     proc = subprocess.run(["bash", str(DOCKER / "make-certs.sh"), "--help"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0
@@ -476,6 +467,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a parent-death signal is Linux's")
 @pytest.mark.parametrize("guard", [True, False])
 def test_a_process_with_the_guard_ends_with_its_parent(guard: bool):

@@ -12,7 +12,6 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedfreeze.config import ModelConfig, TrainConfig
 from fedfreeze.errors import ProtocolError
 from fedfreeze.federation.coordinator import FederationFailed
 from fedfreeze.federation.protocol import CONFIG, SECURE_SUM, RoundOrders
@@ -31,34 +30,13 @@ from fedfreeze.flower.local_grid import LocalGrid
 from fedfreeze.flower.secagg import MASK, SETUP, SHARE_KEYS, mask_stream, pairwise_sign
 from fedfreeze.flower.secagg_server import SecureRound
 from fedfreeze.flower.server import send_and_receive
+from tests.federation.conftest import plain_orders
 
 BINS = 10
 
 
 def orders(evaluation_sites: tuple[str, ...] = ()) -> RoundOrders:
-    return RoundOrders(
-        round=1,
-        stage="single",
-        parts=frozenset({"head"}),
-        local_epochs=1,
-        model=ModelConfig(),
-        train=TrainConfig(),
-        adapter_groups=(),
-        bn_policy="average",
-        bn_stats="frozen",
-        partial_replies=False,
-        proximal_mu=0.0,
-        lr_scale=1.0,
-        val_fraction=0.25,
-        threshold=0.5,
-        score_bins=BINS,
-        min_cell_count=5,
-        cell_edges=(),
-        secure_aggregation=True,
-        seed=0,
-        dp_weight=False,
-        evaluation_sites=evaluation_sites,
-    )
+    return plain_orders(score_bins=BINS, secure_aggregation=True, evaluation_sites=evaluation_sites)
 
 
 def sites_app(vectors: dict[str, np.ndarray], crash: dict[str, str] | None = None) -> ClientApp:

@@ -10,36 +10,17 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fedfreeze.deploy import launch
-from tests.federation.processes import Tracker, check_completed, messages, run_cli, site_folder, tracked, wait_online
+from tests.federation.conftest import small_config
+from tests.federation.processes import Tracker, check_completed, messages, run_cli, site_folder, wait_online
 
 pytestmark = [pytest.mark.process, pytest.mark.slow]
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
-SECURE_CONFIG = """
-[model]
-input-size = 64
-[train]
-batch-size = 16
-[federation]
-rounds = {rounds}
-probe-rounds = {rounds}
-probe-local-epochs = 3
-score-bins = 100
-min-sites = 2
-secure-aggregation = true
-"""
-
-
-@pytest.fixture
-def tracker(tmp_path: Path) -> Iterator[Tracker]:
-    with tracked(tmp_path) as track:
-        yield track
 
 
 def check_secure(metrics: dict, sites: int) -> None:
@@ -53,7 +34,7 @@ def check_secure(metrics: dict, sites: int) -> None:
 
 def test_secure_aggregation_in_the_simulation_runtime(tracker: Tracker, tmp_path: Path):
     config = tmp_path / "fed.toml"
-    config.write_text(SECURE_CONFIG.format(rounds=2))
+    config.write_text(small_config(rounds=2, probe_rounds=2, probe_local_epochs=3, secure_aggregation=True))
     out = tmp_path / "sim"
     code, log = run_cli(["simulate", "--config", str(config), "--out", str(out)], tracker, tmp_path / "sim.log")
     assert code == 0, log[-3000:]
@@ -96,7 +77,7 @@ def test_secure_aggregation_on_a_tls_deployment(tracker: Tracker, tmp_path: Path
         launch.write_flwr_home(Path(tracker.env["FLWR_HOME"]), [launch.Connection("secure-tls", address, ca)])
         wait_online("secure-tls", tracker.env, 2, [link, *sites], timeout=90.0)
         config = tmp_path / "fed.toml"
-        config.write_text(SECURE_CONFIG.format(rounds=1))
+        config.write_text(small_config(rounds=1, probe_rounds=1, probe_local_epochs=3, secure_aggregation=True))
         out = tmp_path / "fed"
         code, log = run_cli(
             ["run", "--superlink", address, "--root-cert", str(ca), "--config", str(config), "--out", str(out)],

@@ -16,14 +16,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fedfreeze.cli import main
 from fedfreeze.deploy import launch, service
-from tests.federation.processes import Tracker, gone_within, marked, record_timing, site_folder, tracked, wait_online
+from tests.federation.processes import Tracker, gone_within, marked, record_timing, site_folder, wait_online
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "deploy" / "systemd"
@@ -77,6 +76,7 @@ def test_a_site_unit_needs_its_name_data_and_coordinator(capsys):
     assert capsys.readouterr().err.strip() == "fedfreeze service: error: a site's unit needs --data, --superlink"
 
 
+@pytest.mark.process
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_analyze_verifies_both_units(tmp_path: Path, capsys):
     """With this installation's fedfreeze as ExecStart (verify checks that it can run) and real files."""
@@ -106,12 +106,6 @@ def test_systemd_analyze_verifies_both_units(tmp_path: Path, capsys):
     (tmp_path / "bad.service").write_text(bad)
     proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "bad.service")], capture_output=True, text=True)
     assert "Failed to parse kill mode" in proc.stderr  # the check above would see a bad directive
-
-
-@pytest.fixture
-def tracker(tmp_path: Path) -> Iterator[Tracker]:
-    with tracked(tmp_path) as track:
-        yield track
 
 
 @pytest.mark.process

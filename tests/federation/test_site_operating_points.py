@@ -34,6 +34,7 @@ def federation(tmp_path_factory, site_folders, held_out_folder):  # noqa: F811 -
     return metrics, audit, tmp, held_out_folder
 
 
+@pytest.mark.slow
 def test_sites_keep_their_operating_point_and_only_sharing_sites_send_it(federation) -> None:
     metrics, audit, tmp, _ = federation
     assert metrics["status"] == "completed", metrics.get("reason")

@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,28 +29,12 @@ import pytest
 from fedfreeze.cli import main
 from fedfreeze.deploy import launch
 from fedfreeze.state.keys import fingerprint
-from tests.federation.processes import TAG_VAR, Tracker, check_completed, run_cli, site_folder, tracked, wait_online
+from tests.federation.conftest import small_config
+from tests.federation.processes import TAG_VAR, Tracker, check_completed, run_cli, site_folder, wait_online
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 CONNECTION = "fedfreeze-tls"
-CONFIG = """
-[model]
-input-size = 64
-[train]
-batch-size = 16
-[federation]
-rounds = 1
-probe-rounds = 1
-probe-local-epochs = 3
-score-bins = 100
-min-sites = 2
-"""
-
-
-@pytest.fixture
-def tracker(tmp_path: Path) -> Iterator[Tracker]:
-    with tracked(tmp_path) as track:
-        yield track
+CONFIG = small_config(rounds=1, probe_rounds=1, probe_local_epochs=3)
 
 
 def script(name: str, *args: str | Path) -> str:
@@ -61,6 +44,7 @@ def script(name: str, *args: str | Path) -> str:
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.process
 def test_tls_and_site_authentication_on_loopback(tracker: Tracker, tmp_path: Path, monkeypatch, capsys):
     owner = str(os.getuid())  # keys owned by whoever runs the processes (49999 in the images)
     secrets, public, other = tmp_path / "secrets", tmp_path / "site-keys", tmp_path / "other-ca"
@@ -179,7 +163,7 @@ def test_tls_and_site_authentication_on_loopback(tracker: Tracker, tmp_path: Pat
             tmp_path / "logs" / "run.log",
         )
         assert code == 0, log[-3000:]
-        assert "federation completed: 1 rounds" in log
+        assert "federation completed: 1 of 1 round (1 probe)" in log
         metrics = json.loads((out / "metrics.json").read_text())
         check_completed(metrics, rounds=1)
         assert sorted(s["site"] for s in metrics["final"]["sites"]) == ["site-a", "site-b"]

@@ -199,6 +199,7 @@ def test_prefix_runner_hands_on_to_the_trainable_groups(xrays, tmp_path: Path) -
         model.pooled_after(x, ["layer1"])
 
 
+@pytest.mark.process
 def test_openvino_is_loaded_with_its_telemetry_off() -> None:
     """A site must not call out: OpenVINO's converter falls back to its no-op stub."""
     code = (

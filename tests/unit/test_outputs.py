@@ -80,6 +80,7 @@ def test_refusals_name_the_option_and_change_nothing(tmp_path: Path, setup, opti
     assert beside(out) == before
 
 
+@pytest.mark.process
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(tmp_path: Path) -> None:
     out = tmp_path / "run"
     code = f"""
@@ -102,6 +103,7 @@ with output_folder({str(out)!r}) as o:
     assert first.returncode == 0 and files(out) == {"mine": "first"}
 
 
+@pytest.mark.process
 def test_a_killed_runs_lock_does_not_block_the_next(tmp_path: Path) -> None:
     out = tmp_path / "run"
     code = f"""
@@ -156,6 +158,7 @@ def test_a_folder_set_aside_by_a_killed_publish_comes_back(tmp_path: Path) -> No
     assert files(out) == {"model.json": "previous"} and beside(out) == ["run"]
 
 
+@pytest.mark.process
 def test_crash_points_kill_only_when_named(tmp_path: Path) -> None:
     code = "from fedfreeze.outputs import crash_point\ncrash_point('staged')\nprint('alive')"
     env = {**os.environ, "FEDFREEZE_CRASH_AT": "swapping"}
@@ -164,6 +167,7 @@ def test_crash_points_kill_only_when_named(tmp_path: Path) -> None:
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == -9
 
 
+@pytest.mark.process
 def test_a_run_told_to_wait_gets_the_folder_when_the_holder_ends(tmp_path: Path) -> None:
     """A restarted coordinator waits for the stopped run's ServerApp, which still holds the folder."""
     out = tmp_path / "run"

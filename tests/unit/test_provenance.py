@@ -46,6 +46,7 @@ def _git(cwd: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
+@pytest.mark.process
 @pytest.mark.skipif(GIT is None, reason="git is not installed")
 def test_git_state_names_the_commit_and_a_dirty_tree(tmp_path):
     (tmp_path / "a.txt").write_text("one\n")

@@ -104,6 +104,7 @@ def test_the_coordinators_metrics_in_prometheus_text():
     assert "fedfreeze_coordinator_up 0" in down and "fedfreeze_sites_online" not in down
 
 
+@pytest.mark.process
 def test_a_certificates_days_left(tmp_path: Path):
     key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
     subprocess.run(
@@ -153,6 +154,7 @@ def test_without_a_coordinator_state_folder_nothing_is_noted(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------------------- keys
+@pytest.mark.process
 def test_the_fingerprint_is_the_one_ssh_keygen_prints(tmp_path: Path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(tmp_path / "k")], check=True)
     printed = subprocess.run(["ssh-keygen", "-lf", str(tmp_path / "k.pub")], capture_output=True, text=True, check=True)
@@ -247,6 +249,7 @@ print(__import__("os").getpid(), code, seen)
 """
 
 
+@pytest.mark.process
 @pytest.mark.skipif(
     not Path("/usr/bin/unshare").exists() or __import__("os").geteuid() != 0, reason="needs root and unshare"
 )
