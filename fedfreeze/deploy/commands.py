@@ -1,5 +1,5 @@
 """The command line of running a federation as a service: options and subcommands, added to the
-parser ``fedfreeze/cli.py`` builds (the handlers live in ``serve``, ``operator``, ``service``, ``backup``)."""
+parser ``fedfreeze.cli`` builds (the handlers live in ``serve``, ``operator``, ``service``, ``backup``)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _port(text: str) -> int:
 def add_operations(
     sub: Any, formatter: type[argparse.HelpFormatter], check_tls: Callable[[argparse.Namespace], None]
 ) -> None:
-    """``sub``: the parser's subcommands; ``check_tls``: the one rule of TLS options (cli.py)."""
+    """``sub``: the parser's subcommands; ``check_tls``: the one rule of TLS options (fedfreeze/cli/options.py)."""
     parsers: dict[str, argparse.ArgumentParser] = sub.choices
     for name in ("server", "site"):
         p = parsers[name]

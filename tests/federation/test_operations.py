@@ -527,9 +527,9 @@ def final_metrics(rule: str, threshold: float) -> dict:
 
 @pytest.mark.parametrize("rule, threshold", [("youden", 0.47), ("0.5", 0.5)])
 def test_printed_metrics_name_their_threshold(rule: str, threshold: float, capsys):
-    from fedfreeze.cli import _print_federation
+    from fedfreeze.cli.report import print_federation
 
-    _print_federation(final_metrics(rule, threshold), Path("runs/quick"))
+    print_federation(final_metrics(rule, threshold), Path("runs/quick"))
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line for line in lines if line.startswith("  ") and not line.startswith("  (")}
     assert set(rows) == {"auroc", "balanced_accuracy", "f1", "sensitivity", "specificity"}
@@ -545,13 +545,13 @@ def test_printed_metrics_name_their_threshold(rule: str, threshold: float, capsy
 
 
 def test_printed_metrics_from_cells_show_the_range_the_cells_allow(capsys):
-    from fedfreeze.cli import _print_federation
+    from fedfreeze.cli.report import print_federation
 
     metrics = final_metrics("0.5", 0.5)
     at = metrics["exported"]["pooled"]["at_threshold_next"]
     at["ranges"] = {key: [at[key] - 0.1, min(at[key] + 0.02, 1.0)] for key in ("auroc", "balanced_accuracy")}
     metrics["exported"]["pooled"]["cells"] = {"min_cell_count": 5, "allocation": "binormal"}
-    _print_federation(metrics, Path("runs/quick"))
+    print_federation(metrics, Path("runs/quick"))
     lines = capsys.readouterr().out.splitlines()
     assert next(line for line in lines if line.startswith("  auroc")).endswith("[cells allow 0.860-0.980]")
     assert next(line for line in lines if line.startswith("  f1")).endswith("at threshold 0.500")
@@ -573,13 +573,13 @@ def test_printed_metrics_from_cells_show_the_range_the_cells_allow(capsys):
 )
 def test_the_summary_calls_evaluation_sites_held_out_only_when_it_was_checked(check, said, capsys):
     """A deployment's coordinator cannot compare the sites' data: its summary must not claim it did."""
-    from fedfreeze.cli import _print_federation
+    from fedfreeze.cli.report import print_federation
     from fedfreeze.data.overlap import NOT_CHECKED
 
     metrics = final_metrics("0.5", 0.5)
     at = metrics["exported"]["pooled"]["at_threshold_next"]
     metrics["final"]["evaluation_sites"] = {"sites": ["held-out"], "at_threshold_next": {**at, "n": 100}}
     metrics["held_out_check"] = check or NOT_CHECKED
-    _print_federation(metrics, Path("runs/quick"))
+    print_federation(metrics, Path("runs/quick"))
     out = capsys.readouterr().out
     assert said in out and "data no site trained on" not in out

@@ -281,7 +281,7 @@ def test_export_best_refuses_to_choose_on_estimates_wider_than_best_max_range(tm
 def test_printed_figures_are_exact_from_a_sum_and_estimates_beside_their_ranges(capsys):
     """``fedfreeze simulate`` / ``run`` print: a secure sum's figures to four decimals, named exact;
     evaluation-only sites' figures from cells to two, beside the ranges their cells allow."""
-    from fedfreeze.cli import _print_federation
+    from fedfreeze.cli.report import print_federation
     from tests.federation.test_operations import final_metrics
 
     metrics = final_metrics("0.5", 0.5)
@@ -293,7 +293,7 @@ def test_printed_figures_are_exact_from_a_sum_and_estimates_beside_their_ranges(
         "at_threshold_used": ext,
         "cells": {"min_cell_count": 5},
     }
-    _print_federation(metrics, Path("runs/quick"))
+    print_federation(metrics, Path("runs/quick"))
     lines = capsys.readouterr().out.splitlines()
     aurocs = [line for line in lines if line.startswith("  auroc")]
     assert aurocs[0].split()[1] == "0.9600" and "cells allow" not in aurocs[0]
