@@ -9,7 +9,6 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import threading
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedfreeze.git_state import git_changes
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -92,17 +93,11 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def git_state() -> dict[str, Any]:
-    """The checkout's commit, whether it had uncommitted changes, and which paths (at most 20)."""
-
-    def run(*args: str) -> str:
-        try:
-            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        return done.stdout
-
-    changed = [line[3:] for line in run("status", "--porcelain").splitlines() if line.strip()]
-    return {"commit": run("rev-parse", "HEAD").strip() or None, "dirty": bool(changed), "changed": changed[:20]}
+    """The checkout's commit, whether a tracked file differs from it, and which (at most 20): the rule of
+    ``fedfreeze.git_state``, so a results folder's run.json and a model's provenance mean the same by
+    dirty (untracked files do not count). ``dirty`` is None where git cannot tell."""
+    commit, changed = git_changes(ROOT)
+    return {"commit": commit, "dirty": None if changed is None else bool(changed), "changed": (changed or [])[:20]}
 
 
 def machine() -> dict[str, Any]:

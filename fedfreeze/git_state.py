@@ -24,6 +24,14 @@ def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
     None) when git is missing, fails, or ``root`` is not the top of a checkout (an installed wheel
     inside some other repository must not report that repository's commit).
     """
+    commit, changed = git_changes(root)
+    return commit, None if changed is None else bool(changed)
+
+
+def git_changes(root: Path | None = None) -> tuple[str | None, list[str] | None]:
+    """(commit, the tracked paths that differ from it): ``git_state`` with the paths its ``dirty`` counts
+    (untracked files are not among them), as ``git status --porcelain`` names them. (None, None) where
+    ``git_state`` gives (None, None); the paths are None alone when git cannot read the status."""
     root = (root or source_root()).resolve()
     top = _git(root, "rev-parse", "--show-toplevel")
     if top is None or Path(top).resolve() != root:
@@ -31,11 +39,11 @@ def git_state(root: Path | None = None) -> tuple[str | None, bool | None]:
     commit = _git(root, "rev-parse", "HEAD")
     if not commit:
         return None, None
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return commit, None if status is None else bool(status)
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", strip=False)
+    return commit, None if status is None else [line[3:] for line in status.splitlines() if line.strip()]
 
 
-def _git(root: Path, *args: str) -> str | None:
+def _git(root: Path, *args: str, strip: bool = True) -> str | None:
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # a status must not take the index lock
     try:
         done = subprocess.run(
@@ -48,4 +56,6 @@ def _git(root: Path, *args: str) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout.strip() if done.returncode == 0 else None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() if strip else done.stdout

@@ -20,7 +20,7 @@ from fedfreeze.config import ModelConfig
 from fedfreeze.data.dataset import load_image_set
 from fedfreeze.flower.federate import run_fab_hash
 from fedfreeze.flower.local_grid import LocalGrid
-from fedfreeze.git_state import git_state, source_root
+from fedfreeze.git_state import git_changes, git_state, source_root
 from fedfreeze.model_card import CARD_MARKDOWN, render_card, wilson
 from fedfreeze.model_io import CARD_FILE, load_model, make_card, read_card, save_model
 from fedfreeze.models.registry import build_model
@@ -59,6 +59,7 @@ def test_git_state_names_the_commit_and_a_dirty_tree(tmp_path):
     assert git_state(tmp_path) == (head, False)
     (tmp_path / "a.txt").write_text("two\n")
     assert git_state(tmp_path) == (head, True)
+    assert git_changes(tmp_path) == (head, ["a.txt"])  # the paths its dirty counts (benchmarks' run.json)
     # a folder inside a checkout is not its top: an installed package there must not claim its commit
     (tmp_path / "sub").mkdir()
     assert git_state(tmp_path / "sub") == (None, None)
