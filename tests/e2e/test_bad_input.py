@@ -517,15 +517,23 @@ def test_interruption_leaves_the_previous_folder_untouched(tmp_path: Path, site:
     was, no partial folder or lock left beside it."""
     previous = tmp_path / "previous"
     shutil.copytree(site.model, previous)
-    args = site_train(tmp_path, site, "--force", data=kermany_mini("train"))  # 300 images: long enough to stop
+    # 300 images and 20 fine-tuning epochs: a run far longer than a loaded machine's delay between two polls
+    slow = TINY.replace("epochs = 0", "epochs = 20")
+    args = site_train(tmp_path, site, "--force", config=slow, data=kermany_mini("train"))
     before = snapshot(previous)
     process = subprocess.Popen(
-        [sys.executable, "-m", "fedfreeze.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "fedfreeze.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background job ignores SIGINT, and Python keeps an ignored SIGINT ignored: give it back
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     partial = tmp_path / ".previous.partial"
     deadline = time.monotonic() + 120
     while not partial.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert process.poll() is None, "site-train ended before it could be interrupted"
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
