@@ -494,15 +494,27 @@ def wait_sites_online(
     raise LaunchError(f"{online} of {count} SuperNodes online after {timeout:.0f} s")
 
 
+# lines of Flower's simulation that no fedfreeze user can act on: fedfreeze sets the number of simulated
+# SuperNodes itself (one per site), so Flower's notice of its changed default and how to resize is noise
+FLOWER_NOISE = (
+    "default simulated SuperNodes changed from",
+    "To change federation size, use the following command",
+    "flwr federation simulation-config",
+)
+
+
 def submit(cmd: Sequence[str], env: Mapping[str, str], log: IO[str] | None = None) -> tuple[int, str | None]:
     """Run ``flwr run`` to the end of its log stream; return its exit code and the run id it printed.
-    The stream's lines get a timestamp, and lose Flower's colour codes off a terminal (``logs.LogSink``)."""
+    The stream's lines get a timestamp, and lose Flower's colour codes off a terminal (``logs.LogSink``);
+    Flower's notices about settings fedfreeze makes itself (``FLOWER_NOISE``) are left out."""
     show(cmd)
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(env))
     run_id = None
     sink = LogSink("run", console=log)
     assert proc.stdout is not None
     for line in proc.stdout:
+        if any(noise in line for noise in FLOWER_NOISE):
+            continue
         sink.write(line)
         if "Successfully started run" in line:
             run_id = line.strip().split()[-1]

@@ -36,3 +36,25 @@ def test_processes_flower_starts_drop_rays_accelerator_tip():
     plain = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     assert "FutureWarning" in stderr_of(RAY_TIP, plain)
     assert stderr_of(RAY_TIP, flower_env()) == ""
+
+
+def test_flowers_notice_of_its_simulation_size_default_is_left_out_of_the_run_log():
+    import io
+
+    from fedfreeze.deploy.launch import FLOWER_NOISE, submit
+
+    lines = [
+        "INFO    Starting Flower Simulation",
+        "WARNING Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.",
+        "INFO    Federation `@none/default` (4 simulated SuperNodes)",
+        "INFO    To change federation size, use the following command:",
+        "INFO    flwr federation simulation-config @none/default <superlink> --num-supernodes <N>",
+        "INFO    Successfully started run 42",
+    ]
+    flower = [sys.executable, "-c", f"print({chr(10).join(lines)!r})"]  # what `flwr run` streams
+    console = io.StringIO()
+    code, run_id = submit(flower, dict(os.environ), log=console)
+    shown = console.getvalue()
+    assert code == 0 and run_id == "42"
+    assert "4 simulated SuperNodes" in shown and "Starting Flower Simulation" in shown
+    assert not any(noise in shown for noise in FLOWER_NOISE), shown
