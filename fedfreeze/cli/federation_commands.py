@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedfreeze.cli.options import FORCE_HELP, OUTSIDE_HELP, ShowDefaults, Subcommands, check_client_tls
 from fedfreeze.cli.report import print_federation
+from fedfreeze.deploy.commands import connection_options
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -211,14 +212,7 @@ def add_coordinator_parsers(sub: Subcommands) -> None:
             help=what,
             description=f"{what[0].upper()}{what[1:]} (Flower's Control API, as `{flwr}` asks it).",
         )
-        p.add_argument("--superlink", default="127.0.0.1:9093", help="the coordinator's address, HOST:PORT")
-        p.add_argument(
-            "--root-cert",
-            type=Path,
-            default=None,
-            help="the federation's CA certificate ca.pem (TLS); required unless --insecure",
-        )
-        p.add_argument("--insecure", action="store_true", help="for a coordinator started with --insecure")
+        connection_options(p)
         if command == "runs":
             p.add_argument("--run-id", type=int, default=None, help="only this run")
         p.add_argument("--json", action="store_true", help="print the list as JSON")

@@ -75,7 +75,7 @@ def add_operations(
         "was registered with or its node id. Its key can never be registered again: the site needs a new key pair.",
     )
     p.add_argument("site", help="the site's registered name (`fedfreeze sites`), or its node id")
-    _connection_options(p)
+    connection_options(p)
     p.set_defaults(func=checked(_unregister))
     _add_backup(sub, formatter)
     _add_service(sub, formatter)
@@ -175,7 +175,8 @@ def _restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connection_options(p: argparse.ArgumentParser) -> None:
+def connection_options(p: argparse.ArgumentParser) -> None:
+    """How a command reaches a coordinator: its address, the federation's CA certificate or --insecure."""
     p.add_argument("--superlink", default="127.0.0.1:9093", help="the coordinator's address, HOST:PORT")
     p.add_argument(
         "--root-cert",
