@@ -246,23 +246,12 @@ def dicom_site(tmp: Path, site: Site, slope: str) -> Path:
     """The site's manifest with its first image replaced by a DICOM whose RescaleSlope is ``slope``."""
     import warnings
 
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from tests.data.test_data_images import write_dicom
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID = SecondaryCaptureImageStorage
-    dataset.Modality = "CR"
-    dataset.set_pixel_data((np.arange(64 * 64) % 4000).reshape(64, 64).astype(np.uint16), "MONOCHROME2", 16)
+    pixels = (np.arange(64 * 64) % 4000).reshape(64, 64).astype(np.uint16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about the very value the test writes
-        dataset.RescaleSlope = slope
-        dataset.RescaleIntercept = 0
-        dataset.save_as(site.data / f"{tmp.name}.dcm", enforce_file_format=True)
+        write_dicom(site.data / f"{tmp.name}.dcm", pixels, "MONOCHROME2", RescaleSlope=slope, RescaleIntercept=0)
     return manifest(tmp, site, f"{tmp.name}.dcm")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -134,3 +135,14 @@ def held_out_site(folder: Path, keep: Callable[[str], bool] = lambda patient: Tr
                 shutil.copyfile(manifest.parent / r["path"], image)
                 writer.writerow([image.relative_to(folder).as_posix(), r["label"], r["patient_id"]])
     return folder
+
+
+class Lines(logging.Handler):
+    """Every message at ``level`` or above that the loggers it is added to write, kept for a test to read."""
+
+    def __init__(self, level: int = logging.INFO) -> None:
+        super().__init__(level)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())

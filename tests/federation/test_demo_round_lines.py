@@ -14,21 +14,12 @@ import pytest
 
 from fedfreeze.federation.config import SHIPPED_CONFIGS
 from fedfreeze.federation.estimates import decimals_for
-from tests.federation.conftest import held_out_site
+from tests.federation.conftest import Lines, held_out_site
 from tests.federation.test_federation_inprocess import node_configs, run
 
 pytestmark = pytest.mark.slow
 
 LINE = re.compile(r"^(round \d+|final evaluation)\b.*?: validation AUROC (\d\.\d+)(?: \((\d\.\d+)-(\d\.\d+)\))?")
-
-
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 def test_the_demos_round_lines_show_no_swing_larger_than_their_ranges(tmp_path: Path, site_folders):
@@ -39,7 +30,7 @@ def test_the_demos_round_lines_show_no_swing_larger_than_their_ranges(tmp_path: 
         "state-dir": str(tmp_path / "ho"),
     }
     logger = logging.getLogger("fedfreeze")
-    lines, level = Lines(), logger.level
+    lines, level = Lines(logging.INFO), logger.level
     logger.addHandler(lines)
     logger.setLevel(logging.INFO)
     try:

@@ -19,7 +19,7 @@ from fedfreeze.flower.client import handle_evaluate, handle_train
 from fedfreeze.flower.federate import run_federation
 from fedfreeze.flower.local_grid import LocalGrid
 from fedfreeze.model_io import load_model
-from tests.federation.conftest import fast_config, read_metrics
+from tests.federation.conftest import Lines, fast_config, read_metrics
 from tests.federation.test_federation_inprocess import node_configs
 from tests.shipped import beside
 
@@ -206,17 +206,8 @@ BAD_DATA = {
 }
 
 
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
 def test_bad_local_data_is_a_failed_reply_with_a_clear_reason(tmp_path, site_folders):
-    site_log = Lines()
+    site_log = Lines(logging.ERROR)
     logging.getLogger("flwr").addHandler(site_log)
     nodes = node_configs(site_folders, tmp_path / "s")
     for i, kind in enumerate(BAD_DATA, start=len(nodes) + 1):

@@ -26,7 +26,7 @@ from fedfreeze.flower import client as client_module
 from fedfreeze.flower.secagg import from_wire
 from fedfreeze.provenance import DATA_KEYS
 from fedfreeze.sample_data import kermany_mini
-from tests.federation.conftest import fast_config, held_out_site
+from tests.federation.conftest import Lines, fast_config, held_out_site
 from tests.federation.reference import exact_figures
 from tests.federation.test_federation_inprocess import node_configs, run
 
@@ -49,17 +49,6 @@ def held_out_halves(tmp_path_factory) -> dict[str, Path]:
         name: held_out_site(root / name, lambda patient, i=i: patients.index(patient) % 2 == i)
         for i, name in enumerate(("held-out-1", "held-out-2"))
     }
-
-
-class Lines(logging.Handler):
-    """Every line the coordinator's and Flower's loggers write, kept for the audit."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +77,7 @@ def secure_run(tmp_path_factory, site_folders, held_out_halves) -> Iterator[dict
         )
         return metrics, vector, own
 
-    lines = Lines()
+    lines = Lines(logging.DEBUG)
     loggers = [logging.getLogger(name) for name in ("fedfreeze", "flwr")]
     audit: list = []
     with pytest.MonkeyPatch.context() as patch:
